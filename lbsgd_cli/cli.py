@@ -1,0 +1,178 @@
+"""The ``lbsgd`` command: ``lbsgd <command> [hydra overrides]``.
+
+Each command is a Hydra app whose primary config is ``conf/<command>.yaml``, so
+``-m/--multirun``, ``--cfg job``, ``--help`` and every override work as Hydra users
+expect. Before Hydra starts, overrides are checked against the composed config so
+that an unknown key or a bad value is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import Preempted, UserError
+
+USAGE = """usage: lbsgd <command> [overrides...] [hydra flags]
+
+commands:
+  train      train a network with the large-minibatch recipe of Goyal et al. (2017)
+
+examples:
+  lbsgd train                                    # embedded digits, CPU, about a minute
+  lbsgd train batch.k=8 schedule.warmup=constant
+  lbsgd train -m batch.k=1,2,4,8                 # a sweep
+  lbsgd train experiment=imagenet_8k_gradual data.root=/datasets/imagenet
+  lbsgd train --cfg job                          # print the composed config
+  lbsgd train --help                             # config groups and keys
+"""
+
+# Hydra flags that take a value: their value is not an override.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun"}
+_HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
+
+
+def conf_dir() -> Path:
+    """The config tree: ``conf/`` beside the package in a checkout, ``lbsgd_cli/conf`` in a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "conf", here / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise UserError(f"cannot find the config tree (conf/train.yaml) near {here}; reinstall lbsgd")
+
+
+def _run_train(cfg, run_dir: Path) -> Any:
+    from .train import train
+
+    return train(cfg, run_dir)
+
+
+COMMANDS: dict[str, Callable] = {"train": _run_train}
+
+
+def _run_name(override_dirname: str) -> str:
+    """A folder name from Hydra's ``job.override_dirname``: deterministic, so a rerun resumes."""
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)
+    return name or "default"
+
+
+def _register() -> None:
+    from omegaconf import OmegaConf
+
+    from .config import register_configs
+
+    register_configs()
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", _run_name)
+
+
+def _override_args(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in _FLAGS_WITH_VALUE:
+            skip = True
+        elif not a.startswith("-"):
+            out.append(a)
+    return out
+
+
+def preflight(command: str, args: list[str]) -> None:
+    """Compose the config with each override (each value of a sweep) and turn failures into one line."""
+    if any(a in _HELP_FLAGS or a.startswith("--info") for a in args):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides = [o for o in _override_args(args) if not o.lstrip("+~").startswith("hydra")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise UserError(f"bad override: {str(exc).strip().splitlines()[0]}") from None
+    base = [o.input_line for o in parsed if not o.is_sweep_override()]
+    variants = [[]] + [
+        [f"{o.get_key_element()}={v}"] for o in parsed if o.is_sweep_override() for v in o.sweep_string_iterator()
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        for extra in variants:
+            try:
+                cfg = compose(config_name=command, overrides=base + extra)
+            except Exception as exc:  # Hydra/OmegaConf composition errors
+                raise UserError(_composition_message(exc)) from None
+            if command == "train":
+                from .config import validate
+
+                validate(cfg)
+    GlobalHydra.instance().clear()
+
+
+def _composition_message(exc: Exception) -> str:
+    text = str(exc).strip()
+    cause = exc.__cause__
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and cause is not None and re.search(r"not in struct|Key '[^']+' not in", str(cause)):
+        return f"unknown config key '{m.group(1)}' (see `lbsgd train --cfg job` for the keys)"
+    m = re.search(r"Could not find '([^']+)'", text) or re.search(r"In '[^']+': Could not find '([^']+)'", text)
+    if m:
+        avail = re.findall(r"^\s+\*?\s*(\S+)$", text, flags=re.M)
+        hint = f" (available: {', '.join(avail)})" if avail else ""
+        return f"unknown config choice '{m.group(1)}'{hint}"
+    detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+    key = re.search(r"full_key: (\S+)", str(cause) if cause is not None else "")
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if detail:
+        return f"{key.group(1) + ': ' if key else ''}{detail}"
+    return first
+
+
+def _task(command: str) -> Callable:
+    def task(cfg) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            return COMMANDS[command](cfg, run_dir)
+        except UserError as exc:
+            print(f"lbsgd: error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(UserError.exit_code)
+        except Preempted as exc:
+            print(f"lbsgd: preempted: {exc}", file=sys.stderr, flush=True)
+            sys.exit(Preempted.exit_code)
+
+    return task
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"lbsgd: error: unknown command {command!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    try:
+        _register()
+        preflight(command, rest)
+    except UserError as exc:
+        print(f"lbsgd: error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+
+    import hydra
+
+    app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_task(command))
+    sys.argv = [f"lbsgd {command}", *rest]
+    app()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

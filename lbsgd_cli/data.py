@@ -1,0 +1,492 @@
+"""Data: the embedded digits default and ImageFolder trees (the ImageNet cluster layout).
+
+Two loaders, one contract (``TrainLoader.epoch`` yields this process's share of each
+global minibatch of ``k*n``):
+
+- **in memory** (small images, e.g. CIFAR-10, digits): every image is decoded once
+  into a uint8 tensor (cached on disk) and augmented on the device as a batch
+  (pad-and-crop, flip, normalise);
+- **streaming** (ImageNet-sized images): files decoded by DataLoader workers with the
+  paper's augmentation (scale and aspect-ratio crop, flip, normalise), pinned memory,
+  persistent workers.
+
+Remark 4 (§3): one random permutation of the training set per epoch, cut into
+minibatches of ``k*n``, each divided among the ``k`` workers ``n`` at a time; the last
+incomplete minibatch is dropped. The permutation and every augmentation draw depend
+only on ``(seed, epoch, iteration, position)``, never on the number of processes, so
+the same experiment on 1 or W processes sees the same samples, augmented the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------- file trees
+
+
+@dataclass
+class ImageList:
+    """Files and labels of one split of an ImageFolder tree."""
+
+    paths: list[str]
+    labels: list[int]
+
+
+def _scan_split(split_dir: Path, classes: list[str]) -> ImageList:
+    paths, labels = [], []
+    for idx, cls in enumerate(classes):
+        cdir = split_dir / cls
+        if not cdir.is_dir():
+            raise UserError(f"data.root: {split_dir} has no folder for class {cls!r}")
+        files = sorted(
+            str(cdir / f) for f in os.listdir(cdir) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+        )
+        if not files:
+            raise UserError(f"data.root: class folder {cdir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += files
+        labels += [idx] * len(files)
+    return ImageList(paths, labels)
+
+
+def scan_imagefolder(root: str | os.PathLike) -> tuple[list[str], ImageList, ImageList]:
+    """Classes and file lists of ``root/train/<class>/*`` and ``root/val/<class>/*``."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise UserError(f"data.root: {root} does not exist")
+    if not root.is_dir():
+        raise UserError(f"data.root: {root} is not a directory")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(f"data.root: {root} has no {split}/ folder (expected {split}/<class>/<image>)")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"data.root: {root / 'train'} has no class folders")
+    val_classes = sorted(d.name for d in (root / "val").iterdir() if d.is_dir() and not d.name.startswith("."))
+    extra = sorted(set(val_classes) - set(classes))
+    if extra:
+        raise UserError(f"data.root: val/ has classes that train/ lacks: {', '.join(extra[:5])}")
+    if not val_classes:
+        raise UserError(f"data.root: {root / 'val'} has no class folders")
+    train = _scan_split(root / "train", classes)
+    val = _scan_split(root / "val", [c for c in classes if c in val_classes])
+    val.labels = [classes.index(val_classes[i]) for i in val.labels]
+    return classes, train, val
+
+
+def stratified_subset(labels: list[int], count: int, seed: int = 0) -> list[int]:
+    """Indices of ``count`` samples with the class proportions of ``labels`` (fixed, seed 0)."""
+    if count <= 0 or count >= len(labels):
+        return list(range(len(labels)))
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    chosen = []
+    for y, idx in sorted(by_class.items()):
+        take = round(count * len(idx) / len(labels))
+        perm = torch.randperm(len(idx), generator=g)[:take]
+        chosen += [idx[j] for j in perm.tolist()]
+    return sorted(chosen)
+
+
+def decode_file(path: str) -> torch.Tensor:
+    """A uint8 CHW RGB tensor; an unreadable image is a one-line error naming the file."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except Exception as exc:  # torchvision raises RuntimeError with a long text
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"data: cannot decode image {path}: {reason}") from None
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as exc:
+        raise UserError(f"data: cannot read image {path}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- in-memory sets
+
+
+@dataclass
+class TensorSplit:
+    x: torch.Tensor  # uint8, (N, C, H, W)
+    y: torch.Tensor  # int64, (N,)
+
+
+@dataclass
+class InMemoryData:
+    """A data set decoded into memory; augmentation happens on the device, per batch."""
+
+    train: TensorSplit
+    val: TensorSplit
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pad: int
+    flip: bool
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.x.shape[1]
+
+    @property
+    def train_size(self) -> int:
+        return self.train.x.shape[0]
+
+    @property
+    def val_size(self) -> int:
+        return self.val.x.shape[0]
+
+    def to(self, device: torch.device) -> InMemoryData:
+        self.train = TensorSplit(self.train.x.to(device), self.train.y.to(device))
+        self.val = TensorSplit(self.val.x.to(device), self.val.y.to(device))
+        return self
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    xf = x.float().div_(255)
+    mean = xf.mean(dim=(0, 2, 3))
+    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def load_digits_data(dcfg) -> InMemoryData:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 real scans, 10 classes), no download."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float().mul(255.0 / 16.0).round().to(torch.uint8).unsqueeze(1)
+    y = torch.from_numpy(digits.target).long()
+    idx_train, idx_val = train_test_split(
+        list(range(len(y))), test_size=dcfg.val_fraction, random_state=0, stratify=digits.target
+    )
+    idx_train, idx_val = sorted(idx_train), sorted(idx_val)
+    train = TensorSplit(x[idx_train], y[idx_train])
+    if dcfg.train_subset:
+        keep = stratified_subset(train.y.tolist(), dcfg.train_subset)
+        train = TensorSplit(train.x[keep], train.y[keep])
+    mean, std = _channel_stats(train.x) if dcfg.mean is None else (tuple(dcfg.mean), tuple(dcfg.std))
+    return InMemoryData(
+        train, TensorSplit(x[idx_val], y[idx_val]), [str(c) for c in range(10)], mean, std, dcfg.pad, dcfg.flip
+    )
+
+
+def _decode_all(paths: list[str], threads: int = 4) -> torch.Tensor:
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        images = list(pool.map(decode_file, paths, chunksize=256))
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise UserError(
+            f"data.in_memory: images differ in size ({sorted(shapes)[:3]}...); use data.in_memory=false"
+        )
+    return torch.stack(images)
+
+
+def _cache_key(root: Path, train: ImageList, val: ImageList) -> str:
+    h = hashlib.sha256(str(root.resolve()).encode())
+    for paths in (train.paths, val.paths):
+        h.update(str(len(paths)).encode())
+        for p in paths:
+            st = os.stat(p)
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def load_imagefolder_in_memory(dcfg, classes: list[str], train: ImageList, val: ImageList) -> InMemoryData:
+    root = Path(dcfg.root).expanduser()
+    cache_dir = Path(dcfg.cache_dir or Path.home() / ".cache" / "lbsgd").expanduser()
+    cache = cache_dir / f"{root.name}-{_cache_key(root, train, val)}.pt"
+    blob = None
+    if cache.exists():
+        try:
+            blob = torch.load(cache, weights_only=True)
+        except Exception:
+            blob = None  # a broken cache is rebuilt, never fatal
+    if blob is None:
+        blob = {
+            "train_x": _decode_all(train.paths),
+            "train_y": torch.tensor(train.labels),
+            "val_x": _decode_all(val.paths),
+            "val_y": torch.tensor(val.labels),
+        }
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            torch.save(blob, tmp)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only home only costs the decode next time
+    tr = TensorSplit(blob["train_x"], blob["train_y"])
+    if dcfg.train_subset:
+        keep = stratified_subset(tr.y.tolist(), dcfg.train_subset)
+        tr = TensorSplit(tr.x[keep], tr.y[keep])
+    mean, std = _channel_stats(tr.x) if dcfg.mean is None else (tuple(dcfg.mean), tuple(dcfg.std))
+    return InMemoryData(tr, TensorSplit(blob["val_x"], blob["val_y"]), classes, mean, std, dcfg.pad, dcfg.flip)
+
+
+# --------------------------------------------------------------------------- streaming sets
+
+
+class StreamingImages(torch.utils.data.Dataset):
+    """Decodes one file per item; the item key carries the sample's augmentation seed."""
+
+    def __init__(self, images: ImageList, transform) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images.paths)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, sample_seed = key
+        from PIL import Image
+
+        path = self.images.paths[index]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception as exc:
+            raise UserError(f"data: cannot decode image {path}: {exc}") from None
+        if sample_seed >= 0:
+            torch.manual_seed(sample_seed)  # augmentation independent of workers and processes
+        return self.transform(img), self.images.labels[index]
+
+
+def train_transform(dcfg, mean, std):
+    """§5.1 augmentation: scale and aspect-ratio crop (224), flip, per-channel normalisation."""
+    from torchvision.transforms import v2
+
+    steps = [v2.PILToTensor(), v2.RandomResizedCrop(dcfg.crop_size, antialias=True)]
+    if dcfg.flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+def val_transform(dcfg, mean, std):
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(dcfg.val_resize, antialias=True),
+            v2.CenterCrop(dcfg.crop_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
+
+
+@dataclass
+class StreamingData:
+    train: ImageList
+    val: ImageList
+    classes: list[str]
+    dcfg: object
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    in_channels = 3
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train.paths)
+
+    @property
+    def val_size(self) -> int:
+        return len(self.val.paths)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def load_data(dcfg) -> InMemoryData | StreamingData:
+    """The data set of ``data.name``, in memory or streaming as ``data.in_memory`` decides."""
+    if dcfg.name == "digits":
+        return load_digits_data(dcfg)
+    classes, train, val = scan_imagefolder(dcfg.root)
+    if dcfg.train_subset:
+        keep = stratified_subset(train.labels, dcfg.train_subset)
+        train_sub = ImageList([train.paths[i] for i in keep], [train.labels[i] for i in keep])
+    else:
+        train_sub = train
+    in_memory = dcfg.in_memory == "true"
+    if dcfg.in_memory == "auto":
+        w, h = _image_size(train.paths[0])
+        est_gb = (len(train.paths) + len(val.paths)) * 3 * w * h / 1e9
+        in_memory = max(w, h) <= dcfg.small_image_max and est_gb <= dcfg.in_memory_max_gb
+    if in_memory:
+        # the cache holds the full set; the subset is taken after loading
+        return load_imagefolder_in_memory(dcfg, classes, train, val)
+    mean = tuple(dcfg.mean) if dcfg.mean is not None else IMAGENET_MEAN
+    std = tuple(dcfg.std) if dcfg.std is not None else IMAGENET_STD
+    return StreamingData(train_sub, val, classes, dcfg, mean, std)
+
+
+# --------------------------------------------------------------------------- sampling (Remark 4)
+
+
+def _mix(*parts: int) -> int:
+    """A stable 63-bit seed from integers (same on every process and platform)."""
+    h = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def epoch_permutation(train_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """Remark 4: the one random shuffle of the training set for ``epoch``."""
+    g = torch.Generator().manual_seed(_mix(seed, epoch, 0x5EED))
+    return torch.randperm(train_size, generator=g)
+
+
+def process_slice(k: int, n: int, rank: int, world: int) -> slice:
+    """The samples of a global minibatch held by process ``rank``: its ``k/world`` workers' ``n`` each."""
+    per = k // world
+    return slice(rank * per * n, (rank + 1) * per * n)
+
+
+class TrainLoader:
+    """Yields, per iteration, this process's share ``(x, y)`` of the global minibatch."""
+
+    def __init__(self, data, k: int, n: int, rank: int, world: int, seed: int, device: torch.device) -> None:
+        self.data, self.k, self.n, self.seed, self.device = data, k, n, seed, device
+        self.kn = k * n
+        self.part = process_slice(k, n, rank, world)
+        self.iters = data.train_size // self.kn
+        if isinstance(data, InMemoryData):
+            self._mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+            self._std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+        else:
+            self._dataset = StreamingImages(data.train, train_transform(data.dcfg, data.mean, data.std))
+            self._batches, self._loader = _EpochBatches(), None
+
+    def __len__(self) -> int:
+        return self.iters
+
+    def batch_indices(self, epoch: int, it: int, perm: torch.Tensor) -> torch.Tensor:
+        return perm[it * self.kn : (it + 1) * self.kn][self.part]
+
+    def epoch(self, epoch: int, start_iter: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = epoch_permutation(self.data.train_size, self.seed, epoch)
+        if isinstance(self.data, InMemoryData):
+            for it in range(start_iter, self.iters):
+                yield self._in_memory_batch(epoch, it, perm)
+        else:
+            yield from self._streaming_epoch(epoch, start_iter, perm)
+
+    def _in_memory_batch(self, epoch: int, it: int, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d: InMemoryData = self.data
+        idx = self.batch_indices(epoch, it, perm).to(d.train.x.device)
+        x, y = d.train.x[idx], d.train.y[idx]
+        # the random draws of the whole global minibatch, then this process's part of them
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch, it, 0xA06))
+        shifts = torch.randint(0, 2 * d.pad + 1, (self.kn, 2), generator=g)[self.part]
+        flips = (torch.rand(self.kn, generator=g) < 0.5)[self.part]
+        x = augment_batch(x, shifts.to(x.device), flips.to(x.device), d.pad, d.flip)
+        x = x.to(self.device, non_blocking=True)
+        return normalise(x, self._mean, self._std), y.to(self.device, non_blocking=True)
+
+    def _streaming_epoch(self, epoch: int, start_iter: int, perm: torch.Tensor):
+        batches = []
+        for it in range(start_iter, self.iters):
+            base = it * self.kn
+            idx = self.batch_indices(epoch, it, perm).tolist()
+            pos = range(base + self.part.start, base + self.part.stop)
+            batches.append([(i, _mix(self.seed, epoch, p)) for i, p in zip(idx, pos)])
+        if self._loader is None:  # one loader, persistent workers; the sampler is re-filled per epoch
+            dcfg = self.data.dcfg
+            self._loader = torch.utils.data.DataLoader(
+                self._dataset,
+                batch_sampler=self._batches,
+                num_workers=dcfg.num_workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=dcfg.num_workers > 0,
+                prefetch_factor=4 if dcfg.num_workers > 0 else None,
+            )
+        self._batches.batches = batches
+        for x, y in self._loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class _EpochBatches:
+    """A batch sampler whose batches the loader sets before each epoch (it runs in the main process)."""
+
+    def __init__(self) -> None:
+        self.batches: list = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def augment_batch(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
+    """Pad-and-crop (random offsets in ``[0, 2*pad]``) and horizontal flip of a uint8 batch."""
+    b, c, h, w = x.shape
+    if pad > 0:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        rows = (shifts[:, 0:1] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
+        cols = (shifts[:, 1:2] + torch.arange(w, device=x.device)).view(b, 1, 1, w)
+        bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+        ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        x = xp[bi, ci, rows, cols]
+    if flip:
+        x = torch.where(flips.view(b, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+def normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x.float().div_(255).sub_(mean)).div_(std)
+
+
+def val_batches(data, rank: int, world: int, batch_size: int, device: torch.device):
+    """This process's contiguous share of the val set, in batches; each image is seen once overall."""
+    total = data.val_size
+    per = math.ceil(total / world)
+    lo, hi = min(rank * per, total), min((rank + 1) * per, total)
+    if isinstance(data, InMemoryData):
+        mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+        for s in range(lo, hi, batch_size):
+            e = min(s + batch_size, hi)
+            x = data.val.x[s:e].to(device, non_blocking=True)
+            yield normalise(x, mean, std), data.val.y[s:e].to(device, non_blocking=True)
+        return
+    ds = StreamingImages(data.val, val_transform(data.dcfg, data.mean, data.std))
+    keys = [(i, -1) for i in range(lo, hi)]
+    batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=batches, num_workers=data.dcfg.num_workers, pin_memory=device.type == "cuda"
+    )
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -1,0 +1,131 @@
+"""Metrics: top-k error, ``metrics.jsonl``, TensorBoard, and the progress display.
+
+Only rank 0 writes. Per-iteration records (``iter``, ``epoch``, ``lr``,
+``train/loss``) come every ``log.every`` iterations, per-epoch records
+(``epoch``, ``train/err``, ``val/err``, ``val/top5_err``, ``images_per_sec``...)
+at each epoch's end; errors are fractions. A resumed run appends, after dropping
+records past the checkpoint it resumes from, so the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """Number of samples whose label is among the ``k`` highest logits, for each ``k``."""
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target.view(-1, 1))
+    return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
+
+
+class MetricsLogger:
+    """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_iteration: int | None = None) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        if resume_iteration is not None and self.path.exists():
+            self._truncate_after(resume_iteration)
+        self._file = open(self.path, "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resume_iteration)
+            except ImportError:  # tensorboard is a dependency; tolerate a stripped install
+                self._tb = None
+
+    def _truncate_after(self, iteration: int) -> None:
+        """Drop records written after the checkpoint being resumed (they will be written again)."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if rec.get("step", 0) <= iteration:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        tmp.replace(self.path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one record; ``step`` (the global iteration) indexes TensorBoard scalars."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if "/" in key or key in ("lr", "images_per_sec"):
+                    if isinstance(value, int | float):
+                        self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a ``metrics.jsonl`` (skipping a line cut short by a kill)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+class Progress:
+    """A rich progress bar on a terminal, plain periodic lines otherwise; silent off rank 0."""
+
+    def __init__(self, mode: str, enabled: bool, total_iters: int, every: int) -> None:
+        self.enabled, self.every = enabled, every
+        if mode == "auto":
+            mode = "rich" if sys.stdout.isatty() else "plain"
+        self.mode = mode if enabled else "none"
+        self._bar = None
+        self._last = time.monotonic()
+        if self.mode == "rich":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("epoch {task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.4g}  {task.fields[ips]:.0f} img/s"),
+                TimeRemainingColumn(),
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("train", total=total_iters, epoch=0, loss=float("nan"), lr=0.0, ips=0.0)
+
+    def update(self, iteration: int, epoch: int, loss: float, lr: float, ips: float) -> None:
+        if self.mode == "rich":
+            self._bar.update(self._task, completed=iteration, epoch=epoch, loss=loss, lr=lr, ips=ips)
+        elif self.mode == "plain" and iteration % self.every == 0:
+            print(f"iter {iteration}  epoch {epoch}  loss {loss:.4f}  lr {lr:.4g}  {ips:.0f} img/s", flush=True)
+
+    def epoch_line(self, text: str) -> None:
+        if self.mode == "rich":
+            self._bar.console.print(text)
+        elif self.mode == "plain":
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

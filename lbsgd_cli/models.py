@@ -1,0 +1,158 @@
+"""Networks and the paper's initialisation (§5.1).
+
+- ``small_cnn``: a 3-conv BN network for the embedded 8x8 digits default.
+- ``cifar_resnet``: He et al.'s CIFAR ResNet of depth 6m+2 (8, 20, 56, ...),
+  16/32/64 channels, parameter-free (zero-padding) shortcuts.
+- any torchvision classifier by name (``resnet50`` is the paper's network: the
+  stride sits on the 3x3 conv).
+
+:func:`build_model` applies He init to convs, N(0, 0.01^2) to the final FC,
+zero-gamma to each residual block's last BN, and swaps BatchNorm2d for ghost BN
+over ``n`` samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .ghost_bn import convert_to_ghost_bn
+
+
+class SmallCNN(nn.Module):
+    """conv-BN-ReLU x3 with a pool, global average pool, FC. ~40k parameters at width 32."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        w = width
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *block(in_channels, w), *block(w, 2 * w), nn.MaxPool2d(2), *block(2 * w, 2 * w), nn.AdaptiveAvgPool2d(1)
+        )
+        self.fc = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+class BasicBlock(nn.Module):
+    """3x3-3x3 residual block; ``bn2`` is the block's last BN (zero-gamma target)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.stride, self.extra = stride, cout - cin
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        # Option A of He et al. (2016): subsample and zero-pad the new channels.
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra:
+            x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6m+2) for 32x32 images (He et al. 2016, §4.2)."""
+
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        m = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for stage, cout in enumerate((16, 32, 64)):
+            blocks = []
+            for i in range(m):
+                blocks.append(BasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1))
+                cin = cout
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def residual_last_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The last BN of every residual block: ``bn3`` of a Bottleneck, ``bn2`` of a basic block."""
+    from torchvision.models.resnet import BasicBlock as TvBasic
+    from torchvision.models.resnet import Bottleneck as TvBottleneck
+
+    found = []
+    for mod in model.modules():
+        if isinstance(mod, TvBottleneck):
+            found.append(mod.bn3)
+        elif isinstance(mod, TvBasic | BasicBlock):
+            found.append(mod.bn2)
+    return found
+
+
+def final_linear(model: nn.Module) -> nn.Linear | None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def init_weights(model: nn.Module, zero_init_residual: bool, fc_init_std: float) -> None:
+    """§5.1 init: He (MSRA) init for convs, N(0, std^2) for the final FC, BN gamma=1/beta=0,
+    and gamma=0 for each residual block's last BN when ``zero_init_residual``."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+        elif isinstance(mod, nn.BatchNorm2d):
+            nn.init.ones_(mod.weight)
+            nn.init.zeros_(mod.bias)
+    fc = final_linear(model)
+    if fc is not None:
+        nn.init.normal_(fc.weight, 0.0, fc_init_std)
+        if fc.bias is not None:
+            nn.init.zeros_(fc.bias)
+    if zero_init_residual:
+        for bn in residual_last_bns(model):
+            nn.init.zeros_(bn.weight)
+
+
+def _torchvision_model(arch: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    available = set(torchvision.models.list_models(module=torchvision.models))
+    if arch not in available:
+        raise UserError(f"model.arch: unknown network {arch!r} (small_cnn, cifar_resnet or a torchvision classifier)")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def build_model(mcfg, num_classes: int, in_channels: int, bn_group: int | None) -> nn.Module:
+    """Instantiate ``model.arch``, initialise it per §5.1, and use ghost BN over ``bn_group`` samples."""
+    arch = mcfg.arch
+    if arch == "small_cnn":
+        model = SmallCNN(in_channels, num_classes, mcfg.width)
+    elif arch == "cifar_resnet":
+        model = CifarResNet(mcfg.depth, num_classes, in_channels)
+    else:
+        if in_channels != 3:
+            raise UserError(f"model.arch: {arch} expects RGB images, the data has {in_channels} channel(s)")
+        model = _torchvision_model(arch, num_classes)
+    init_weights(model, mcfg.zero_init_residual, mcfg.fc_init_std)
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.momentum, mod.eps = mcfg.bn_momentum, mcfg.bn_eps
+    if bn_group is not None:
+        convert_to_ghost_bn(model, bn_group)
+    return model

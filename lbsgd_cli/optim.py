@@ -1,0 +1,107 @@
+"""Optimizers and parameter groups (§3 Remark 2, §5.1).
+
+``build_optimizer`` returns either PyTorch's SGD or :class:`PaperSGD`, the update
+form of the paper's eq. (10) with the momentum correction. Both are driven by the
+same per-iteration rate from :func:`lbsgd_cli.rules.lr_at`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .config import MomentumForm
+from .rules import momentum_correction
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, bn_weight_decay: bool = False, bias_weight_decay: bool = True
+) -> list[dict]:
+    """Split parameters into decayed and non-decayed groups.
+
+    §5.1: weight decay 1e-4 on weights, *not* on BN's gamma and beta. Biases of
+    other layers (the final FC's) decay unless ``bias_weight_decay`` is false.
+    """
+    decay, no_decay = [], []
+    for module in model.modules():
+        is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if is_norm:
+                (decay if bn_weight_decay else no_decay).append(p)
+            elif name == "bias":
+                (decay if bias_weight_decay else no_decay).append(p)
+            else:
+                decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+class PaperSGD(torch.optim.Optimizer):
+    """SGD in the form of the paper's eq. (10): ``u <- m*u + lr*(g + wd*w); w <- w - u``.
+
+    With ``correction`` (Remark 2) ``u`` is first scaled by ``lr_new/lr_old`` whenever
+    the rate changed since the last step, which makes it equal to PyTorch's form
+    (``u = lr * v``) through warmup and rate drops. Nesterov: ``w <- w - (m*u + lr*g)``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        correction: bool = True,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        super().__init__(params, defaults)
+        self.correction = correction
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - torch API
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            prev_lr = group.get("prev_lr", lr)
+            scale = momentum_correction(lr, prev_lr) if self.correction else 1.0
+            group["prev_lr"] = lr
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    u = state["momentum_buffer"] = g.mul(lr)
+                else:
+                    u = state["momentum_buffer"]
+                    u.mul_(m * scale).add_(g, alpha=lr)
+                if group["nesterov"]:
+                    p.sub_(u, alpha=m).sub_(g, alpha=lr)
+                else:
+                    p.sub_(u)
+        return loss
+
+
+def build_optimizer(model: nn.Module, ocfg, lr: float) -> torch.optim.Optimizer:
+    """The optimizer of ``optim.momentum_form``; ``lr`` is the rate of iteration 0."""
+    groups = param_groups(model, ocfg.weight_decay, ocfg.bn_weight_decay, ocfg.bias_weight_decay)
+    if MomentumForm(ocfg.momentum_form) == MomentumForm.paper:
+        return PaperSGD(
+            groups,
+            lr=lr,
+            momentum=ocfg.momentum,
+            nesterov=ocfg.nesterov,
+            correction=ocfg.momentum_correction,
+        )
+    return torch.optim.SGD(groups, lr=lr, momentum=ocfg.momentum, nesterov=ocfg.nesterov)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
