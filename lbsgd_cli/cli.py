@@ -100,6 +100,7 @@ def preflight(command: str, args: list[str]) -> None:
     variants = [[]] + [
         [f"{o.get_key_element()}={v}"] for o in parsed if o.is_sweep_override() for v in o.sweep_string_iterator()
     ]
+    printing_only = any(a in ("--cfg", "-c") for a in args)  # `--cfg job` shows a config, runs nothing
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for extra in variants:
@@ -107,7 +108,7 @@ def preflight(command: str, args: list[str]) -> None:
                 cfg = compose(config_name=command, overrides=base + extra)
             except Exception as exc:  # Hydra/OmegaConf composition errors
                 raise UserError(_composition_message(exc)) from None
-            if command == "train":
+            if command == "train" and not printing_only:
                 from .config import validate
 
                 validate(cfg)

@@ -107,13 +107,16 @@ def stratified_subset(labels: list[int], count: int, seed: int = 0) -> list[int]
 
 def decode_file(path: str) -> torch.Tensor:
     """A uint8 CHW RGB tensor; an unreadable image is a one-line error naming the file."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    import numpy as np
+    from PIL import Image
 
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except Exception as exc:  # torchvision raises RuntimeError with a long text
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"data: cannot decode image {path}: {reason}") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 def _image_size(path: str) -> tuple[int, int]:

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny JPEG trees made on the fly, and a runner for the ``lbsgd`` CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_image_tree(root: Path, classes=("a", "b", "c"), per_class: int = 8, val_per_class: int = 4,
+                    size: int = 16, seed: int = 0) -> Path:
+    """A real ImageFolder tree of JPEGs whose class is visible in the pixels (a coloured blob)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for split, count in (("train", per_class), ("val", val_per_class)):
+        for ci, cls in enumerate(classes):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                img = torch.randint(0, 60, (size, size, 3), generator=g, dtype=torch.uint8)
+                img[:, :, ci % 3] += 150
+                Image.fromarray(img.numpy()).save(d / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    return make_image_tree(tmp_path / "data")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """``python -m lbsgd_cli <args>`` in a subprocess with one thread and plain progress output."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lbsgd_cli", *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lbsgd {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+# Short digits runs used by several tests: a warmup, a rate drop, a few epochs.
+SHORT = ["threads=1", "log.progress=plain", "schedule.epochs=3", "schedule.warmup_epochs=1",
+         "schedule.milestones=[2]"]

@@ -1,0 +1,68 @@
+"""Networks and §5.1 initialisation: He init, FC ~ N(0, 0.01^2), zero-gamma, ghost BN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from lbsgd_cli.errors import UserError
+from lbsgd_cli.ghost_bn import GhostBatchNorm2d
+from lbsgd_cli.models import CifarResNet, build_model, residual_last_bns
+
+
+def mcfg(arch, **kw):
+    base = {"arch": arch, "depth": 20, "width": 32, "zero_init_residual": True, "bn_momentum": 0.1,
+            "bn_eps": 1e-5, "fc_init_std": 0.01}
+    return OmegaConf.create({**base, **kw})
+
+
+@pytest.mark.parametrize("depth,blocks", [(8, 3), (20, 9), (56, 27)])
+def test_cifar_resnet_depths(depth, blocks):
+    net = CifarResNet(depth, 10)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) + 1 == depth  # 6m+2 weighted layers: convs + the FC
+    assert len(residual_last_bns(net)) == blocks
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_zero_gamma_on_each_residual_blocks_last_bn():
+    net = build_model(mcfg("cifar_resnet"), 10, 3, bn_group=None)
+    last = {id(b) for b in residual_last_bns(net)}
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            expected = 0.0 if id(m) in last else 1.0
+            assert torch.all(m.weight == expected)
+            assert torch.all(m.bias == 0)
+    off = build_model(mcfg("cifar_resnet", zero_init_residual=False), 10, 3, bn_group=None)
+    assert all(torch.all(b.weight == 1) for b in residual_last_bns(off))
+
+
+def test_resnet50_zero_gamma_targets_bottleneck_bn3():
+    net = build_model(mcfg("resnet50"), 10, 3, bn_group=32)
+    bns = residual_last_bns(net)
+    assert len(bns) == 16 and all(torch.all(b.weight == 0) for b in bns)
+    assert all(isinstance(m, GhostBatchNorm2d) and m.group_size == 32
+               for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_he_init_and_fc_init():
+    torch.manual_seed(0)
+    net = build_model(mcfg("resnet50"), 1000, 3, bn_group=None)
+    conv = net.layer3[0].conv2  # 256 -> 256, 3x3: He (fan_out) std = sqrt(2 / (256*9))
+    assert conv.weight.std().item() == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.02)
+    assert net.fc.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    assert net.fc.weight.mean().abs().item() < 1e-3 and torch.all(net.fc.bias == 0)
+
+
+def test_bn_momentum_is_paper_09():
+    net = build_model(mcfg("small_cnn"), 10, 1, bn_group=8)
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_any_torchvision_classifier_by_name():
+    net = build_model(mcfg("resnet18"), 7, 3, bn_group=None)
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    with pytest.raises(UserError, match="unknown network"):
+        build_model(mcfg("resnet51"), 10, 3, bn_group=None)

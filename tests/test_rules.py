@@ -1,0 +1,100 @@
+"""The paper's formulas (rules.py), pinned to hand computations, and the rate a real run uses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lbsgd_cli.config import LRRule, Warmup
+from lbsgd_cli.rules import iters_per_epoch, loss_normaliser, lr_at, momentum_correction, peak_lr, worker_slices
+
+from .conftest import run_cli
+
+
+def test_linear_scaling_rule_matches_paper_table():
+    # §2.1 / Table 1: kn = 256 -> 0.1, kn = 8k -> 3.2
+    assert peak_lr(0.1, 8, 32, 256) == pytest.approx(0.1)
+    assert peak_lr(0.1, 256, 32, 256) == pytest.approx(3.2)
+    # Table 2a alternatives at 8k: sqrt(32) * 0.1 and unscaled 0.1
+    assert peak_lr(0.1, 256, 32, 256, LRRule.sqrt) == pytest.approx(0.1 * math.sqrt(32))
+    assert peak_lr(0.1, 256, 32, 256, LRRule.none) == pytest.approx(0.1)
+
+
+def test_iters_per_epoch_drops_last_incomplete_minibatch():
+    assert iters_per_epoch(1_281_167, 256, 32) == 156  # ImageNet at 8k
+    assert iters_per_epoch(100, 3, 10) == 3
+
+
+def expected_lr(t, base, peak, ipe, warmup, warmup_epochs, milestones, gamma=0.1):
+    """The issue's formula, written out independently of rules.lr_at."""
+    T = round(warmup_epochs * ipe)
+    if warmup == "gradual" and t < T:
+        return base + (peak - base) * t / T
+    if warmup == "constant" and t < T:
+        return base
+    return peak * gamma ** sum(t >= m * ipe for m in milestones)
+
+
+@pytest.mark.parametrize("warmup", ["gradual", "constant", "none"])
+def test_lr_at_every_iteration(warmup):
+    ipe, peak = 7, 3.2
+    for t in range(ipe * 12):
+        got = lr_at(t, base_lr=0.1, peak=peak, iters_per_epoch=ipe, warmup=Warmup(warmup), warmup_epochs=5,
+                    milestones=[6, 9], gamma=0.1)
+        want = expected_lr(t, 0.1, peak, ipe, warmup, 5, [6, 9]) if warmup != "none" else expected_lr(
+            t, 0.1, peak, ipe, "none", 0, [6, 9])
+        assert got == pytest.approx(want, rel=1e-12), (warmup, t)
+
+
+def test_gradual_warmup_starts_at_base_and_reaches_peak_at_T():
+    ipe = 10
+    kw = dict(base_lr=0.1, peak=3.2, iters_per_epoch=ipe, warmup=Warmup.gradual, warmup_epochs=5, milestones=[30])
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(49, **kw) == pytest.approx(0.1 + 3.1 * 49 / 50)
+    assert lr_at(50, **kw) == pytest.approx(3.2)  # the schedule proper starts at t = T
+    steps = [lr_at(t + 1, **kw) - lr_at(t, **kw) for t in range(49)]
+    assert max(steps) == pytest.approx(min(steps))  # a constant amount every iteration
+
+
+def test_constant_warmup_jumps_at_T():
+    kw = dict(base_lr=0.1, peak=3.2, iters_per_epoch=10, warmup=Warmup.constant, warmup_epochs=5, milestones=[30])
+    assert {lr_at(t, **kw) for t in range(50)} == {0.1}
+    assert lr_at(50, **kw) == pytest.approx(3.2)
+
+
+def test_small_minibatch_warmup_never_goes_above_its_peak():
+    kw = dict(base_lr=0.1, peak=0.05, iters_per_epoch=10, warmup=Warmup.gradual, warmup_epochs=2, milestones=[5])
+    assert all(lr_at(t, **kw) == pytest.approx(0.05) for t in range(50))
+
+
+def test_step_decay_at_milestones():
+    kw = dict(base_lr=0.1, peak=1.0, iters_per_epoch=4, warmup=Warmup.none, warmup_epochs=0, milestones=[30, 60, 80])
+    assert lr_at(30 * 4 - 1, **kw) == pytest.approx(1.0)
+    assert lr_at(30 * 4, **kw) == pytest.approx(0.1)
+    assert lr_at(60 * 4, **kw) == pytest.approx(0.01)
+    assert lr_at(80 * 4, **kw) == pytest.approx(0.001)
+
+
+def test_remarks_formulas():
+    assert loss_normaliser(8, 32) == 256  # Remark 3: kn, not n
+    assert momentum_correction(0.2, 0.1) == pytest.approx(2.0)  # Remark 2
+    assert [list(s) for s in worker_slices(range(6), 3, 2)] == [[0, 1], [2, 3], [4, 5]]  # Remark 4
+
+
+@pytest.mark.parametrize("warmup", ["gradual", "constant", "none"])
+def test_run_uses_formula_rate_at_every_iteration(tmp_path, warmup):
+    run = tmp_path / "run"
+    proc = run_cli("train", f"hydra.run.dir={run}", "threads=1", "log.progress=none", "log.every=1",
+                   "log.tensorboard=false", "batch.k=8", "batch.n=16", "optim.ref_batch=32", "schedule.epochs=4",
+                   "schedule.warmup_epochs=2", "schedule.milestones=[3]", f"schedule.warmup={warmup}")
+    assert proc.returncode == 0, proc.stderr
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    iters = [r for r in recs if "lr" in r]
+    ipe = 1437 // 128
+    assert len(iters) == 4 * ipe
+    peak = 0.1 * 128 / 32  # kn = 4x the reference: warmup ramps 0.1 -> 0.4
+    for r in iters:
+        t = r["iter"] - 1  # the record is written after step t (counted from 0)
+        assert r["lr"] == pytest.approx(expected_lr(t, 0.1, peak, ipe, warmup, 2, [3]), rel=1e-12)

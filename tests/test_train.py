@@ -1,0 +1,174 @@
+"""End-to-end ``lbsgd train``: the default run, run directory contents, resume, sweeps, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import ROOT, SHORT, make_image_tree, run_cli
+
+
+def test_default_run_reaches_paper_quality_on_embedded_digits(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("train", f"hydra.run.dir={run}", "log.progress=plain")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "done: val top-1 error" in out and "images/s" in out and f"tensorboard --logdir {run}" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val_top1_err"] <= 0.05
+    assert summary["wall_time_s"] < 180
+
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    per_iter = [r for r in recs if "lr" in r]
+    per_epoch = [r for r in recs if "val/err" in r]
+    assert {"iter", "epoch", "lr", "train/loss"} <= per_iter[0].keys()
+    assert per_iter[1]["iter"] - per_iter[0]["iter"] == 10  # log.every
+    assert len(per_epoch) == 30
+    assert {"epoch", "train/err", "val/err", "val/top5_err", "images_per_sec"} <= per_epoch[0].keys()
+    assert all(0 <= r["val/err"] <= 1 and 0 <= r["train/err"] <= 1 for r in per_epoch)
+
+    info = json.loads((run / "run_info.json").read_text())["starts"][0]
+    assert info["torch"] == torch.__version__ and info["world_size"] == 1 and info["seed"] == 0
+    assert info["git_commit"]
+    assert (run / "config.yaml").read_text().startswith("batch:")
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert {"model", "optimizer", "iteration", "rng", "config", "epoch"} <= ckpt.keys()
+    assert ckpt["iteration"] == 30 * (1437 // 128)
+
+    again = run_cli("train", f"hydra.run.dir={run}", "log.progress=plain")  # same command: nothing to redo
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    args = [*SHORT, "checkpoint.every_iters=4", "batch.k=2"]
+    ref = tmp_path / "ref"
+    assert run_cli("train", f"hydra.run.dir={ref}", *args).returncode == 0
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lbsgd_cli", "train", f"hydra.run.dir={run}", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["iteration"] >= 8:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    stopped_at = torch.load(ckpt, weights_only=False)
+    assert 0 < stopped_at["iteration"] < 3 * (1437 // 64)
+
+    resumed = run_cli("train", f"hydra.run.dir={run}", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at iteration" in resumed.stdout
+    a, b = _weights(ref), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs_ref = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines() if "val/err" in x]
+    epochs_run = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val/err" in x]
+    assert [r["val/err"] for r in epochs_ref] == [r["val/err"] for r in epochs_run]
+    assert [r["train/err"] for r in epochs_ref] == [r["train/err"] for r in epochs_run]
+
+
+def test_other_config_in_same_run_dir_is_refused_and_nothing_is_overwritten(tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", f"hydra.run.dir={run}", *SHORT, "schedule.epochs=1").returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = run_cli("train", f"hydra.run.dir={run}", *SHORT, "schedule.epochs=1", "batch.k=2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "batch.k" in proc.stderr and "Traceback" not in proc.stderr
+    assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def test_multirun_sweep_gives_one_run_dir_per_value(tmp_path):
+    proc = run_cli("train", "-m", "batch.k=1,2", "schedule.epochs=1", "schedule.warmup=none",
+                   "schedule.milestones=[5]", "threads=1", "log.progress=none", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    for k in (1, 2):
+        run = next(tmp_path.glob(f"*batch.k={k}*"))
+        cfg = (run / "config.yaml").read_text()
+        assert f"k: {k}\n" in cfg and (run / "checkpoints" / "last.pt").exists()
+
+
+def test_cfg_job_help_and_usage():
+    job = run_cli("train", "--cfg", "job", "batch.k=256", "experiment=imagenet_8k_gradual")
+    assert job.returncode == 0
+    assert "k: 256" in job.stdout and "arch: resnet50" in job.stdout and "warmup: gradual" in job.stdout
+    assert "base_lr: 0.1" in job.stdout and "ref_batch: 256" in job.stdout
+    helped = run_cli("train", "--help")
+    assert helped.returncode == 0 and "experiment" in helped.stdout and "schedule" in helped.stdout
+    usage = run_cli()
+    assert usage.returncode == 2 and "train" in usage.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["batch.nope=1"], "unknown config key 'batch.nope'"),
+    (["batch.k=0"], "batch.k"),
+    (["batch.n=-2"], "batch.n"),
+    (["schedule.warmup=linear"], "schedule.warmup"),
+    (["batch.k=abc"], "batch.k"),
+    (["model=resnet51"], "model/resnet51"),
+    (["batch.k=100"], "larger than the training set"),
+    (["data=imagefolder", "data.root=/no/such/dir"], "/no/such/dir does not exist"),
+])
+def test_bad_input_is_one_line_exit_2(args, needle):
+    proc = run_cli("train", "threads=1", *args)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert err.startswith("lbsgd: error:") and "\n" not in err and needle in err, err
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_bad_images_are_one_line_errors(tmp_path):
+    root = make_image_tree(tmp_path / "d", per_class=3, val_per_class=1)
+    (root / "train" / "b" / "0002.jpg").write_bytes(b"\x00garbage")
+    proc = run_cli("train", "data=imagefolder", f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}",
+                   "batch.k=1", "batch.n=2", "schedule.epochs=1", "schedule.milestones=[5]", "threads=1")
+    assert proc.returncode == 2 and "0002.jpg" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    for f in (root / "train" / "b").iterdir():
+        f.unlink()
+    proc = run_cli("train", "data=imagefolder", f"data.root={root}", "threads=1")
+    assert proc.returncode == 2 and "has no images" in proc.stderr and "train/b" in proc.stderr
+
+
+def test_imagefolder_run_end_to_end(tmp_path):
+    root = make_image_tree(tmp_path / "d", per_class=16, val_per_class=4)
+    run = tmp_path / "run"
+    proc = run_cli("train", "data=cifar10", f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}",
+                   "model=cifar_resnet", "model.depth=8", "batch.k=2", "batch.n=8", "schedule.epochs=2",
+                   "schedule.warmup_epochs=1", "schedule.milestones=[5]", "threads=1", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    assert len([x for x in (run / "metrics.jsonl").read_text().splitlines() if "val/err" in x]) == 2
+
+
+def test_config_tree_ships_in_the_wheel(tmp_path):
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheel_dir), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(wheel_dir.glob("lbsgd-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "lbsgd_cli/conf/train.yaml" in names and "lbsgd_cli/conf/experiment/imagenet_8k_gradual.yaml" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-m", "lbsgd_cli", "train", "--cfg", "job", "model=resnet50"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "arch: resnet50" in out.stdout
+    where = subprocess.run([sys.executable, "-c", "from lbsgd_cli.cli import conf_dir; print(conf_dir())"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip().startswith(str(site))
