@@ -120,6 +120,11 @@ class Progress:
         elif self.mode == "plain" and iteration % self.every == 0:
             print(f"iter {iteration}  epoch {epoch}  loss {loss:.4f}  lr {lr:.4g}  {ips:.0f} img/s", flush=True)
 
+    def tick(self, iteration: int, epoch: int) -> None:
+        """Move the bar every iteration (loss and lr are refreshed on logging iterations)."""
+        if self.mode == "rich":
+            self._bar.update(self._task, completed=iteration, epoch=epoch)
+
     def epoch_line(self, text: str) -> None:
         if self.mode == "rich":
             self._bar.console.print(text)

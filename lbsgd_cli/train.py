@@ -120,6 +120,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 epoch_sums["loss"] += loss_sum
                 epoch_sums["correct"] += correct
                 epoch_sums["count"] += x.shape[0]
+                progress.tick(iteration, epoch)
                 if iteration % cfg.log.every == 0:
                     g = D.reduce_scalars({"loss": loss_sum}, device)
                     ips = images_this_epoch / max(time.monotonic() - t_epoch, 1e-9)
