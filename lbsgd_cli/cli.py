@@ -8,17 +8,20 @@ that an unknown key or a bad value is one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import Preempted, UserError
+from .errors import PeerFailure, Preempted, UserError
 
 USAGE = """usage: lbsgd <command> [overrides...] [hydra flags]
 
 commands:
   train      train a network with the large-minibatch recipe of Goyal et al. (2017)
+  quantize   b-bit integer weights (and activations) of a trained network, measured against fp32
+  eval       top-1/top-5 error of a checkpoint (eval.bn_recompute=N, offload.mode=sequential|model)
 
 examples:
   lbsgd train                                    # embedded digits, CPU, about a minute
@@ -27,6 +30,7 @@ examples:
   lbsgd train experiment=imagenet_8k_gradual data.root=/datasets/imagenet
   lbsgd train --cfg job                          # print the composed config
   lbsgd train --help                             # config groups and keys
+  lbsgd eval checkpoint=runs/train/default/checkpoints/last.pt offload.mode=model
 """
 
 # Hydra flags that take a value: their value is not an override.
@@ -50,7 +54,23 @@ def _run_train(cfg, run_dir: Path) -> Any:
     return train(cfg, run_dir)
 
 
+def _run_quantize(cfg, run_dir: Path) -> Any:
+    from .quantize_run import quantize_command
+
+    return quantize_command(cfg, run_dir)
+
+
 COMMANDS: dict[str, Callable] = {"train": _run_train}
+COMMANDS["quantize"] = _run_quantize
+
+
+def _run_eval(cfg, run_dir: Path) -> Any:
+    from .evaluate import run_eval
+
+    return run_eval(cfg, run_dir)
+
+
+COMMANDS["eval"] = _run_eval
 
 
 def _run_name(override_dirname: str) -> str:
@@ -82,10 +102,42 @@ def _override_args(args: list[str]) -> list[str]:
     return out
 
 
+# Keys whose value is a file system path. lbsgd's own run directories are named by their overrides
+# (``batch.k=2,seed=0``), so such paths hold ``=`` and ``,``, which Hydra's override grammar reads as
+# syntax; a path value holding ``=`` (never valid unquoted) is quoted for the user.
+_PATH_KEY = re.compile(
+    r"^(\+{0,2})(checkpoint|data_root|data\.root|data\.cache_dir|hydra\.run\.dir|hydra\.sweep\.dir)=(.*)$", re.S
+)
+
+
+def quote_paths(args: list[str]) -> list[str]:
+    """``checkpoint=runs/x/k=2,seed=0/last.pt`` -> ``checkpoint='runs/x/k=2,seed=0/last.pt'`` (already quoted: kept)."""
+    out = []
+    for a in args:
+        m = _PATH_KEY.match(a)
+        value = m.group(3) if m else ""
+        if m and "=" in value and not (len(value) > 1 and value[0] == value[-1] and value[0] in "'\""):
+            escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+            a = f"{m.group(1)}{m.group(2)}='{escaped}'"
+        out.append(a)
+    return out
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def preflight(command: str, args: list[str]) -> None:
     """Compose the config with each override (each value of a sweep) and turn failures into one line."""
     if any(a in _HELP_FLAGS or a.startswith("--info") for a in args):
         return
+    if "hydra/launcher=slurm" in args and not _has_module("hydra_plugins.hydra_submitit_launcher"):
+        raise UserError("hydra/launcher=slurm needs hydra-submitit-launcher: pip install 'lbsgd[slurm]'")
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -108,10 +160,10 @@ def preflight(command: str, args: list[str]) -> None:
                 cfg = compose(config_name=command, overrides=base + extra)
             except Exception as exc:  # Hydra/OmegaConf composition errors
                 raise UserError(_composition_message(exc)) from None
-            if command == "train" and not printing_only:
-                from .config import validate
+            if not printing_only:
+                from . import config
 
-                validate(cfg)
+                config.VALIDATORS[command](cfg)
     GlobalHydra.instance().clear()
 
 
@@ -138,15 +190,25 @@ def _task(command: str) -> Callable:
     def task(cfg) -> Any:
         from hydra.core.hydra_config import HydraConfig
 
+        from . import distributed as D
+
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            return COMMANDS[command](cfg, run_dir)
+            result = COMMANDS[command](cfg, run_dir)
+            D.destroy()  # leave the process group before exit: its destructor may abort() at interpreter exit
+            return result
         except UserError as exc:
             print(f"lbsgd: error: {exc}", file=sys.stderr, flush=True)
+            D.destroy()
             sys.exit(UserError.exit_code)
         except Preempted as exc:
             print(f"lbsgd: preempted: {exc}", file=sys.stderr, flush=True)
+            D.destroy()
             sys.exit(Preempted.exit_code)
+        except PeerFailure as exc:
+            print(f"lbsgd: error: {exc}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(PeerFailure.exit_code)  # a broken process group may abort() in its destructor at exit
 
     return task
 
@@ -156,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
+    command, rest = argv[0], quote_paths(argv[1:])
     if command not in COMMANDS:
         print(f"lbsgd: error: unknown command {command!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2

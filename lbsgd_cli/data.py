@@ -250,8 +250,12 @@ def load_imagefolder_in_memory(dcfg, classes: list[str], train: ImageList, val: 
     if dcfg.train_subset:
         keep = stratified_subset(tr.y.tolist(), dcfg.train_subset)
         tr = TensorSplit(tr.x[keep], tr.y[keep])
+    va = TensorSplit(blob["val_x"], blob["val_y"])
+    if dcfg.val_subset:
+        keep = stratified_subset(va.y.tolist(), dcfg.val_subset)
+        va = TensorSplit(va.x[keep], va.y[keep])
     mean, std = _channel_stats(tr.x) if dcfg.mean is None else (tuple(dcfg.mean), tuple(dcfg.std))
-    return InMemoryData(tr, TensorSplit(blob["val_x"], blob["val_y"]), classes, mean, std, dcfg.pad, dcfg.flip)
+    return InMemoryData(tr, va, classes, mean, std, dcfg.pad, dcfg.flip)
 
 
 # --------------------------------------------------------------------------- streaming sets
@@ -343,6 +347,11 @@ def load_data(dcfg) -> InMemoryData | StreamingData:
         train_sub = ImageList([train.paths[i] for i in keep], [train.labels[i] for i in keep])
     else:
         train_sub = train
+    if dcfg.val_subset:
+        keep = stratified_subset(val.labels, dcfg.val_subset)
+        val_sub = ImageList([val.paths[i] for i in keep], [val.labels[i] for i in keep])
+    else:
+        val_sub = val
     in_memory = dcfg.in_memory == "true"
     if dcfg.in_memory == "auto":
         w, h = _image_size(train.paths[0])
@@ -353,7 +362,7 @@ def load_data(dcfg) -> InMemoryData | StreamingData:
         return load_imagefolder_in_memory(dcfg, classes, train, val)
     mean = tuple(dcfg.mean) if dcfg.mean is not None else IMAGENET_MEAN
     std = tuple(dcfg.std) if dcfg.std is not None else IMAGENET_STD
-    return StreamingData(train_sub, val, classes, dcfg, mean, std)
+    return StreamingData(train_sub, val_sub, classes, dcfg, mean, std)
 
 
 # --------------------------------------------------------------------------- sampling (Remark 4)

@@ -10,10 +10,15 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import PeerFailure
 
 
 @dataclass
@@ -27,22 +32,28 @@ class LaunchEnv:
 
 
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
-    """``node[01-03,07],gpu5`` -> ``['node01', 'node02', 'node03', 'node07', 'gpu5']``."""
+    """SLURM's compressed host list: ``node[01-03,07],gpu5`` -> ``node01 node02 node03 node07 gpu5``.
+
+    Several bracket groups in one name (``r[1-2]n[1-2]``) expand to their product, in SLURM's order.
+    """
     hosts: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", nodelist):
-        part = part.strip(",")
-        m = re.fullmatch(r"(.*)\[(.*)\](.*)", part)
-        if not m:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for r in ranges.split(","):
-            if "-" in r:
-                lo, hi = r.split("-")
-                hosts += [f"{prefix}{i:0{len(lo)}d}{suffix}" for i in range(int(lo), int(hi) + 1)]
-            else:
-                hosts.append(f"{prefix}{r}{suffix}")
+    for name in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+        hosts += _expand_one(name.strip())
     return hosts
+
+
+def _expand_one(name: str) -> list[str]:
+    m = re.match(r"([^\[]*)\[([^\]]*)\](.*)", name)
+    if not m:
+        return [name] if name else []
+    prefix, ranges, rest = m.groups()
+    heads: list[str] = []
+    for r in ranges.split(","):
+        lo, _, hi = r.partition("-")
+        if not (lo.isdigit() and (not hi or hi.isdigit())):
+            raise ValueError(f"cannot parse the SLURM node list entry {name!r}")
+        heads += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    return [h + t for h in heads for t in (_expand_one(rest) if rest else [""])]
 
 
 def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
@@ -78,6 +89,7 @@ class Dist:
     world_size: int
     device: torch.device
     launcher: str
+    timeout_s: float = 600.0
 
     @property
     def is_main(self) -> bool:
@@ -99,22 +111,132 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Dist:
-    """Join the process group the launcher describes (a no-op for a single process)."""
+# Ranks of one job may start minutes apart (imports from a busy shared file system): joining waits this long.
+RENDEZVOUS_MIN_S = 300.0
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 600.0, backend: str = "auto") -> Dist:
+    """Join the process group the launcher describes (a no-op for a single process).
+
+    Joining waits up to ``max(timeout_s, RENDEZVOUS_MIN_S)`` for all ranks; after that every
+    collective and barrier waits at most ``timeout_s`` for the others.
+    """
     le = launch_env()
     dev = pick_device(device, le.local_rank)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        from .errors import UserError
+
+        raise UserError("dist.backend: nccl needs CUDA devices; use gloo (or auto) on CPU")
     if le.world_size > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", le.master_addr)
         os.environ.setdefault("MASTER_PORT", str(le.master_port))
-        dist.init_process_group(
-            backend="nccl" if dev.type == "cuda" else "gloo",
-            init_method="env://",
-            rank=le.rank,
-            world_size=le.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=dev if dev.type == "cuda" else None,
-        )
-    return Dist(le.rank, le.local_rank, le.world_size, dev, le.launcher)
+        try:
+            dist.init_process_group(
+                backend=backend,
+                init_method="env://",
+                rank=le.rank,
+                world_size=le.world_size,
+                timeout=datetime.timedelta(seconds=max(timeout_s, RENDEZVOUS_MIN_S)),
+                device_id=dev if backend == "nccl" else None,
+            )
+        except Exception as exc:
+            raise PeerFailure(
+                f"distributed: rank {le.rank} of {le.world_size} could not join the process group at "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
+                f"{max(timeout_s, RENDEZVOUS_MIN_S):g} s (a rank did not start, or the address is wrong): "
+                f"{_first_line(exc)}"
+            ) from None
+        set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # older torch
+        set_timeout(datetime.timedelta(seconds=timeout_s))
+    return Dist(le.rank, le.local_rank, le.world_size, dev, le.launcher, timeout_s)
+
+
+# --------------------------------------------------------------------------- failures of other ranks
+
+# What gloo, NCCL and c10d raise when a peer is gone or a wait runs past the timeout (plain RuntimeErrors).
+_PEER_ERROR = re.compile(
+    r"gloo|nccl|c10d|ProcessGroup|Connection (reset|closed|refused)|timed out|Socket|Broken pipe|peer", re.I
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", line)  # drop the C++ source location
+    return line.split(" This is typically caused by", 1)[0]  # and gloo's generic advice
+
+
+def peer_failure(exc: BaseException, d: Dist, iteration: int | None = None) -> PeerFailure | None:
+    """A one-line :class:`PeerFailure` for a communication error raised on this rank, else None.
+
+    Only rank-to-rank failures qualify: a dead peer (gloo: connection reset, NCCL: remote error)
+    or a wait longer than ``dist.timeout_s`` (a peer hangs).
+    """
+    if not d.enabled or isinstance(exc, PeerFailure):
+        return None
+    dist_error = getattr(dist, "DistError", ())
+    if not (isinstance(exc, dist_error) or (isinstance(exc, RuntimeError) and _PEER_ERROR.search(str(exc)))):
+        return None
+    detail = _first_line(exc)
+    where = f" at iteration {iteration}" if iteration is not None else ""
+    others = f"rank {1 - d.rank}" if d.world_size == 2 else f"one of the other {d.world_size - 1} ranks"
+    if re.search(r"timed? ?out|timeout", detail, re.I):
+        cause = f"waited more than dist.timeout_s={d.timeout_s:g} s for {others} (it hangs or died)"
+    else:
+        cause = f"lost the connection to {others} (it crashed or was killed; see its log)"
+    return PeerFailure(f"distributed: rank {d.rank} of {d.world_size}{where}: {cause}: {detail}")
+
+
+def maybe_inject_fault(rank: int, iteration: int, environ: dict[str, str] | None = None) -> None:
+    """Test-only fault injection; the one place that reads these variables.
+
+    ``LBSGD_FAULT_RANK=r LBSGD_FAULT_ITER=i`` make rank ``r`` fail when it is about to run
+    iteration ``i`` (counted from 0 over the whole run): ``LBSGD_FAULT_KIND=crash`` (default)
+    exits at once with status 70, as a segfault or an OOM kill would; ``hang`` sleeps forever.
+    The other ranks must then exit on their own (status 4) within ``dist.timeout_s``.
+    """
+    env = os.environ if environ is None else environ
+    if "LBSGD_FAULT_RANK" not in env:
+        return
+    if int(env["LBSGD_FAULT_RANK"]) != rank or int(env.get("LBSGD_FAULT_ITER", "0")) != iteration:
+        return
+    kind = env.get("LBSGD_FAULT_KIND", "crash")  # crash | hang
+    verb = "hangs" if kind == "hang" else "crashes"
+    print(f"lbsgd: fault injection: rank {rank} {verb} at iteration {iteration}", file=sys.stderr, flush=True)
+    if kind == "hang":
+        while True:
+            time.sleep(3600)
+    os._exit(70)
+
+
+# --------------------------------------------------------------------------- SLURM requeue
+
+
+def requeue_command(environ: dict[str, str] | None = None) -> list[str] | None:
+    """``scontrol requeue <job>`` for this SLURM job (array tasks as ``<array job>_<task>``), or None."""
+    env = os.environ if environ is None else environ
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return ["scontrol", "requeue", f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"]
+    if "SLURM_JOB_ID" in env:
+        return ["scontrol", "requeue", env["SLURM_JOB_ID"]]
+    return None
+
+
+def requeue_slurm_job(environ: dict[str, str] | None = None, runner=subprocess.run) -> str:
+    """Ask SLURM to requeue this job (call after the preemption checkpoint); a note for the exit message."""
+    cmd = requeue_command(environ)
+    if cmd is None:
+        return "dist.requeue is set but this is not a SLURM job (no SLURM_JOB_ID): not requeued"
+    try:
+        done = runner(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"`{' '.join(cmd)}` failed: {_first_line(exc)}"
+    if done.returncode != 0:
+        why = (done.stderr or done.stdout or "").strip().splitlines()
+        return f"`{' '.join(cmd)}` failed ({why[0] if why else f'status {done.returncode}'})"
+    return f"requeued with `{' '.join(cmd)}`"
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
@@ -155,3 +277,57 @@ def barrier() -> None:
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- compressed allreduce (beyond §4)
+
+
+def register_comm_hook(model: torch.nn.Module, hook: str, powersgd_rank: int = 1,
+                       powersgd_start_iter: int = 2) -> object | None:
+    """Compress DDP's gradient allreduce with one of torch's communication hooks (``dist.comm_hook``).
+
+    ``fp16``/``bf16`` cast each bucket to 16 bits for the allreduce and back (half the bytes);
+    ``powersgd`` (Vogels et al. 2019) sends rank-``r`` factors ``P``, ``Q`` of every matrix-shaped
+    gradient with error feedback, after ``powersgd_start_iter`` plain steps. A no-op unless ``model`` is
+    DDP-wrapped (one process has no allreduce). Returns the PowerSGD state (None otherwise).
+    """
+    if hook == "none" or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if hook in ("fp16", "bf16"):
+        model.register_comm_hook(None, getattr(default_hooks, f"{hook}_compress_hook"))
+        return None
+    state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
+                                        start_powerSGD_iter=powersgd_start_iter, random_seed=0)
+    model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    return state
+
+
+POWERSGD_MIN_COMPRESSION_RATE = 2  # torch's PowerSGDState default: compress a matrix only if it shrinks 2x
+
+
+def allreduce_bytes(model: torch.nn.Module, hook: str = "none", powersgd_rank: int = 1) -> int:
+    """Bytes one process puts into the gradient allreduce(s) of one step, for ``dist.comm_hook``.
+
+    ``none``: every gradient element at its own size (4 bytes in fp32); ``fp16``/``bf16``: 2 bytes;
+    ``powersgd``: a gradient of ``ndim > 1`` seen as ``rows x cols`` (its first dimension by the rest)
+    sends ``r*(rows+cols)`` elements when that is less than half of ``rows*cols`` (torch's rule),
+    else all of them; 1-D gradients (biases, BN) go uncompressed. (PowerSGD's first
+    ``dist.powersgd_start_iter`` steps are plain allreduces.) The bytes on the wire are this times the
+    allreduce algorithm's factor, about ``2(W-1)/W`` for a ring.
+    """
+    total = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        size = p.element_size()
+        if hook in ("fp16", "bf16"):
+            total += 2 * p.numel()
+        elif hook == "powersgd" and p.ndim > 1:
+            rows, cols = p.shape[0], p.numel() // p.shape[0]
+            compressed = powersgd_rank * (rows + cols)
+            total += size * (compressed if compressed * POWERSGD_MIN_COMPRESSION_RATE < rows * cols else rows * cols)
+        else:
+            total += size * p.numel()
+    return total

@@ -26,3 +26,9 @@ class Preempted(Exception):
     """Raised after a preemption checkpoint was written; exits with status 3."""
 
     exit_code = 3
+
+
+class PeerFailure(Exception):
+    """Another rank of a multi-process run died or hung (see ``dist.timeout_s``); exits with status 4."""
+
+    exit_code = 4

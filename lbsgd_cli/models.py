@@ -13,6 +13,8 @@ over ``n`` samples.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,14 +93,15 @@ class CifarResNet(nn.Module):
 
 def residual_last_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
     """The last BN of every residual block: ``bn3`` of a Bottleneck, ``bn2`` of a basic block."""
-    from torchvision.models.resnet import BasicBlock as TvBasic
-    from torchvision.models.resnet import Bottleneck as TvBottleneck
+    # a torchvision network was built only if torchvision is imported (importing it costs ~5 s of CPU)
+    tv = sys.modules.get("torchvision.models.resnet")
+    tv_bottleneck, tv_basic = (tv.Bottleneck, tv.BasicBlock) if tv is not None else ((), ())
 
     found = []
     for mod in model.modules():
-        if isinstance(mod, TvBottleneck):
+        if isinstance(mod, tv_bottleneck):
             found.append(mod.bn3)
-        elif isinstance(mod, TvBasic | BasicBlock):
+        elif isinstance(mod, (tv_basic, BasicBlock)):
             found.append(mod.bn2)
     return found
 

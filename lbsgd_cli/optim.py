@@ -1,8 +1,9 @@
 """Optimizers and parameter groups (§3 Remark 2, §5.1).
 
 ``build_optimizer`` returns either PyTorch's SGD or :class:`PaperSGD`, the update
-form of the paper's eq. (10) with the momentum correction. Both are driven by the
-same per-iteration rate from :func:`lbsgd_cli.rules.lr_at`.
+form of the paper's eq. (10) with the momentum correction, or (``optim.name=lars``,
+beyond the paper) :class:`LARS`. All are driven by the same per-iteration rate from
+:func:`lbsgd_cli.rules.lr_at`.
 """
 
 from __future__ import annotations
@@ -88,9 +89,64 @@ class PaperSGD(torch.optim.Optimizer):
         return loss
 
 
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling (You et al. 2017, Algorithm 1) in PyTorch's momentum form.
+
+    For each parameter of a group with ``trust=True`` (conv/linear weights) the update direction
+    ``d = g + wd*w`` is scaled by the local rate ``eta * |w| / (|g| + wd*|w|)`` (1 when ``|w|`` or
+    ``|g|`` is 0), then ``v <- m*v + d; w <- w - lr*v`` as torch's SGD (first step ``v = d``;
+    Nesterov ``w <- w - lr*(d + m*v)``). Groups with ``trust=False`` (BN gamma/beta, biases) take
+    the plain SGD update. ``lr`` is the global rate of :func:`lbsgd_cli.rules.lr_at`.
+    """
+
+    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 nesterov: bool = False, eta: float = 0.001) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, eta=eta, trust=True)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - torch API
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, m, wd, eta = group["lr"], group["momentum"], group["weight_decay"], group["eta"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                d = g if wd == 0 else g.add(p, alpha=wd)
+                if group["trust"]:
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    ratio = eta * w_norm / (g_norm + wd * w_norm)
+                    d = d.mul(torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio)))
+                if m != 0:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        buf = state["momentum_buffer"] = d.clone()
+                    else:
+                        buf = state["momentum_buffer"].mul_(m).add_(d)
+                    d = d.add(buf, alpha=m) if group["nesterov"] else buf
+                p.sub_(d, alpha=lr)
+        return loss
+
+
+def lars_groups(groups: list[dict]) -> list[dict]:
+    """Split :func:`param_groups` for LARS: the decayed group's matrices and kernels (conv/linear weights,
+    ``ndim > 1``) take the trust ratio; biases and BN parameters (1-D) and the non-decayed group do not."""
+    out = []
+    for g in groups:
+        trusted = [p for p in g["params"] if g["name"] == "decay" and p.ndim > 1]
+        plain = [p for p in g["params"] if not (g["name"] == "decay" and p.ndim > 1)]
+        for params, trust, suffix in ((trusted, True, "_lars"), (plain, False, "")):
+            if params:
+                out.append({**g, "params": params, "trust": trust, "name": g["name"] + suffix})
+    return out
+
+
 def build_optimizer(model: nn.Module, ocfg, lr: float) -> torch.optim.Optimizer:
-    """The optimizer of ``optim.momentum_form``; ``lr`` is the rate of iteration 0."""
+    """The optimizer of ``optim.name`` and ``optim.momentum_form``; ``lr`` is the rate of iteration 0."""
     groups = param_groups(model, ocfg.weight_decay, ocfg.bn_weight_decay, ocfg.bias_weight_decay)
+    if getattr(ocfg, "name", "sgd") == "lars":
+        return LARS(lars_groups(groups), lr=lr, momentum=ocfg.momentum, nesterov=ocfg.nesterov, eta=ocfg.lars_eta)
     if MomentumForm(ocfg.momentum_form) == MomentumForm.paper:
         return PaperSGD(
             groups,

@@ -17,6 +17,7 @@ import platform
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +32,25 @@ from .data import TrainLoader, load_data, val_batches
 from .errors import Preempted, UserError
 from .ghost_bn import deferred_running_stats, flush_running_stats
 from .metrics import MetricsLogger, Progress, read_metrics, topk_correct
+from .memory import enable_stage_checkpointing, full_state_dicts, is_sharded, load_full_state_dicts, shard_model
 from .models import build_model
 from .optim import build_optimizer, set_lr
 from .rules import iters_per_epoch, loss_normaliser, lr_at, peak_lr
 
-# Keys that may change between a run and its resumption without changing its result.
-RESUME_IGNORED = ("log", "checkpoint", "data.num_workers", "data.root", "data.cache_dir", "device", "threads")
+# Keys that may change between a run and its resumption without changing its result
+# (dist.comm_hook and dist.powersgd_* do change it: they are compared).
+RESUME_IGNORED = ("log", "checkpoint", "data.num_workers", "data.root", "data.cache_dir", "device", "threads",
+                  "dist.backend", "dist.timeout_s", "dist.requeue", "batch.workers_per_pass", "memory", "offload")
+# Keys added after runs were started: absent from an older checkpoint's config means this value.
+ADDED_KEY_DEFAULTS = {"optim.name": "sgd", "optim.lars_eta": 0.001, "dist.comm_hook": "none",
+                      "dist.powersgd_rank": 1, "dist.powersgd_start_iter": 2}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) the experiment ``cfg`` in ``run_dir``; returns the final summary."""
     validate(cfg)
     t_start = time.monotonic()
-    dist = D.init_distributed(cfg.device)
+    dist = D.init_distributed(cfg.device, cfg.dist.timeout_s, cfg.dist.backend)
     run_dir = Path(D.broadcast_object(str(run_dir)))  # every rank writes to rank 0's folder
     k, n, W = cfg.batch.k, cfg.batch.n, dist.world_size
     if k % W:
@@ -67,10 +74,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # ---- model (§5.1 init, ghost BN over n) and optimizer (§5.1 parameter groups)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.in_channels, bn_group=n).to(device)
-    if dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
-        )
+    if cfg.memory.checkpointing:  # same result, less activation memory (lbsgd_cli/memory.py)
+        enable_stage_checkpointing(model)
+    if cfg.memory.fsdp:  # FSDP2: 1/W of parameters, gradients and optimizer state per process (memory.py)
+        model = shard_model(model, dist, cfg.memory.fsdp_cpu_offload)
+    elif dist.enabled:
+        # broadcast_buffers=False keeps ghost-BN buffers rank-local (ghost_bn reduces them once per step);
+        # torch 2.14 deprecates the flag with a FutureWarning and has no replacement for it yet
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+            )
     base_lr = cfg.optim.base_lr
     peak = peak_lr(base_lr, k, n, cfg.optim.ref_batch, LRRule(cfg.optim.lr_rule))
 
@@ -87,6 +102,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
 
     optimizer = build_optimizer(unwrap(model), cfg.optim, rate(0))
+    # compressed gradient allreduce (beyond the paper); a no-op without DDP (one process, FSDP2)
+    D.register_comm_hook(model, cfg.dist.comm_hook, cfg.dist.powersgd_rank, cfg.dist.powersgd_start_iter)
 
     # ---- resume from the run directory, or start it
     ckpt_path = run_dir / "checkpoints" / "last.pt"
@@ -101,9 +118,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     per_process = k // W
     per_pass = cfg.batch.workers_per_pass or per_process
     loss_scale = W / loss_normaliser(k, n)  # Remark 3: sum / (k*n); DDP's mean over W is undone by W
+    noise = _noise_probe(cfg, model, optimizer, k, n, W, per_process, per_pass)  # None unless log.noise_scale
     last_val: dict[str, float] = state.get("last_val") or {}
     if dist.is_main:
         _print_header(cfg, run_dir, data, k, n, W, peak, ipe, iteration)
+        if W > 1:
+            payload = D.allreduce_bytes(unwrap(model), cfg.dist.comm_hook, cfg.dist.powersgd_rank)
+            print(f"allreduce payload per step and process: {payload / 2**20:.3f} MiB "
+                  f"(dist.comm_hook={cfg.dist.comm_hook})", flush=True)
 
     try:
         while epoch < cfg.schedule.epochs:
@@ -111,6 +133,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             t_epoch = time.monotonic()
             images_this_epoch = 0
             for x, y in loader.epoch(epoch, start_in_epoch):
+                D.maybe_inject_fault(dist.rank, iteration)  # tests only: LBSGD_FAULT_*
                 lr = rate(iteration)
                 set_lr(optimizer, lr)
                 loss_sum, correct = _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist)
@@ -126,7 +149,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     ips = images_this_epoch / max(time.monotonic() - t_epoch, 1e-9)
                     logger.log(
                         {"step": iteration, "iter": iteration, "epoch": iteration / ipe, "lr": lr,
-                         "train/loss": g["loss"] / (k * n)}
+                         "train/loss": g["loss"] / (k * n),
+                         **(noise.result(lambda v: _mean_over_ranks(v, device, W)) if noise else {})}
                     )
                     progress.update(iteration, epoch, g["loss"] / (k * n), lr, ips)
                 if stopper.agreed(device) or (
@@ -134,7 +158,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 ):
                     _save(ckpt_path, cfg, model, optimizer, iteration, epoch, start_in_epoch, epoch_sums, last_val, dist)
                     if stopper.raised:
-                        raise Preempted(f"preempted by {stopper.raised} at iteration {iteration}; checkpoint written")
+                        note = D.requeue_slurm_job() if cfg.dist.requeue and dist.is_main else ""
+                        D.barrier()  # nobody exits before the requeue (srun --kill-on-bad-exit)
+                        raise Preempted(f"preempted by {stopper.raised} at iteration {iteration}; checkpoint written"
+                                        + (f"; {note}" if note else ""))
             train_time = time.monotonic() - t_epoch
             sums = D.reduce_scalars(epoch_sums, device)
             last_val = evaluate(model, data, dist, cfg.batch.eval_batch)
@@ -159,6 +186,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             )
             epoch_sums = _zero_sums()
             _save(ckpt_path, cfg, model, optimizer, iteration, epoch, 0, epoch_sums, last_val, dist)
+    except RuntimeError as exc:  # a rank died or hangs: a one-line PeerFailure, not a traceback
+        failure = D.peer_failure(exc, dist, iteration)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         progress.close()
         logger.close()
@@ -183,7 +215,9 @@ def _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist)
         for p in range(passes):
             xs, ys = x[p * chunk : (p + 1) * chunk], y[p * chunk : (p + 1) * chunk]
             sync = p == passes - 1
-            ctx = model.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
+            if is_sharded(model):  # FSDP2's no_sync: keep unsharded gradients until the last pass
+                model.set_requires_gradient_sync(sync)
+            ctx = model.no_sync() if (dist.enabled and not sync and not is_sharded(model)) else contextlib.nullcontext()
             with ctx:
                 out = model(xs)
                 loss = F.cross_entropy(out, ys, reduction="sum")
@@ -201,13 +235,18 @@ def evaluate(model, data, dist, batch_size: int) -> dict[str, float]:
     was_training = model.training
     model.eval()
     sums = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
+    seen, x = 0, None
     for x, y in val_batches(data, dist.rank, dist.world_size, batch_size, dist.device):
+        seen += 1
         out = unwrap(model)(x)
         sums["loss"] += float(F.cross_entropy(out, y, reduction="sum"))
         c1, c5 = topk_correct(out, y)
         sums["top1"] += c1
         sums["top5"] += c5
         sums["count"] += y.shape[0]
+    if is_sharded(model):  # FSDP2 all-gathers in every forward: run as many as rank 0 (the largest share)
+        for _ in range(math.ceil(math.ceil(data.val_size / dist.world_size) / batch_size) - seen):
+            model(x[:1] if x is not None else next(val_batches(data, 0, 1, 1, dist.device))[0])
     sums = D.reduce_scalars(sums, dist.device)
     model.train(was_training)
     c = max(sums["count"], 1.0)
@@ -228,14 +267,16 @@ def _zero_sums() -> dict[str, float]:
 
 def _save(path, cfg, model, optimizer, iteration, epoch, iter_in_epoch, epoch_sums, last_val, dist) -> None:
     epoch_sums = D.reduce_scalars(epoch_sums, dist.device)
+    # plain full state dicts whether or not the model is sharded (gathered by every rank under FSDP2)
+    model_sd, optim_sd = full_state_dicts(unwrap(model), optimizer) if is_sharded(model) or dist.is_main else ({}, {})
     if not dist.is_main:
         D.barrier()
         return
     atomic_save(
         {
             "format": FORMAT,
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_sd,
+            "optimizer": optim_sd,
             "iteration": iteration,
             "epoch": epoch,
             "iter_in_epoch": iter_in_epoch,
@@ -267,13 +308,17 @@ def config_difference(old: dict, new: dict, ignored=RESUME_IGNORED) -> str | Non
     for key in sorted(set(fo) | set(fn)):
         if any(key == i or key.startswith(i + ".") for i in ignored):
             continue
-        if fo.get(key) != fn.get(key):
+        old_value = fo[key] if key in fo else ADDED_KEY_DEFAULTS.get(key)
+        if old_value != fn.get(key):
             return f"{key}: {fo.get(key)!r} -> {fn.get(key)!r}"
     return None
 
 
 def _resume_or_start(cfg, run_dir: Path, ckpt_path: Path, model, optimizer, dist, device) -> dict[str, Any]:
     current = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if D.broadcast_object(ckpt_path.exists()) != ckpt_path.exists():  # rank 0 decides whether to resume
+        raise UserError(f"rank {dist.rank} does not see {ckpt_path} as rank 0 does; "
+                        "the run directory must be on a file system shared by all nodes")
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         diff = config_difference(ckpt["config"], current)
@@ -282,8 +327,11 @@ def _resume_or_start(cfg, run_dir: Path, ckpt_path: Path, model, optimizer, dist
                 f"run directory {run_dir} holds a run with another config ({diff}); "
                 "choose another hydra.run.dir or restore the config"
             )
-        load_model_state(model, ckpt["model"], str(ckpt_path))
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if is_sharded(model):  # the full state dicts of any run, sharded or not, are cut into this rank's shards
+            load_full_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"], str(ckpt_path))
+        else:
+            load_model_state(model, ckpt["model"], str(ckpt_path))
+            optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["meta"].get("world_size") == dist.world_size:
             set_rng_state({k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()})
         if dist.is_main:
@@ -375,6 +423,25 @@ class _PreemptionFlag:
 
 
 # --------------------------------------------------------------------------- console
+
+
+def _noise_probe(cfg, model, optimizer, k: int, n: int, W: int, per_process: int, per_pass: int):
+    """The gradient noise scale probe of ``log.noise_scale`` (lbsgd_cli/noise_scale.py), or None.
+
+    ``B_small``: the first pass's ``per_pass*n`` samples of this process; ``B_big = k*n``."""
+    if not cfg.log.noise_scale:
+        return None
+    if per_pass >= per_process:
+        raise UserError(f"log.noise_scale: needs >= 2 forward passes per step; batch.workers_per_pass={per_pass} "
+                        f"is not below the {per_process} workers per process (k/W = {k}/{W})")
+    from .noise_scale import NoiseScaleProbe
+
+    return NoiseScaleProbe(unwrap(model), optimizer, per_pass * n, k * n, grad_scale=k / (W * per_pass))
+
+
+def _mean_over_ranks(values: list[float], device, W: int) -> list[float]:
+    summed = D.reduce_scalars({str(i): v for i, v in enumerate(values)}, device)
+    return [summed[str(i)] / W for i in range(len(values))]
 
 
 def _print_header(cfg, run_dir, data, k, n, W, peak, ipe, iteration) -> None:

@@ -105,6 +105,15 @@ def test_large_imagefolder_streams_with_paper_augmentation(tmp_path):
     assert xv.shape == (6, 3, 64, 64)
 
 
+def test_train_and_val_subsets_are_stratified_in_memory_and_streaming(tmp_path):
+    root = make_image_tree(tmp_path / "d", size=16, per_class=8, val_per_class=4)
+    for extra in ({"cache_dir": str(tmp_path / "cache")}, {"in_memory": "false", "num_workers": 0}):
+        data = load_data(dcfg(root=str(root), train_subset=12, val_subset=6, **extra))
+        assert data.val_size == 6
+        labels = [int(y) for _, yb in val_batches(data, 0, 1, 6, torch.device("cpu")) for y in yb]
+        assert sorted(labels) == [0, 0, 1, 1, 2, 2]
+
+
 def test_stratified_subset_keeps_class_shares():
     labels = [0] * 50 + [1] * 30 + [2] * 20
     sub = stratified_subset(labels, 10)

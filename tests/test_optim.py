@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -65,3 +66,114 @@ def test_paper_form_with_correction_equals_pytorch_form():
 def test_paper_form_without_correction_differs():
     diff = (_train("paper", correction=False) - _train("pytorch")).abs().max()
     assert diff > 1e-4
+
+
+# --------------------------------------------------------------------------- LARS (You et al. 2017, beyond the paper)
+
+
+def _lars_net():
+    """Linear(2, 2) then BatchNorm1d(2), with round weights: |W| = 5."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
+        net[0].bias.copy_(torch.tensor([1.0, -1.0]))
+        net[1].weight.fill_(1.0)
+        net[1].bias.zero_()
+    return net
+
+
+def _set_grads(net) -> None:
+    net[0].weight.grad = torch.tensor([[0.6, 0.0], [0.0, 0.8]], dtype=torch.float64)  # |g| = 1
+    net[0].bias.grad = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    net[1].weight.grad = torch.tensor([0.2, -0.2], dtype=torch.float64)
+    net[1].bias.grad = torch.tensor([0.1, 0.0], dtype=torch.float64)
+
+
+def test_lars_step_equals_hand_computed_update():
+    from lbsgd_cli.optim import LARS
+
+    net = _lars_net()
+    ocfg = OmegaConf.structured(OptimConfig(name="lars", lars_eta=0.01, weight_decay=0.1, momentum=0.9))
+    opt = build_optimizer(net, ocfg, lr=2.0)
+    assert isinstance(opt, LARS)
+    assert sorted((g["name"], g["trust"], len(g["params"])) for g in opt.param_groups) == [
+        ("decay", False, 1), ("decay_lars", True, 1), ("no_decay", False, 2)]
+    _set_grads(net)
+    opt.step()
+    # W: local lr = 0.01 * 5 / (1 + 0.1 * 5) = 1/30; d = (g + 0.1 W) / 30 = diag(0.9, 1.2) / 30; W - 2 d
+    expected_w = torch.tensor([[3 - 2 * 0.03, 0.0], [0.0, 4 - 2 * 0.04]], dtype=torch.float64)
+    torch.testing.assert_close(net[0].weight.detach(), expected_w, rtol=0, atol=1e-12)
+    # bias (decayed, 1-D) and BN gamma/beta (not decayed): plain SGD, w - lr * (g + wd w)
+    torch.testing.assert_close(net[0].bias.detach(), torch.tensor([1 - 2 * 0.6, -1 - 2 * 0.4], dtype=torch.float64))
+    torch.testing.assert_close(net[1].weight.detach(), torch.tensor([0.6, 1.4], dtype=torch.float64))
+    torch.testing.assert_close(net[1].bias.detach(), torch.tensor([-0.2, 0.0], dtype=torch.float64))
+    # second step, same gradient: momentum v = 0.9 v + local_lr * (g + 0.1 W), local lr from the new |W| = 4.9
+    _set_grads(net)
+    opt.step()
+    w1 = expected_w
+    ratio = 0.01 * 4.9 / (1.0 + 0.1 * 4.9)
+    v = 0.9 * torch.diag(torch.tensor([0.03, 0.04], dtype=torch.float64)) + ratio * (
+        torch.tensor([[0.6, 0.0], [0.0, 0.8]], dtype=torch.float64) + 0.1 * w1)
+    torch.testing.assert_close(net[0].weight.detach(), w1 - 2.0 * v, rtol=0, atol=1e-12)
+
+
+def test_lars_gives_bn_and_bias_the_plain_sgd_update_and_scales_weights():
+    """Over steps with momentum and random gradients: BN and bias parameters follow torch's SGD exactly,
+    conv/linear weights do not (their step is |w|-relative)."""
+    torch.manual_seed(0)
+    nets = [_model().double(), _model().double()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [build_optimizer(nets[0], OmegaConf.structured(OptimConfig(name="lars")), 0.5),
+            build_optimizer(nets[1], OmegaConf.structured(OptimConfig(name="sgd")), 0.5)]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in nets[0].parameters()]
+        for net, opt in zip(nets, opts):
+            for p, g in zip(net.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    plain = {id(p) for m in nets[0].modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    plain.add(id(nets[0].fc.bias))
+    for p0, p1 in zip(nets[0].parameters(), nets[1].parameters()):
+        if id(p0) in plain:
+            torch.testing.assert_close(p0, p1, rtol=0, atol=1e-12)
+        else:
+            assert p0.ndim > 1 and (p0 - p1).abs().max() > 1e-3
+
+
+def test_lars_and_beyond_keys_are_validated():
+    from lbsgd_cli.config import TrainConfig, validate
+    from lbsgd_cli.errors import UserError
+
+    def cfg(**over):
+        c = OmegaConf.structured(TrainConfig)
+        c.model.arch, c.data.name = "small_cnn", "digits"
+        for key, value in over.items():
+            OmegaConf.update(c, key, value)
+        return c
+
+    validate(cfg(**{"optim.name": "lars", "dist.comm_hook": "powersgd", "dist.powersgd_rank": 4}))
+    for over, needle in (({"optim.name": "adam"}, "optim.name: unknown optimizer 'adam'"),
+                         ({"optim.lars_eta": 0.0}, "optim.lars_eta: must be a positive"),
+                         ({"optim.name": "lars", "optim.momentum_form": "paper"}, "optim.momentum_form: lars"),
+                         ({"dist.comm_hook": "int8"}, "dist.comm_hook: unknown communication hook 'int8'"),
+                         ({"dist.powersgd_rank": 0}, "dist.powersgd_rank: must be a positive"),
+                         ({"dist.powersgd_start_iter": 1}, "dist.powersgd_start_iter: must be >= 2"),
+                         ({"dist.comm_hook": "fp16", "memory.fsdp": True}, "dist.comm_hook: is a DDP"),
+                         ({"log.noise_scale": True}, "log.noise_scale: needs >= 2 forward passes"),
+                         ({"log.noise_scale": True, "batch.workers_per_pass": 4}, "log.noise_scale: needs")):
+        with pytest.raises(UserError, match="^" + needle.replace("(", r"\(")) as e:
+            validate(cfg(**over))
+        assert "\n" not in str(e.value)
+    validate(cfg(**{"log.noise_scale": True, "batch.workers_per_pass": 2}))
+
+
+def test_optim_lars_group_composes():
+    from .conftest import run_cli
+
+    proc = run_cli("train", "optim=lars", "optim.lars_eta=0.02", "--cfg", "job", "--resolve")
+    assert proc.returncode == 0, proc.stderr
+    o = OmegaConf.create(proc.stdout).optim
+    assert (o.name, o.lars_eta, o.momentum, o.weight_decay, o.bn_weight_decay) == ("lars", 0.02, 0.9, 1e-4, False)
+    assert o.base_lr == 10.0  # the trust ratio shrinks steps by ~eta: LARS's global rate is far above SGD's
+    proc = run_cli("train", "threads=1", "optim.name=adam")
+    assert proc.returncode == 2 and proc.stderr == "lbsgd: error: optim.name: unknown optimizer 'adam' (sgd, lars)\n"

@@ -1,0 +1,229 @@
+"""``lbsgd eval``: top-1/top-5 error, loss and image count of a checkpoint on its val set.
+
+The network and the data set are those of the checkpoint's stored training config
+(with the user's ``data.root`` / ``data.cache_dir`` / ``data.num_workers``), so the
+numbers reproduce the training run's last ``val/err`` exactly. Under torchrun the val
+set is split into contiguous shares, one per rank, and the sums are all-reduced: the
+same numbers as one process.
+
+``eval.bn_recompute=N`` replaces the BN running averages by the plain average of the
+batch statistics of ``N`` training minibatches (``k*n`` images, BN over each worker's
+``n`` as in training, §2.3, train-mode forward without gradients). The paper notes
+(seminar, "Training and validation curves") that running averages are updated less
+often with a large minibatch and are therefore noisy early in training.
+
+``offload.mode`` runs the network with its weights in CPU memory (see
+:mod:`lbsgd_cli.offload`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from . import distributed as D
+from .checkpoint import FORMAT, load_model_state
+from .config import TrainConfig
+from .data import TrainLoader, load_data
+from .errors import UserError
+from .ghost_bn import deferred_running_stats, flush_running_stats
+from .models import build_model
+from .offload import place, remove
+from .train import evaluate
+
+
+# --------------------------------------------------------------------------- checkpoint -> model
+
+
+def _read(path: Path) -> Any:
+    """``torch.load`` of any file, failures as one line naming it."""
+    if not path.exists():
+        raise UserError(f"checkpoint: {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"checkpoint: {path} is a directory, not a checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint: {path} is not a readable checkpoint (truncated or foreign): {reason}") from None
+
+
+def load_model_for_eval(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, DictConfig]:
+    """The network a checkpoint holds, in eval mode on ``device``, and the training config it came with.
+
+    Dispatches on the checkpoint's ``format``; each format has one branch. The returned
+    model carries ``model.checkpoint_info`` (format, path, iteration, epoch, last_val).
+    """
+    path = Path(path).expanduser()
+    ckpt = _read(path)
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt == FORMAT:
+        model, cfg = _from_training_checkpoint(ckpt, path)
+    elif fmt == "lbsgd-quantized-v1":  # lbsgd quantize: integer weights, dequantized (lbsgd_cli.quantize)
+        from .quantize import quantized_model
+
+        model, cfg = quantized_model(ckpt, str(path))
+    else:
+        what = f"format {fmt!r}" if fmt else f"{type(ckpt).__name__} object, not an lbsgd checkpoint"
+        raise UserError(f"checkpoint: {path} was not written by lbsgd ({what}; expected {FORMAT})")
+    model.checkpoint_info = {
+        "format": fmt,
+        "path": str(path.resolve()),
+        "iteration": ckpt.get("iteration"),
+        "epoch": ckpt.get("epoch"),
+        "last_val": ckpt.get("last_val") or {},
+    }
+    return model.to(device).eval(), cfg
+
+
+def _from_training_checkpoint(ckpt: dict[str, Any], path: Path) -> tuple[nn.Module, DictConfig]:
+    """A ``lbsgd train`` checkpoint: rebuild the network from its config, load the weights."""
+    state = ckpt.get("model")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
+        classes, channels = _classes_and_channels(state)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint: {path} has no usable config and model state ({first})") from None
+    model = build_model(cfg.model, classes, channels, bn_group=cfg.batch.n)
+    load_model_state(model, state, str(path))
+    return model, cfg
+
+
+def _classes_and_channels(state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Output classes (rows of the last 2-D weight) and input channels (of the first 4-D weight)."""
+    weights = [t for k, t in state.items() if k.endswith("weight") and torch.is_tensor(t)]
+    fc = [t for t in weights if t.dim() == 2]
+    conv = [t for t in weights if t.dim() == 4]
+    if not fc or not conv:
+        raise ValueError("no convolution or final linear layer in the state")
+    return fc[-1].shape[0], conv[0].shape[1]
+
+
+# --------------------------------------------------------------------------- BN statistics
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, data, cfg: DictConfig, dist: D.Dist, batches: int, chunk: int) -> int:
+    """Set every BN's running mean/var to the average over ``batches`` training minibatches.
+
+    Each minibatch is the training's ``k*n`` (this process's workers under torchrun), run
+    through the network in train mode ``chunk`` images at a time, BN over groups of ``n``;
+    the per-group statistics are summed (over processes too) and averaged once, so the
+    result does not depend on the number of processes or on ``chunk``. Returns the images seen.
+    """
+    k, n, W = cfg.batch.k, cfg.batch.n, dist.world_size
+    if k % W:
+        raise UserError(f"eval.bn_recompute: the checkpoint's {k} workers cannot be split over {W} processes")
+    if k * n > data.train_size:
+        raise UserError(f"eval.bn_recompute: k*n = {k * n} is larger than the training set ({data.train_size})")
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: the single flushed update has weight 1/1
+    loader = TrainLoader(data, k, n, dist.rank, W, cfg.seed, dist.device)
+    chunk = max(n, chunk // n * n)
+    model.train()
+    seen, epoch = 0, 0
+    with deferred_running_stats(model) as layers:
+        while seen < batches * k * n // W:
+            for x, _ in loader.epoch(epoch):
+                for s in range(0, x.shape[0], chunk):
+                    model(x[s : s + chunk])
+                seen += x.shape[0]
+                if seen >= batches * k * n // W:
+                    break
+            epoch += 1
+    flush_running_stats(layers, reduce=D.all_reduce_sum if dist.enabled else None)
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.eval()
+    return seen * W
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """``lbsgd eval checkpoint=PATH``: print and write ``eval.json`` (``eval-1.json``, ... if taken)."""
+    dist = D.init_distributed(cfg.device)
+    run_dir = Path(D.broadcast_object(str(run_dir)))
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+    model, tcfg = load_model_for_eval(cfg.checkpoint, "cpu")
+    info = model.checkpoint_info
+    for key in ("root", "cache_dir", "num_workers"):
+        if cfg.data[key] is not None:
+            tcfg.data[key] = cfg.data[key]
+    data = load_data(tcfg.data)
+    if hasattr(data, "to"):
+        data = data.to(dist.device)
+    out_features = _classes_and_channels(model.state_dict())[0]
+    if data.num_classes != out_features:
+        raise UserError(f"checkpoint: {info['path']} predicts {out_features} classes, the data set "
+                        f"({tcfg.data.name} {tcfg.data.root or ''}) has {data.num_classes}")
+
+    placed = place(model, cfg.offload.mode, dist.device)
+    recomputed = 0
+    batch = cfg.eval.batch or tcfg.batch.eval_batch
+    if cfg.eval.bn_recompute:
+        recomputed = recompute_bn_stats(placed.model, data, tcfg, dist, cfg.eval.bn_recompute, batch)
+    result = evaluate(placed.model, data, dist, batch)
+    placed.release()
+    if cfg.offload.mode == "sequential":
+        remove(placed.model)
+
+    record = {
+        **result,
+        "checkpoint": info["path"],
+        "iteration": info["iteration"],
+        "epoch": info["epoch"],
+        "offload_mode": cfg.offload.mode,
+        "bn_recompute": cfg.eval.bn_recompute,
+        "bn_recompute_images": recomputed,
+        "arch": tcfg.model.arch,
+        "data": tcfg.data.name if tcfg.data.name == "digits" else str(tcfg.data.root),
+        "world_size": dist.world_size,
+        "device": str(dist.device),
+        "train_last_val": info["last_val"],
+    }
+    if dist.is_main:
+        out = _free_name(run_dir)
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        _print(record, tcfg, out)
+    D.barrier()
+    return record
+
+
+def _free_name(run_dir: Path) -> Path:
+    """``eval.json``, or ``eval-1.json``, ``eval-2.json``, ... when taken: nothing is overwritten."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out, i = run_dir / "eval.json", 0
+    while out.exists():
+        i += 1
+        out = run_dir / f"eval-{i}.json"
+    return out
+
+
+def _print(r: dict[str, Any], tcfg: DictConfig, out: Path) -> None:
+    bn = f", BN statistics recomputed on {r['bn_recompute_images']} training images" if r["bn_recompute"] else ""
+    lines = [
+        f"lbsgd eval: {r['arch']} at iteration {r['iteration']} (epoch {r['epoch']}) from {r['checkpoint']}",
+        f"  {r['data']} val, {r['world_size']} process(es) on {r['device']}, offload {r['offload_mode']}{bn}",
+        f"top-1 error {r['top1_err'] * 100:.2f}%  top-5 error {r['top5_err'] * 100:.2f}%  "
+        f"loss {r['loss']:.4f}  images {r['images']}",
+    ]
+    last = r["train_last_val"]
+    if last.get("top1_err") is not None:
+        lines.append(f"  (training's last val: top-1 error {last['top1_err'] * 100:.2f}%, loss {last['loss']:.4f})")
+    lines.append(f"wrote {out}")
+    print("\n".join(lines), flush=True)
