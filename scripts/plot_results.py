@@ -13,7 +13,7 @@ RUNS_ROOT holds one folder per experiment (``warmup``, ``kn_sweep``, ``lr_rule``
 - ``fig1_err_vs_kn.png`` and ``fig3_kn_curves.png``: val error vs kn (log axis) and each kn's training curve
   against the baseline;
 - ``fig4_train_val.png``: train and val error curves, large kn vs the baseline;
-- ``table2_lr_rule_zero_gamma.png`` is not drawn: Tables 2a/2b are printed as markdown.
+- ``tables.md``: Table 1, the kn sweep and Tables 2a/2b as markdown (also printed).
 """
 
 from __future__ import annotations
@@ -98,6 +98,11 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     args.out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def emit(text: str) -> None:
+        print(text)
+        lines.append(text)
     runs: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
     for exp in EXPERIMENTS:
         for d in sorted((args.root / exp).glob("*")):
@@ -134,15 +139,20 @@ def main() -> None:
         axes[0].set_ylabel("training error (%)")
         fig.tight_layout()
         fig.savefig(args.out / "fig2_warmup.png", dpi=110)
-        print("\n| setting | kn | lr | val error % (median of last 5 epochs; mean ± std over seeds) | seeds |")
-        print("|---|---|---|---|---|")
+        emit("\n| setting | kn | lr | val error % (median of last 5 epochs; mean ± std over seeds) | seeds |")
+        emit("|---|---|---|---|---|")
         groups = defaultdict(list)
         for r, _ in warm:
             groups[(r["kn"], r["lr"], "baseline" if r["kn"] == base_kn else r["warmup"])].append(r["val_err"])
         for (kn, lr, name), vals in sorted(groups.items()):
-            print(f"| {name} | {kn} | {lr:.3g} | {mean_std(vals)} | {len(vals)} |")
+            emit(f"| {name} | {kn} | {lr:.3g} | {mean_std(vals)} | {len(vals)} |")
 
-    sweep = sorted(runs["kn_sweep"], key=lambda t: t[0]["kn"])
+    # runs shared between experiments: the warmup experiment's baseline and gradual runs (first seed)
+    # are also points of the kn sweep, the linear rule of Table 2a and zero-gamma "on" of Table 2b
+    seed0 = min((r["seed"] for r, _ in warm), default=0)
+    shared = [(r, run) for r, run in warm if r["seed"] == seed0 and (r["kn"] == base_kn or r["warmup"] == "gradual")]
+    large_gradual = [(r, run) for r, run in shared if r["kn"] != base_kn]
+    sweep = sorted(runs["kn_sweep"] + shared, key=lambda t: t[0]["kn"])
     if sweep:  # Figures 1 and 3
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["kn"] for r, _ in sweep], [100 * r["val_err"] for r, _ in sweep], "o-")
@@ -168,9 +178,9 @@ def main() -> None:
         fig.supylabel("training error (%)")
         fig.tight_layout()
         fig.savefig(args.out / "fig3_kn_curves.png", dpi=110)
-        print("\n| kn | lr | val error % | train error % |\n|---|---|---|---|")
+        emit("\n| kn | lr | val error % | train error % |\n|---|---|---|---|")
         for r, _ in sweep:
-            print(f"| {r['kn']} | {r['lr']:.3g} | {100 * r['val_err']:.2f} | {100 * r['train_err']:.2f} |")
+            emit(f"| {r['kn']} | {r['lr']:.3g} | {100 * r['val_err']:.2f} | {100 * r['train_err']:.2f} |")
 
     large = [(r, run) for r, run in warm if r["kn"] != base_kn and r["warmup"] == "gradual"]
     if baseline and large:  # Figure 4
@@ -187,9 +197,13 @@ def main() -> None:
 
     for exp, key, title in (("lr_rule", "rule", "Table 2a"), ("zero_gamma", "zero_gamma", "Table 2b")):
         if runs[exp]:
-            print(f"\n{title}\n| kn | {key} | lr | val error % |\n|---|---|---|---|")
-            for r, _ in sorted(runs[exp], key=lambda t: (t[0]["kn"], str(t[0][key]))):
-                print(f"| {r['kn']} | {r[key]} | {r['lr']:.3g} | {100 * r['val_err']:.2f} |")
+            emit(f"\n{title}\n| kn | {key} | lr | val error % |\n|---|---|---|---|")
+            for r, _ in sorted(runs[exp] + large_gradual, key=lambda t: (t[0]["kn"], str(t[0][key]))):
+                emit(f"| {r['kn']} | {r[key]} | {r['lr']:.3g} | {100 * r['val_err']:.2f} |")
+
+
+    (args.out / "tables.md").write_text("\n".join(lines).lstrip() + "\n")
+    print(f"wrote {args.out / 'tables.md'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Recommend the largest useful minibatch ``kn`` from a run's measured gradient noise scale.
+
+    python scripts/recommend_kn.py RUN_DIR [--after-epoch E]
+
+RUN_DIR is a directory of ``lbsgd train ... log.noise_scale=true`` (its ``metrics.jsonl`` and
+``config.yaml``). The script takes the median ``train/noise_scale`` (``B_simple``) of the
+per-iteration records after warmup (``schedule.warmup_epochs``, or ``--after-epoch``): early
+iterations, where the gradient is large, give small values that do not represent the run.
+
+Why that number: McCandlish et al. 2018 (§2.2) show that a step on a minibatch of ``B`` makes
+``1/(1 + B_noise/B)`` of the progress of a full-batch step, ``B_noise ~ B_simple``. Below
+``B_simple`` doubling the minibatch nearly halves the steps needed (the regime where Goyal et
+al.'s linear scaling rule holds); at ``B = B_simple`` a step has half the full-batch benefit,
+and beyond it each doubling buys less and less. So ``B_simple`` is the largest ``kn`` worth its
+compute; the script prints the power of two nearest to it (in log scale), as minibatches are
+chosen in powers of two. The noise scale grows as training proceeds, so measure late enough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+import yaml
+
+
+def nearest_power_of_two(x: float) -> int:
+    """``2**round(log2(x))``: 2**k nearest to ``x`` on a log scale (at least 1)."""
+    return 2 ** max(0, round(math.log2(x)))
+
+
+def noise_scales(records: list[dict], after_epoch: float) -> list[float]:
+    """The finite positive ``train/noise_scale`` values of records at or after ``after_epoch``."""
+    out = []
+    for r in records:
+        b = r.get("train/noise_scale")
+        if isinstance(b, int | float) and math.isfinite(b) and b > 0 and r.get("epoch", 0) >= after_epoch:
+            out.append(float(b))
+    return out
+
+
+def recommend(run_dir: Path, after_epoch: float | None = None) -> dict:
+    """Median ``B_simple`` after warmup and the recommended ``kn`` for the run in ``run_dir``."""
+    cfg_path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+    if after_epoch is None:
+        sched = cfg.get("schedule", {})
+        after_epoch = float(sched.get("warmup_epochs", 0)) if sched.get("warmup", "gradual") != "none" else 0.0
+    records = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    values = noise_scales(records, after_epoch)
+    if not values:
+        raise SystemExit(f"recommend_kn: {run_dir / 'metrics.jsonl'} has no train/noise_scale after epoch "
+                         f"{after_epoch:g} (train with log.noise_scale=true, long enough)")
+    b = statistics.median(values)
+    batch = cfg.get("batch", {})
+    kn = batch.get("k", 0) * batch.get("n", 0) or None
+    return {"b_simple": b, "records": len(values), "after_epoch": after_epoch, "kn": kn,
+            "recommended_kn": nearest_power_of_two(b)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--after-epoch", type=float, default=None, help="ignore records before this epoch "
+                    "(default: the run's schedule.warmup_epochs)")
+    args = ap.parse_args(argv)
+    r = recommend(args.run_dir, args.after_epoch)
+    print(f"median B_simple = {r['b_simple']:.1f} over {r['records']} records after epoch {r['after_epoch']:g}"
+          + (f" (this run: kn = {r['kn']})" if r["kn"] else ""))
+    print(f"recommended largest kn: {r['recommended_kn']}")
+
+
+if __name__ == "__main__":
+    main()
