@@ -109,6 +109,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     state = _resume_or_start(cfg, run_dir, ckpt_path, model, optimizer, dist, device)
     iteration, epoch, start_in_epoch = state["iteration"], state["epoch"], state["iter_in_epoch"]
+    t_start -= float(state.get("elapsed_s", 0.0))  # wall time counts every start of the run, not only this one
+    already_complete = iteration >= total_iters
     # the checkpoint holds the epoch's partial sums over all ranks; rank 0 carries them on
     epoch_sums = (state.get("epoch_sums") if dist.is_main else None) or _zero_sums()
 
@@ -156,7 +158,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 if stopper.agreed(device) or (
                     cfg.checkpoint.every_iters and iteration % cfg.checkpoint.every_iters == 0
                 ):
-                    _save(ckpt_path, cfg, model, optimizer, iteration, epoch, start_in_epoch, epoch_sums, last_val, dist)
+                    _save(ckpt_path, cfg, model, optimizer, iteration, epoch, start_in_epoch, epoch_sums, last_val, dist,
+                          time.monotonic() - t_start)
                     if stopper.raised:
                         note = D.requeue_slurm_job() if cfg.dist.requeue and dist.is_main else ""
                         D.barrier()  # nobody exits before the requeue (srun --kill-on-bad-exit)
@@ -185,7 +188,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 f"val err {record['val/err']:.4f}  {record['images_per_sec']:.0f} img/s"
             )
             epoch_sums = _zero_sums()
-            _save(ckpt_path, cfg, model, optimizer, iteration, epoch, 0, epoch_sums, last_val, dist)
+            _save(ckpt_path, cfg, model, optimizer, iteration, epoch, 0, epoch_sums, last_val, dist,
+                  time.monotonic() - t_start)
     except RuntimeError as exc:  # a rank died or hangs: a one-line PeerFailure, not a traceback
         failure = D.peer_failure(exc, dist, iteration)
         if failure is None:
@@ -196,9 +200,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         logger.close()
         stopper.restore()
 
-    summary = _summary(run_dir, last_val, time.monotonic() - t_start)
+    summary_path = run_dir / "summary.json"
+    if already_complete and summary_path.exists():  # nothing ran: the summary written at the end stands
+        summary = json.loads(summary_path.read_text())
+    else:
+        summary = _summary(run_dir, last_val, time.monotonic() - t_start)
     if dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if not already_complete or not summary_path.exists():
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
         _print_summary(summary)
     D.barrier()
     return summary
@@ -265,7 +274,8 @@ def _zero_sums() -> dict[str, float]:
     return {"loss": 0.0, "correct": 0.0, "count": 0.0}
 
 
-def _save(path, cfg, model, optimizer, iteration, epoch, iter_in_epoch, epoch_sums, last_val, dist) -> None:
+def _save(path, cfg, model, optimizer, iteration, epoch, iter_in_epoch, epoch_sums, last_val, dist,
+          elapsed_s: float = 0.0) -> None:
     epoch_sums = D.reduce_scalars(epoch_sums, dist.device)
     # plain full state dicts whether or not the model is sharded (gathered by every rank under FSDP2)
     model_sd, optim_sd = full_state_dicts(unwrap(model), optimizer) if is_sharded(model) or dist.is_main else ({}, {})
@@ -282,6 +292,7 @@ def _save(path, cfg, model, optimizer, iteration, epoch, iter_in_epoch, epoch_su
             "iter_in_epoch": iter_in_epoch,
             "epoch_sums": dict(epoch_sums),  # partial sums of the running epoch, over all ranks
             "last_val": last_val,
+            "elapsed_s": elapsed_s,  # wall time of the run so far, over all its starts
             "rng": rng_state(),
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
             "meta": {"world_size": dist.world_size, "torch": torch.__version__},

@@ -45,8 +45,10 @@ def test_default_run_reaches_paper_quality_on_embedded_digits(tmp_path):
     assert {"model", "optimizer", "iteration", "rng", "config", "epoch"} <= ckpt.keys()
     assert ckpt["iteration"] == 30 * (1437 // 128)
 
+    written = (run / "summary.json").read_bytes()
     again = run_cli("train", f"hydra.run.dir={run}", "log.progress=plain")  # same command: nothing to redo
     assert again.returncode == 0 and "already complete" in again.stdout
+    assert (run / "summary.json").read_bytes() == written  # its wall time is the run's, not this no-op's
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -82,6 +84,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     epochs_run = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val/err" in x]
     assert [r["val/err"] for r in epochs_ref] == [r["val/err"] for r in epochs_run]
     assert [r["train/err"] for r in epochs_ref] == [r["train/err"] for r in epochs_run]
+    # wall time spans both starts: the killed one's time up to its checkpoint is carried on
+    total = torch.load(ckpt, weights_only=False)["elapsed_s"]
+    assert json.loads((run / "summary.json").read_text())["wall_time_s"] >= total > stopped_at["elapsed_s"] > 0
+    assert stopped_at["elapsed_s"] < epochs_run[-1]["time"] <= total
 
 
 def test_other_config_in_same_run_dir_is_refused_and_nothing_is_overwritten(tmp_path):
