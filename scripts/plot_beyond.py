@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Figures and table of results/beyond.md, from the run directories of scripts/exp_beyond.sh alone.
+
+    python scripts/plot_beyond.py runs/results --out results
+
+Reads ``<runs>/kn_sweep`` and ``<runs>/warmup`` (plain SGD, seed 0), ``<runs>/lars`` (LARS),
+``<runs>/noise_scale`` (the baseline with ``log.noise_scale=true``) and ``<runs>/comm_hook/<hook>``
+(2 processes); writes ``fig5_beyond.png`` (val error against ``kn`` for SGD and LARS with the
+measured noise scale marked; the noise scale over training) and ``beyond_tables.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plot_results import load_run, peak_lr, summarise  # noqa: E402
+
+
+def runs_under(root: Path) -> list[dict]:
+    found = [load_run(d) for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+    return [r for r in found if r is not None]
+
+
+def sgd_ladder(runs_root: Path) -> dict[int, float]:
+    """val error by kn of plain SGD, gradual warmup, zero-gamma, seed 0 (kn sweep + warmup runs)."""
+    out = {}
+    for exp in ("kn_sweep", "warmup"):
+        for run in runs_under(runs_root / exp):
+            row = summarise(exp, run)
+            if row["seed"] == 0 and (row["warmup"] == "gradual" or exp == "kn_sweep" or row["kn"] == 64):
+                if run["cfg"]["optim"].get("name", "sgd") == "sgd" and row["rule"] == "linear":
+                    out.setdefault(row["kn"], row["val_err"])
+    return dict(sorted(out.items()))
+
+
+def noise_scale_after_warmup(run: dict) -> tuple[list[float], list[float], float | None]:
+    """(iterations, B_simple) of the per-iteration records, and the median after warmup."""
+    recs = [r for r in run["iters"] if r.get("train/noise_scale") is not None]
+    warm = run["cfg"]["schedule"]["warmup_epochs"]
+    after = [r["train/noise_scale"] for r in recs if r["epoch"] >= warm and r["train/noise_scale"] > 0]
+    return [r["iter"] for r in recs], [r["train/noise_scale"] for r in recs], (statistics.median(after) if after else None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", type=Path)
+    p.add_argument("--out", type=Path, default=Path("results"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    sgd = sgd_ladder(args.runs)
+    lars: dict[str, dict[int, tuple[float, float]]] = {"linear": {}, "sqrt": {}}  # rule -> kn -> (err, lr)
+    for r in runs_under(args.runs / "lars"):
+        row = summarise("lars", r)
+        for rule in lars:  # at kn = ref_batch every rule gives the same rate: the run serves both series
+            if row["rule"] == rule or peak_lr(r["cfg"]) == r["cfg"]["optim"]["base_lr"]:
+                lars[rule][row["kn"]] = (row["val_err"], peak_lr(r["cfg"]))
+    noise_runs = runs_under(args.runs / "noise_scale")
+    iters, bs, b_simple = noise_scale_after_warmup(noise_runs[0]) if noise_runs else ([], [], None)
+    hooks = {}
+    for hook_dir in sorted((args.runs / "comm_hook").glob("*")):
+        run = load_run(hook_dir)
+        if run is not None:
+            hooks[hook_dir.name] = summarise("comm_hook", run)["val_err"]
+
+    lines = ["| kn | SGD (linear rule) val error % | LARS, linear rule: val error % (lr) | LARS, sqrt rule: val error % (lr) |",
+             "|---|---|---|---|"]
+
+    def cell(series: dict[int, tuple[float, float]], kn: int) -> str:
+        return f"{100 * series[kn][0]:.2f} ({series[kn][1]:.3g})" if kn in series else "-"
+
+    for kn in sorted(set(sgd) | set(lars["linear"]) | set(lars["sqrt"])):
+        sg = f"{100 * sgd[kn]:.2f}" if kn in sgd else "-"
+        lines.append(f"| {kn} | {sg} | {cell(lars['linear'], kn)} | {cell(lars['sqrt'], kn)} |")
+    if b_simple is not None:
+        rec = 2 ** max(0, round(math.log2(b_simple)))
+        lines += ["", f"Noise scale of the baseline (median after warmup): B_simple = {b_simple:.0f}; "
+                      f"recommended largest kn: {rec}"]
+    if hooks:
+        lines += ["", "| allreduce (2 processes) | val error % |", "|---|---|"]
+        lines += [f"| {h} | {100 * e:.2f} |" for h, e in hooks.items()]
+    (args.out / "beyond_tables.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    a.plot(list(sgd), [100 * v for v in sgd.values()], "o-", color="black", label="SGD, linear rule")
+    for rule, style in (("linear", "s--"), ("sqrt", "s-")):
+        ks = sorted(lars[rule])
+        if ks:
+            a.plot(ks, [100 * lars[rule][k][0] for k in ks], style, color="tab:red", label=f"LARS, {rule} rule")
+    if b_simple is not None:
+        a.axvline(b_simple, ls="--", color="tab:blue", label=f"measured B_simple = {b_simple:.0f}")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("minibatch size kn")
+    a.set_ylabel("val error (%)")
+    a.set_title("error vs kn: SGD, LARS, noise scale")
+    a.legend()
+    if bs:
+        b.plot(iters, bs, color="tab:blue")
+        b.set_yscale("log")
+        b.set_xlabel("iterations (baseline run)")
+        b.set_ylabel("B_simple (EMA)")
+        b.set_title("gradient noise scale during training")
+    fig.tight_layout()
+    fig.savefig(args.out / "fig5_beyond.png", dpi=110)
+    print(f"wrote {args.out / 'fig5_beyond.png'} and {args.out / 'beyond_tables.md'}")
+
+
+if __name__ == "__main__":
+    main()
