@@ -12,13 +12,13 @@ measured noise scale marked; the noise scale over training) and ``beyond_tables.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plot_results import load_run, peak_lr, summarise  # noqa: E402
+from recommend_kn import recommend  # noqa: E402
 
 
 def runs_under(root: Path) -> list[dict]:
@@ -38,12 +38,10 @@ def sgd_ladder(runs_root: Path) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
-def noise_scale_after_warmup(run: dict) -> tuple[list[float], list[float], float | None]:
-    """(iterations, B_simple) of the per-iteration records, and the median after warmup."""
+def noise_scale_curve(run: dict) -> tuple[list[float], list[float]]:
+    """(iterations, B_simple) of the run's per-iteration records."""
     recs = [r for r in run["iters"] if r.get("train/noise_scale") is not None]
-    warm = run["cfg"]["schedule"]["warmup_epochs"]
-    after = [r["train/noise_scale"] for r in recs if r["epoch"] >= warm and r["train/noise_scale"] > 0]
-    return [r["iter"] for r in recs], [r["train/noise_scale"] for r in recs], (statistics.median(after) if after else None)
+    return [r["iter"] for r in recs], [r["train/noise_scale"] for r in recs]
 
 
 def main() -> None:
@@ -61,7 +59,9 @@ def main() -> None:
             if row["rule"] == rule or peak_lr(r["cfg"]) == r["cfg"]["optim"]["base_lr"]:
                 lars[rule][row["kn"]] = (row["val_err"], peak_lr(r["cfg"]))
     noise_runs = runs_under(args.runs / "noise_scale")
-    iters, bs, b_simple = noise_scale_after_warmup(noise_runs[0]) if noise_runs else ([], [], None)
+    iters, bs = noise_scale_curve(noise_runs[0]) if noise_runs else ([], [])
+    rec = recommend(noise_runs[0]["dir"]) if noise_runs else None  # the same median as scripts/recommend_kn.py
+    b_simple = rec["b_simple"] if rec else None
     hooks = {}
     for hook_dir in sorted((args.runs / "comm_hook").glob("*")):
         run = load_run(hook_dir)
@@ -77,10 +77,9 @@ def main() -> None:
     for kn in sorted(set(sgd) | set(lars["linear"]) | set(lars["sqrt"])):
         sg = f"{100 * sgd[kn]:.2f}" if kn in sgd else "-"
         lines.append(f"| {kn} | {sg} | {cell(lars['linear'], kn)} | {cell(lars['sqrt'], kn)} |")
-    if b_simple is not None:
-        rec = 2 ** max(0, round(math.log2(b_simple)))
-        lines += ["", f"Noise scale of the baseline (median after warmup): B_simple = {b_simple:.0f}; "
-                      f"recommended largest kn: {rec}"]
+    if rec is not None:
+        lines += ["", f"Noise scale of the baseline (median after epoch {rec['after_epoch']:g}): "
+                      f"B_simple = {rec['b_simple']:.0f}; recommended largest kn: {rec['recommended_kn']}"]
     if hooks:
         lines += ["", "| allreduce (2 processes) | val error % |", "|---|---|"]
         lines += [f"| {h} | {100 * e:.2f} |" for h, e in hooks.items()]
