@@ -195,22 +195,37 @@ def _task(command: str) -> Callable:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             result = COMMANDS[command](cfg, run_dir)
-            D.destroy()  # leave the process group before exit: its destructor may abort() at interpreter exit
-            return result
         except UserError as exc:
             print(f"lbsgd: error: {exc}", file=sys.stderr, flush=True)
-            D.destroy()
-            sys.exit(UserError.exit_code)
+            _leave(D, UserError.exit_code)
         except Preempted as exc:
             print(f"lbsgd: preempted: {exc}", file=sys.stderr, flush=True)
-            D.destroy()
-            sys.exit(Preempted.exit_code)
+            _leave(D, Preempted.exit_code)
         except PeerFailure as exc:
             print(f"lbsgd: error: {exc}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(PeerFailure.exit_code)  # a broken process group may abort() in its destructor at exit
+        if D.dist.is_available() and D.dist.is_initialized():
+            from hydra.types import RunMode
+
+            if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's next job still needs the group
+                D.barrier()
+                _leave(D, 0)
+        return result
 
     return task
+
+
+def _leave(D, code: int) -> None:
+    """Exit a multi-process run with ``code`` once everything is written, without the interpreter's
+    teardown: under gloo (FSDP2 especially) the destructors of torch's communication threads can
+    ``abort()`` at exit ("terminate called without an active exception") after a run that finished
+    well. A single process exits normally."""
+    if not (D.dist.is_available() and D.dist.is_initialized()):
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -228,6 +228,7 @@ def test_fsdp_keys_are_checked_and_one_process_is_refused(tmp_path):
 
 _UNEVEN_EVAL = """
 import dataclasses
+import os
 from lbsgd_cli import distributed as D
 from lbsgd_cli.memory import shard_model
 from lbsgd_cli.train import evaluate
@@ -239,6 +240,8 @@ ref = evaluate(model, data, D.Dist(0, 0, 1, d.device, "single"), 4)
 got = evaluate(shard_model(model, d, False), data, d, 3)  # 13 images: rank 0 has 7 (3 batches), rank 1 6 (2)
 assert abs(ref["loss"] - got["loss"]) < 1e-5 and ref["top1_err"] == got["top1_err"] and got["images"] == 13
 print("same as one process", flush=True)
+D.barrier()
+os._exit(0)  # as lbsgd's CLI leaves a multi-process run: no teardown of gloo's threads (lbsgd_cli/cli.py)
 """
 
 
