@@ -48,21 +48,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by lbsgd; anything else is a one-line :class:`UserError`."""
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` of any file (training or quantized checkpoint, or anything else); a missing file,
+    a directory or an unreadable file is a one-line :class:`UserError` naming it."""
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"checkpoint: {path} does not exist")
     if path.is_dir():
         raise UserError(f"checkpoint: {path} is a directory, not a checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"checkpoint: {path} is not a readable checkpoint (truncated or foreign): {reason}") from None
+
+
+def training_checkpoint(ckpt: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """``ckpt`` (read from ``path``) if ``lbsgd train`` wrote it; anything else is a one-line :class:`UserError`."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
-        raise UserError(f"checkpoint: {path} was not written by lbsgd (no {FORMAT} model state)")
+        raise UserError(f"checkpoint: {Path(path).expanduser()} was not written by lbsgd (no {FORMAT} model state)")
     return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``lbsgd train``; anything else is a one-line :class:`UserError`."""
+    return training_checkpoint(read_checkpoint(path, map_location), path)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

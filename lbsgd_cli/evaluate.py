@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import FORMAT, load_model_state
+from .checkpoint import FORMAT, load_model_state, read_checkpoint
 from .config import TrainConfig
 from .data import TrainLoader, load_data
 from .errors import UserError
@@ -41,19 +41,6 @@ from .train import evaluate
 # --------------------------------------------------------------------------- checkpoint -> model
 
 
-def _read(path: Path) -> Any:
-    """``torch.load`` of any file, failures as one line naming it."""
-    if not path.exists():
-        raise UserError(f"checkpoint: {path} does not exist")
-    if path.is_dir():
-        raise UserError(f"checkpoint: {path} is a directory, not a checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint: {path} is not a readable checkpoint (truncated or foreign): {reason}") from None
-
-
 def load_model_for_eval(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, DictConfig]:
     """The network a checkpoint holds, in eval mode on ``device``, and the training config it came with.
 
@@ -61,7 +48,7 @@ def load_model_for_eval(path: str | os.PathLike, device: torch.device | str = "c
     model carries ``model.checkpoint_info`` (format, path, iteration, epoch, last_val).
     """
     path = Path(path).expanduser()
-    ckpt = _read(path)
+    ckpt = read_checkpoint(path)
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt == FORMAT:
         model, cfg = _from_training_checkpoint(ckpt, path)

@@ -391,13 +391,11 @@ def save_quantized(
 
 
 def read_quantized(path: str | os.PathLike) -> dict[str, Any]:
+    """A ``lbsgd-quantized-v1`` checkpoint file; anything else is a one-line :class:`UserError`."""
+    from .checkpoint import read_checkpoint
+
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"checkpoint: {path} does not exist or is not a file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"checkpoint: {path} is not a readable checkpoint: {type(exc).__name__}") from None
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"checkpoint: {path} is not a {FORMAT} checkpoint")
     return ckpt

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import FORMAT as TRAIN_FORMAT
-from .checkpoint import load_checkpoint, load_model_state
+from .checkpoint import load_model_state, read_checkpoint, training_checkpoint
 from .config import TrainConfig, as_list, validate_quantize
 from .data import InMemoryData, StreamingImages, load_data, normalise, stratified_subset, val_batches, val_transform
 from .distributed import Dist, pick_device
@@ -85,20 +85,14 @@ def _subset_val(data, count: int) -> None:
         data.val = type(data.val)([data.val.paths[i] for i in keep], [data.val.labels[i] for i in keep])
 
 
-def _is_quantized(path: str) -> bool:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False).get("format") == FORMAT
-    except Exception:  # not a file, not a checkpoint, not a dict: load_checkpoint says which
-        return False
-
-
 def load_source(cfg: DictConfig, device: torch.device):
     """The fp32 network of ``cfg.checkpoint``, its training config, the data set it was trained on, and
     where it came from (path, iteration, epoch)."""
     path = str(Path(cfg.checkpoint).expanduser())
-    ckpt = load_checkpoint(path) if not _is_quantized(path) else None
-    if ckpt is None:
+    ckpt = read_checkpoint(path)  # read once: the quantized format gets its own message
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         raise UserError(f"checkpoint: {path} is already quantized; give the fp32 checkpoint of lbsgd train")
+    ckpt = training_checkpoint(ckpt, path)
     try:  # the schema's defaults fill keys added since the checkpoint was written
         train_cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
     except Exception as exc:
