@@ -481,11 +481,21 @@ def normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return (x.float().div_(255).sub_(mean)).div_(std)
 
 
+def val_share(total: int, rank: int, world: int) -> tuple[int, int]:
+    """``[lo, hi)`` of rank ``rank``'s contiguous share of ``total`` val images; rank 0's is the largest."""
+    per = math.ceil(total / world)
+    return min(rank * per, total), min((rank + 1) * per, total)
+
+
+def largest_val_share_batches(data, world: int, batch_size: int) -> int:
+    """How many batches the largest share (rank 0's) of the val set takes."""
+    lo, hi = val_share(data.val_size, 0, world)
+    return math.ceil((hi - lo) / batch_size)
+
+
 def val_batches(data, rank: int, world: int, batch_size: int, device: torch.device):
     """This process's contiguous share of the val set, in batches; each image is seen once overall."""
-    total = data.val_size
-    per = math.ceil(total / world)
-    lo, hi = min(rank * per, total), min((rank + 1) * per, total)
+    lo, hi = val_share(data.val_size, rank, world)
     if isinstance(data, InMemoryData):
         mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)

@@ -10,6 +10,7 @@ at a time, BN normalising each worker's ``n`` samples on their own (ghost BN,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -27,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed as D
 from .checkpoint import FORMAT, atomic_save, load_checkpoint, load_model_state, rng_state, set_rng_state, unwrap
-from .config import LRRule, Warmup, validate
-from .data import TrainLoader, load_data, val_batches
+from .config import LRRule, TrainConfig, Warmup, validate
+from .data import TrainLoader, largest_val_share_batches, load_data, val_batches
 from .errors import Preempted, UserError
 from .ghost_bn import deferred_running_stats, flush_running_stats
 from .metrics import MetricsLogger, Progress, read_metrics, topk_correct
@@ -41,9 +42,6 @@ from .rules import iters_per_epoch, loss_normaliser, lr_at, peak_lr
 # (dist.comm_hook and dist.powersgd_* do change it: they are compared).
 RESUME_IGNORED = ("log", "checkpoint", "data.num_workers", "data.root", "data.cache_dir", "device", "threads",
                   "dist.backend", "dist.timeout_s", "dist.requeue", "batch.workers_per_pass", "memory", "offload")
-# Keys added after runs were started: absent from an older checkpoint's config means this value.
-ADDED_KEY_DEFAULTS = {"optim.name": "sgd", "optim.lars_eta": 0.001, "dist.comm_hook": "none",
-                      "dist.powersgd_rank": 1, "dist.powersgd_start_iter": 2}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -123,7 +121,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     noise = _noise_probe(cfg, model, optimizer, k, n, W, per_process, per_pass)  # None unless log.noise_scale
     last_val: dict[str, float] = state.get("last_val") or {}
     if dist.is_main:
-        _print_header(cfg, run_dir, data, k, n, W, peak, ipe, iteration)
+        _print_header(cfg, run_dir, data, k, n, W, peak, ipe, iteration, already_complete)
         if W > 1:
             payload = D.allreduce_bytes(unwrap(model), cfg.dist.comm_hook, cfg.dist.powersgd_rank)
             print(f"allreduce payload per step and process: {payload / 2**20:.3f} MiB "
@@ -205,9 +203,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         summary = json.loads(summary_path.read_text())
     else:
         summary = _summary(run_dir, last_val, time.monotonic() - t_start)
-    if dist.is_main:
-        if not already_complete or not summary_path.exists():
+        if dist.is_main:
             summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if dist.is_main:
         _print_summary(summary)
     D.barrier()
     return summary
@@ -224,9 +222,11 @@ def _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist)
         for p in range(passes):
             xs, ys = x[p * chunk : (p + 1) * chunk], y[p * chunk : (p + 1) * chunk]
             sync = p == passes - 1
+            ctx = contextlib.nullcontext()
             if is_sharded(model):  # FSDP2's no_sync: keep unsharded gradients until the last pass
                 model.set_requires_gradient_sync(sync)
-            ctx = model.no_sync() if (dist.enabled and not sync and not is_sharded(model)) else contextlib.nullcontext()
+            elif dist.enabled and not sync:
+                ctx = model.no_sync()
             with ctx:
                 out = model(xs)
                 loss = F.cross_entropy(out, ys, reduction="sum")
@@ -254,7 +254,7 @@ def evaluate(model, data, dist, batch_size: int) -> dict[str, float]:
         sums["top5"] += c5
         sums["count"] += y.shape[0]
     if is_sharded(model):  # FSDP2 all-gathers in every forward: run as many as rank 0 (the largest share)
-        for _ in range(math.ceil(math.ceil(data.val_size / dist.world_size) / batch_size) - seen):
+        for _ in range(largest_val_share_batches(data, dist.world_size, batch_size) - seen):
             model(x[:1] if x is not None else next(val_batches(data, 0, 1, 1, dist.device))[0])
     sums = D.reduce_scalars(sums, dist.device)
     model.train(was_training)
@@ -319,10 +319,17 @@ def config_difference(old: dict, new: dict, ignored=RESUME_IGNORED) -> str | Non
     for key in sorted(set(fo) | set(fn)):
         if any(key == i or key.startswith(i + ".") for i in ignored):
             continue
-        old_value = fo[key] if key in fo else ADDED_KEY_DEFAULTS.get(key)
+        old_value = fo[key] if key in fo else _schema_defaults().get(key)  # a key added since that run
         if old_value != fn.get(key):
             return f"{key}: {fo.get(key)!r} -> {fn.get(key)!r}"
     return None
+
+
+@functools.cache
+def _schema_defaults() -> dict[str, Any]:
+    """Every key's default in the schema: the value a key added after a run was started had in that run
+    (new keys keep the old behaviour by default)."""
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True))
 
 
 def _resume_or_start(cfg, run_dir: Path, ckpt_path: Path, model, optimizer, dist, device) -> dict[str, Any]:
@@ -455,9 +462,9 @@ def _mean_over_ranks(values: list[float], device, W: int) -> list[float]:
     return [summed[str(i)] / W for i in range(len(values))]
 
 
-def _print_header(cfg, run_dir, data, k, n, W, peak, ipe, iteration) -> None:
+def _print_header(cfg, run_dir, data, k, n, W, peak, ipe, iteration, complete: bool) -> None:
     resumed = f", resuming at iteration {iteration}" if iteration else ""
-    if iteration >= ipe * cfg.schedule.epochs:
+    if complete:
         resumed = "; this run is already complete (nothing to do)"
     print(
         f"lbsgd train: {cfg.model.arch} on {cfg.data.name} ({data.train_size} train / {data.val_size} val), "

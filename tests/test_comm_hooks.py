@@ -100,6 +100,8 @@ def test_comm_hook_keys_count_on_resume_but_launcher_keys_do_not():
            "dist": {"backend": "gloo", "timeout_s": 30.0, "requeue": True, "comm_hook": "none", "powersgd_rank": 1,
                     "powersgd_start_iter": 2}}
     assert config_difference(old, new) is None  # a run from before these keys resumes with their defaults
+    assert config_difference({}, {"data": {"val_subset": 0}}) is None  # any key added since, at its default
+    assert config_difference({}, {"data": {"val_subset": 500}}) == "data.val_subset: None -> 500"
     assert config_difference(old, {**new, "dist": {**new["dist"], "comm_hook": "fp16"}}) == \
         "dist.comm_hook: None -> 'fp16'"
     assert config_difference(new, {**new, "dist": {**new["dist"], "powersgd_rank": 2}}) == \
