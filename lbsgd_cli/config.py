@@ -185,6 +185,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     deterministic: bool = True
+    # autocast precision of forward and loss: fp32 | bf16 (weights, gradients, optimizer state and BN
+    # statistics stay fp32). Changes the result in the last bits, so it names the run.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -313,6 +316,8 @@ def validate(cfg: DictConfig | Any) -> None:
         _fail("dist.backend", "nccl needs CUDA devices; use gloo (or auto) with device=cpu")
     if not cfg.dist.timeout_s > 0:
         _fail("dist.timeout_s", f"must be a positive number of seconds, got {cfg.dist.timeout_s}")
+    if cfg.precision not in ("fp32", "bf16"):
+        _fail("precision", f"must be fp32 or bf16, got {cfg.precision!r}")
     _validate_train_memory(cfg)
     _validate_beyond(cfg)
 

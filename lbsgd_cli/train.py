@@ -136,7 +136,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 D.maybe_inject_fault(dist.rank, iteration)  # tests only: LBSGD_FAULT_*
                 lr = rate(iteration)
                 set_lr(optimizer, lr)
-                loss_sum, correct = _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist)
+                loss_sum, correct = _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist,
+                                          precision=cfg.precision)
                 iteration += 1
                 start_in_epoch += 1
                 images_this_epoch += k * n
@@ -165,7 +166,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                         + (f"; {note}" if note else ""))
             train_time = time.monotonic() - t_epoch
             sums = D.reduce_scalars(epoch_sums, device)
-            last_val = evaluate(model, data, dist, cfg.batch.eval_batch)
+            last_val = evaluate(model, data, dist, cfg.batch.eval_batch)  # fp32 in every precision, as lbsgd eval
             epoch += 1
             start_in_epoch = 0
             record = {
@@ -211,7 +212,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist) -> tuple[float, int]:
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision of ``precision``: bf16 autocast of forward passes and losses; fp32 does nothing.
+
+    Backward runs outside the context as autocast prescribes; parameters, gradients, the optimizer
+    and BN running statistics stay fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist, precision="fp32") -> tuple[float, int]:
     """One SGD step on this process's workers: passes of ``per_pass`` workers, one allreduce."""
     passes = math.ceil(per_process / per_pass)
     chunk = per_pass * n
@@ -228,8 +239,9 @@ def _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist)
             elif dist.enabled and not sync:
                 ctx = model.no_sync()
             with ctx:
-                out = model(xs)
-                loss = F.cross_entropy(out, ys, reduction="sum")
+                with autocast(precision, xs.device):
+                    out = model(xs)
+                    loss = F.cross_entropy(out, ys, reduction="sum")
                 (loss * loss_scale).backward()
             loss_total += float(loss.detach())
             correct += int((out.detach().argmax(1) == ys).sum())
