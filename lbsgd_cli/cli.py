@@ -22,6 +22,7 @@ commands:
   train      train a network with the large-minibatch recipe of Goyal et al. (2017)
   quantize   b-bit integer weights (and activations) of a trained network, measured against fp32
   eval       top-1/top-5 error of a checkpoint (eval.bn_recompute=N, offload.mode=sequential|model)
+  plot       the paper's tables and figures from run directories: lbsgd plot RUN_OR_SWEEP_DIR... --out DIR
 
 examples:
   lbsgd train                                    # embedded digits, CPU, about a minute
@@ -234,8 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], quote_paths(argv[1:])
+    if command == "plot":  # not a Hydra app: it reads run directories, not a config
+        from .plot import main as plot_main
+
+        try:
+            return plot_main(argv[1:])
+        except UserError as exc:
+            print(f"lbsgd: error: {exc}", file=sys.stderr)
+            return UserError.exit_code
     if command not in COMMANDS:
-        print(f"lbsgd: error: unknown command {command!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        print(f"lbsgd: error: unknown command {command!r} (commands: {', '.join([*COMMANDS, 'plot'])})", file=sys.stderr)
         return 2
     try:
         _register()

@@ -1,0 +1,328 @@
+"""``lbsgd plot``: the paper's tables and figures from run directories alone.
+
+    lbsgd plot RUN_OR_SWEEP_DIR... [--out DIR]
+
+Every folder below the given paths that holds a ``config.yaml`` and a ``metrics.jsonl`` (written by
+``lbsgd train``) is one run; ``summary.json`` adds whether it diverged. Nothing else is read, so a
+user's own ImageNet sweep gets the same figures as the CIFAR runs of ``results/``. The runs are read
+as one study (one network, data set and schedule); which run plays which part follows from the
+configs, as in the paper:
+
+- the **baseline** is the smallest ``kn`` (§5.2: ``kn = 256``);
+- the **large** ``kn`` of Table 1 is the largest ``kn`` run with more than one warmup mode (§5.2: 8k);
+- the **ladder** of Figures 1 and 3 is every ``kn`` under the default recipe (linear rule, gradual
+  warmup, zero-gamma); Table 2a varies ``optim.lr_rule`` and Table 2b ``model.zero_init_residual``
+  at the large ``kn``.
+
+Writes ``summary.csv`` (one row per run), ``tables.md`` and, with matplotlib (``pip install
+'lbsgd[plots]'``), ``fig1_err_vs_kn.png`` ... ``fig4_train_val.png``. A diverged run is shown as
+diverged, never as a number, and is left out of means. Errors are the median val error of the last
+5 epochs (the paper's metric, §5.1 footnote), mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+from .metrics import read_metrics
+
+FIELDS = ["experiment", "kn", "k", "n", "lr", "warmup", "zero_gamma", "seed", "epochs", "val_err", "train_err",
+          "steps", "diverged", "rule", "arch", "precision", "run"]
+
+
+@dataclass
+class Run:
+    """One run directory: its config, per-epoch records and summary row."""
+
+    path: Path
+    cfg: dict[str, Any]
+    epochs: list[dict[str, Any]]
+    row: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def diverged(self) -> bool:
+        return bool(self.row["diverged"])
+
+
+def peak_lr(cfg: dict[str, Any]) -> float:
+    """§2.1 rule of the run's config (the same formula as ``rules.peak_lr``, from the YAML alone)."""
+    o, b = cfg["optim"], cfg["batch"]
+    ratio = b["k"] * b["n"] / o["ref_batch"]
+    return o["base_lr"] * {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[o["lr_rule"]]
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Every run directory at or below ``paths`` (sorted, each once)."""
+    dirs: set[Path] = set()
+    for p in paths:
+        if not p.is_dir():
+            raise UserError(f"{p}: no such run directory or sweep folder")
+        found = {c.parent for c in p.rglob("config.yaml") if (c.parent / "metrics.jsonl").exists()}
+        if (p / "config.yaml").exists() and (p / "metrics.jsonl").exists():
+            found.add(p)
+        dirs |= found
+    runs = [r for r in (load_run(d) for d in sorted(dirs)) if r is not None]
+    if not runs:
+        raise UserError(f"no run with a config.yaml, a metrics.jsonl and a finished epoch under {', '.join(map(str, paths))}")
+    return runs
+
+
+def load_run(path: Path) -> Run | None:
+    try:
+        cfg = yaml.safe_load((path / "config.yaml").read_text())
+        records = read_metrics(path / "metrics.jsonl")
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{path}: cannot read the run ({exc})") from None
+    epochs = [r for r in records if "val/err" in r]
+    summary_path = path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if not epochs and not summary.get("diverged"):
+        return None
+    last5 = sorted(r["val/err"] for r in epochs[-5:])
+    steps = max((r.get("step", r.get("iter", 0)) for r in records), default=0)
+    # a run stopped by a non-finite loss says so in its summary; older runs show it as a nan loss
+    diverged = bool(summary.get("diverged")) or any(
+        not math.isfinite(r["train/loss"]) for r in records if isinstance(r.get("train/loss"), float))
+    run = Run(path, cfg, epochs)
+    run.row = {
+        "experiment": path.parent.name,
+        "kn": cfg["batch"]["k"] * cfg["batch"]["n"],
+        "k": cfg["batch"]["k"],
+        "n": cfg["batch"]["n"],
+        "lr": round(peak_lr(cfg), 6),
+        "warmup": cfg["schedule"]["warmup"],
+        "zero_gamma": cfg["model"]["zero_init_residual"],
+        "seed": cfg["seed"],
+        "epochs": len(epochs),
+        "val_err": None if diverged or not last5 else round(last5[len(last5) // 2], 5),
+        "train_err": None if diverged or not epochs else round(epochs[-1]["train/err"], 5),
+        "steps": int(summary.get("diverged_at_iteration") or steps),
+        "diverged": diverged,
+        "rule": cfg["optim"]["lr_rule"],
+        "arch": cfg["model"]["arch"] + (f"-{cfg['model']['depth']}" if cfg["model"]["arch"] == "cifar_resnet" else ""),
+        "precision": cfg.get("precision", "fp32"),
+        "run": path.name,
+    }
+    return run
+
+
+# --------------------------------------------------------------------------- the study's parts
+
+
+@dataclass
+class Study:
+    """The runs sorted into the paper's parts (see the module docstring)."""
+
+    runs: list[Run]
+    base_kn: int
+    large_kn: int | None
+
+    @classmethod
+    def of(cls, runs: list[Run]) -> Study:
+        default = [r for r in runs if r.row["rule"] == "linear" and r.row["zero_gamma"]]
+        base_kn = min(r.row["kn"] for r in (default or runs))
+        modes: dict[int, set[str]] = defaultdict(set)
+        for r in default:
+            if r.row["kn"] != base_kn:
+                modes[r.row["kn"]].add(r.row["warmup"])
+        multi = [kn for kn, m in modes.items() if len(m) > 1]
+        return cls(runs, base_kn, max(multi) if multi else None)
+
+    def select(self, **want: Any) -> list[Run]:
+        return [r for r in self.runs if all(r.row[k] == v for k, v in want.items())]
+
+    def baseline(self) -> list[Run]:
+        return self.select(kn=self.base_kn, rule="linear", zero_gamma=True)
+
+    def ladder(self) -> dict[int, list[Run]]:
+        """kn -> runs of the default recipe (gradual warmup; at the baseline's kn any warmup: it is flat)."""
+        out: dict[int, list[Run]] = defaultdict(list)
+        for r in self.select(rule="linear", zero_gamma=True):
+            if r.row["warmup"] == "gradual" or r.row["kn"] == self.base_kn:
+                out[r.row["kn"]].append(r)
+        return dict(sorted(out.items()))
+
+
+def cell(runs: list[Run]) -> str:
+    """``mean ± std`` in percent over the runs that did not diverge; ``diverged`` where one did."""
+    vals = [r.row["val_err"] for r in runs if not r.diverged and r.row["val_err"] is not None]
+    div = sum(r.diverged for r in runs)
+    if not vals:
+        return "diverged" if div else "-"
+    text = f"{100 * vals[0]:.2f}" if len(vals) == 1 else (
+        f"{100 * statistics.mean(vals):.2f} ± {100 * statistics.stdev(vals):.2f}")
+    return text + (f" ({div} diverged)" if div else "")
+
+
+def seeds(runs: list[Run]) -> str:
+    return ",".join(str(s) for s in sorted({r.row["seed"] for r in runs}))
+
+
+def tables(study: Study) -> list[str]:
+    """Markdown: every setting, Table 1, the kn ladder (Fig. 1), Tables 2a and 2b."""
+    out = ["All runs (val error %, median of the last 5 epochs; mean ± std over seeds)", "",
+           "| kn | lr | warmup | rule | zero-gamma | epochs | steps | val error % | seeds |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for r in study.runs:
+        x = r.row
+        groups[(x["kn"], x["lr"], x["warmup"], x["rule"], str(x["zero_gamma"]), x["epochs"])].append(r)
+    for (kn, lr, warmup, rule, zg, ep), rs in sorted(groups.items()):
+        steps = max(r.row["steps"] for r in rs)
+        out.append(f"| {kn} | {lr:.3g} | {warmup} | {rule} | {zg} | {ep} | {steps} | {cell(rs)} | {seeds(rs)} |")
+    base = study.baseline()
+    if study.large_kn is not None:
+        out += ["", "Table 1: warmup at the large kn", "", "| setting | kn | lr | val error % | seeds |",
+                "|---|---|---|---|---|"]
+        out.append(f"| baseline | {study.base_kn} | {base[0].row['lr']:.3g} | {cell(base)} | {seeds(base)} |")
+        for mode in ("none", "constant", "gradual"):
+            rs = study.select(kn=study.large_kn, warmup=mode, rule="linear", zero_gamma=True)
+            if rs:
+                out.append(f"| {mode} warmup | {study.large_kn} | {rs[0].row['lr']:.3g} | {cell(rs)} | {seeds(rs)} |")
+    ladder = study.ladder()
+    if len(ladder) > 1:
+        ref = [r.row["val_err"] for r in ladder[study.base_kn] if not r.diverged]
+        out += ["", "Figure 1: val error against kn (gradual warmup, linear rule)", "",
+                "| kn | lr | steps | val error % | vs baseline (points) | seeds |", "|---|---|---|---|---|---|"]
+        for kn, rs in ladder.items():
+            vals = [r.row["val_err"] for r in rs if not r.diverged]
+            gap = f"{100 * (statistics.mean(vals) - statistics.mean(ref)):+.2f}" if vals and ref else "-"
+            steps = max(r.row["steps"] for r in rs)
+            out.append(f"| {kn} | {rs[0].row['lr']:.3g} | {steps} | {cell(rs)} | {gap} | {seeds(rs)} |")
+    if study.large_kn is not None:
+        for title, key, others in (("Table 2a: the rate rule at the large kn", "rule", {"zero_gamma": True}),
+                                   ("Table 2b: zero-gamma at the large kn", "zero_gamma", {"rule": "linear"})):
+            rs = study.select(kn=study.large_kn, warmup="gradual", **others)
+            values = sorted({str(r.row[key]) for r in rs})
+            if len(values) > 1:
+                out += ["", title, "", f"| {key} | lr | val error % | seeds |", "|---|---|---|---|"]
+                for v in values:
+                    sub = [r for r in rs if str(r.row[key]) == v]
+                    out.append(f"| {v} | {sub[0].row['lr']:.3g} | {cell(sub)} | {seeds(sub)} |")
+    return out
+
+
+def write_summary(runs: list[Run], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(r.row for r in runs)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def figures(study: Study, out: Path) -> list[Path]:
+    """Figures 1-4 of the paper as PNGs (needs matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("the figures need matplotlib: pip install 'lbsgd[plots]' (tables were written)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    base = [r for r in study.baseline() if not r.diverged]
+    first = min(r.row["seed"] for r in study.runs)
+
+    def curve(ax, run: Run, key: str, **kw: Any) -> None:
+        ax.plot([e["epoch"] for e in run.epochs], [100 * e[key] for e in run.epochs], **kw)
+
+    def label(run: Run) -> str:
+        x = run.row
+        return f"kn={x['kn']}, lr={x['lr']:.3g}" + (", diverged" if run.diverged else "")
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+
+    ladder = study.ladder()
+    if len(ladder) > 1:  # Figure 1
+        fig, ax = plt.subplots(figsize=(6, 4))
+        kns, means, stds, div = [], [], [], []
+        for kn, rs in ladder.items():
+            vals = [100 * r.row["val_err"] for r in rs if not r.diverged]
+            if vals:
+                kns.append(kn)
+                means.append(statistics.mean(vals))
+                stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            if any(r.diverged for r in rs):
+                div.append(kn)
+        ax.errorbar(kns, means, yerr=stds, fmt="o-", capsize=3)
+        for kn in div:
+            ax.annotate("diverged", (kn, max(means or [100])), rotation=90, ha="center", fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="minibatch size kn", ylabel="val error (%)", title="error vs minibatch size (Fig. 1)")
+        save(fig, "fig1_err_vs_kn.png")
+        cols = min(4, len(ladder))
+        rows = (len(ladder) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), sharey=True, squeeze=False)
+        for ax, (kn, rs) in zip(axes.flat, ladder.items()):  # Figure 3
+            if base:
+                curve(ax, base[0], "train/err", color="black", lw=1.0, label=f"{label(base[0])} (baseline)")
+            run = min(rs, key=lambda r: r.row["seed"])
+            curve(ax, run, "train/err", label=label(run))
+            ax.set_title(f"kn = {kn}")
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(ladder):]:
+            ax.axis("off")
+        fig.supxlabel("epochs")
+        fig.supylabel("training error (%)")
+        save(fig, "fig3_kn_curves.png")
+    if study.large_kn is not None:  # Figure 2
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+        for ax, mode in zip(axes, ("none", "constant", "gradual")):
+            if base:
+                curve(ax, base[0], "train/err", color="black", lw=1.2, label=f"{label(base[0])} (baseline)")
+            for r in study.select(kn=study.large_kn, warmup=mode, rule="linear", zero_gamma=True, seed=first):
+                curve(ax, r, "train/err", label=f"{label(r)}, {mode} warmup")
+            ax.set(title=f"{mode} warmup", xlabel="epochs")
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel("training error (%)")
+        save(fig, "fig2_warmup.png")
+        large = study.select(kn=study.large_kn, warmup="gradual", rule="linear", zero_gamma=True, seed=first)
+        if base and large:  # Figure 4
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+            for ax, key, name in ((axes[0], "train/err", "training error"), (axes[1], "val/err", "validation error")):
+                curve(ax, base[0], key, color="black", label=f"{label(base[0])} (baseline)")
+                curve(ax, large[0], key, label=f"{label(large[0])}, gradual warmup")
+                ax.set(title=name, xlabel="epochs")
+                ax.legend(fontsize=8)
+            axes[0].set_ylabel("error (%)")
+            save(fig, "fig4_train_val.png")
+    return written
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="lbsgd plot", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="+", type=Path, help="run directories or folders holding them (sweeps)")
+    ap.add_argument("--out", type=Path, default=Path("plots"), help="where the tables and figures go (default plots/)")
+    ap.add_argument("--no-figures", action="store_true", help="tables and summary.csv only (no matplotlib needed)")
+    args = ap.parse_args(argv)
+    runs = find_runs(args.paths)
+    study = Study.of(runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_summary(runs, args.out / "summary.csv")
+    lines = tables(study)
+    (args.out / "tables.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {args.out / 'summary.csv'} ({len(runs)} runs), {args.out / 'tables.md'}", file=sys.stderr)
+    if not args.no_figures:
+        for p in figures(study, args.out):
+            print(f"wrote {p}", file=sys.stderr)
+    return 0

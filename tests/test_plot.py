@@ -1,0 +1,89 @@
+"""``lbsgd plot``: the study's parts found from configs alone, diverged runs shown as diverged."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lbsgd_cli.cli import main
+from lbsgd_cli.plot import FIELDS, Study, find_runs, tables
+
+
+def make_run(root: Path, name: str, k: int, warmup: str = "gradual", seed: int = 0, rule: str = "linear",
+             zero_gamma: bool = True, errs: tuple[float, ...] = (0.5, 0.4, 0.3), diverged: bool = False) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"batch": {"k": k, "n": 32}, "optim": {"base_lr": 0.1, "ref_batch": 128, "lr_rule": rule},
+           "schedule": {"warmup": warmup}, "model": {"arch": "cifar_resnet", "depth": 8,
+                                                      "zero_init_residual": zero_gamma},
+           "seed": seed, "precision": "bf16"}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lines = []
+    for e, err in enumerate(errs, 1):
+        lines.append({"step": 10 * e, "iter": 10 * e, "lr": 0.1, "train/loss": 1.0})
+        lines.append({"step": 10 * e, "epoch": e, "train/err": err + 0.01, "val/err": err, "val/loss": 1.0})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = {"diverged": diverged} if diverged else {"val_top1_err": errs[-1]}
+    if diverged:
+        summary["diverged_at_iteration"] = 7
+    (d / "summary.json").write_text(json.dumps(summary))
+    return d
+
+
+@pytest.fixture
+def study_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    make_run(root, "base-s0", 4, "none", 0, errs=(0.9, 0.21, 0.20))
+    make_run(root, "base-s1", 4, "none", 1, errs=(0.9, 0.23, 0.22))
+    for mode in ("none", "constant", "gradual"):
+        make_run(root, f"large-{mode}", 64, mode, 0, errs=(0.9, 0.30, 0.25) if mode == "gradual" else (0.9, 0.35, 0.3),
+                 diverged=mode == "none")
+    make_run(root, "ladder-16", 16, errs=(0.5, 0.3, 0.21))
+    make_run(root, "sqrt", 64, rule="sqrt", errs=(0.6, 0.5, 0.35))
+    make_run(root, "nozg", 64, zero_gamma=False, errs=(0.6, 0.5, 0.27))
+    return root
+
+
+def test_parts_are_found_from_the_configs(study_dir: Path) -> None:
+    study = Study.of(find_runs([study_dir]))
+    assert study.base_kn == 128 and study.large_kn == 2048
+    assert sorted(study.ladder()) == [128, 512, 2048]
+    assert {r.row["seed"] for r in study.baseline()} == {0, 1}
+
+
+def test_tables_show_divergence_as_diverged_and_means_over_seeds(study_dir: Path) -> None:
+    text = "\n".join(tables(Study.of(find_runs([study_dir]))))
+    assert "| baseline | 128 | 0.1 | 22.00 ± 1.41 | 0,1 |" in text  # medians of the last (5, here 3) epochs
+    assert "| none warmup | 2048 | 1.6 | diverged | 0 |" in text
+    assert "| gradual warmup | 2048 | 1.6 | 30.00 | 0 |" in text
+    assert "Table 2a" in text and "| sqrt | 0.4 |" in text
+    assert "Table 2b" in text and "| False | 1.6 |" in text
+
+
+def test_cli_writes_summary_with_steps_and_diverged(study_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["plot", str(study_dir), "--out", str(out), "--no-figures"]) == 0
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert list(rows[0]) == FIELDS and len(rows) == 8
+    none = next(r for r in rows if r["run"] == "large-none")
+    assert none["diverged"] == "True" and none["val_err"] == "" and none["steps"] == "7"
+    assert next(r for r in rows if r["run"] == "base-s0")["steps"] == "30"
+
+
+def test_figures_are_written(study_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figs"
+    assert main(["plot", str(study_dir), "--out", str(out)]) == 0
+    for name in ("fig1_err_vs_kn.png", "fig2_warmup.png", "fig3_kn_curves.png", "fig4_train_val.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+def test_no_runs_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lbsgd: error: no run") and err.count("\n") == 1
+    assert main(["plot", str(tmp_path / "missing")]) == 2
