@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The paper's experiments on CIFAR-10 (results/README.md), one run at a time in priority order:
+# the kn ladder (Figures 1, 3), the warmup rows (Table 1, Figures 2, 4), second seeds, the rate rules
+# (Table 2a), zero-gamma off (Table 2b), and an fp32 pair to show bf16 does not move the result.
+# Every run resumes where it stopped and a finished run does nothing: run it again after an
+# interruption. A diverged run is reported and the next one starts.
+#
+#   DATA=/path/to/cifar10 scripts/exp_cifar.sh [PART...] [-- overrides...]
+#
+#   PART   ladder | table1 | seeds | rules | fp32 | probe (default: all but probe, in that order)
+#   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked)
+#   RUNS   where the run directories go (default runs/results/cifar; the probe: $RUNS/../probe)
+#   SCALE  cpu (conf/scale/cpu.yaml: ResNet-8, 45 epochs, bf16) | full (the presets: ResNet-20, 160 epochs)
+#   LARGE_K  workers of Table 1's large kn (n = 32): 32 -> kn 1024, the largest kn of the flat region
+# Then: lbsgd plot "$RUNS" --out results
+set -uo pipefail
+DATA=${DATA:?set DATA to the CIFAR-10 folder holding train/ and val/}
+RUNS=${RUNS:-runs/results/cifar}
+SCALE=${SCALE:-cpu}
+LARGE_K=${LARGE_K:-32}
+LBSGD=${LBSGD:-lbsgd}
+parts=() extra=()
+while (($#)); do
+  if [[ $1 == -- ]]; then shift; extra=("$@"); break; fi
+  parts+=("$1"); shift
+done
+((${#parts[@]})) || parts=(ladder table1 seeds rules fp32)
+scale_arg=(scale="$SCALE"); [[ $SCALE == full ]] && scale_arg=()
+
+# run NAME OVERRIDES...: one run in $RUNS/NAME
+run() {
+  local name=$1; shift
+  echo "=== $name: $*" >&2
+  $LBSGD train data.root="$DATA" "${scale_arg[@]}" "$@" hydra.run.dir="$RUNS/$name" "${extra[@]}" \
+    || echo "=== $name exited with status $?" >&2
+}
+base() { run "kn128-s$1" experiment=cifar_baseline batch.k=4 seed="$1" "${@:2}"; }              # lr 0.1
+large() { run "kn$((32 * $1))-$2-s$3" experiment="cifar_large_$2" batch.k="$1" seed="$3" "${@:4}"; }
+
+for part in "${parts[@]}"; do
+  case $part in
+    ladder) base 0; for k in 32 64 128 256 16 8; do large "$k" gradual 0; done ;;   # kn 1024, 2048, ... 256
+    table1) large "$LARGE_K" none 0; large "$LARGE_K" constant 0 ;;
+    seeds)  base 1; for w in gradual none constant; do large "$LARGE_K" "$w" 1; done ;;
+    rules)  for r in sqrt none; do run "kn$((32 * LARGE_K))-gradual-$r-s0" experiment=cifar_large_gradual \
+              batch.k="$LARGE_K" optim.lr_rule="$r" seed=0; done
+            run "kn$((32 * LARGE_K))-gradual-nozg-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" \
+              model.zero_init_residual=false seed=0 ;;
+    fp32)   base 0 precision=fp32; large "$LARGE_K" gradual 0 precision=fp32 ;;
+    probe)  # the first 5 epochs of the regime at rates 0.8, 1.6, 3.2 (kn 1024, 2048, 4096), no vs gradual warmup
+            for k in 4 32 64 128; do for w in none gradual; do
+              [[ $k == 4 && $w == gradual ]] && continue                        # kn 128: warmup is flat
+              RUNS="$RUNS/../probe" run "resnet8-kn$((32 * k))-$w" experiment=cifar_large_$w batch.k=$k \
+                schedule.epochs=5 'schedule.milestones=[100]' seed=0
+            done; done ;;
+    *) echo "unknown part $part (ladder, table1, seeds, rules, fp32, probe)" >&2; exit 2 ;;
+  esac
+done
