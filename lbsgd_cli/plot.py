@@ -49,6 +49,7 @@ class Run:
     path: Path
     cfg: dict[str, Any]
     epochs: list[dict[str, Any]]
+    records: list[dict[str, Any]] = field(default_factory=list)  # every record, per-iteration ones too
     row: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -95,7 +96,7 @@ def load_run(path: Path) -> Run | None:
     # a run stopped by a non-finite loss says so in its summary; older runs show it as a nan loss
     diverged = bool(summary.get("diverged")) or any(
         not math.isfinite(r["train/loss"]) for r in records if isinstance(r.get("train/loss"), float))
-    run = Run(path, cfg, epochs)
+    run = Run(path, cfg, epochs, records)
     run.row = {
         "experiment": path.parent.name,
         "kn": cfg["batch"]["k"] * cfg["batch"]["n"],

@@ -16,13 +16,14 @@ import statistics
 import sys
 from pathlib import Path
 
+from lbsgd_cli.plot import Run, load_run, peak_lr
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plot_results import load_run, peak_lr, summarise  # noqa: E402
 from recommend_kn import recommend  # noqa: E402
 
 
-def runs_under(root: Path) -> list[dict]:
-    found = [load_run(d) for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+def runs_under(root: Path) -> list[Run]:
+    found = [load_run(d) for d in sorted(root.iterdir()) if (d / "config.yaml").exists()] if root.is_dir() else []
     return [r for r in found if r is not None]
 
 
@@ -31,16 +32,16 @@ def sgd_ladder(runs_root: Path) -> dict[int, float]:
     out = {}
     for exp in ("kn_sweep", "warmup"):
         for run in runs_under(runs_root / exp):
-            row = summarise(exp, run)
+            row = run.row
             if row["seed"] == 0 and (row["warmup"] == "gradual" or exp == "kn_sweep" or row["kn"] == 64):
-                if run["cfg"]["optim"].get("name", "sgd") == "sgd" and row["rule"] == "linear":
+                if run.cfg["optim"].get("name", "sgd") == "sgd" and row["rule"] == "linear":
                     out.setdefault(row["kn"], row["val_err"])
     return dict(sorted(out.items()))
 
 
-def noise_scale_curve(run: dict) -> tuple[list[float], list[float]]:
+def noise_scale_curve(run: Run) -> tuple[list[float], list[float]]:
     """(iterations, B_simple) of the run's per-iteration records."""
-    recs = [r for r in run["iters"] if r.get("train/noise_scale") is not None]
+    recs = [r for r in run.records if r.get("train/noise_scale") is not None]
     return [r["iter"] for r in recs], [r["train/noise_scale"] for r in recs]
 
 
@@ -54,19 +55,19 @@ def main() -> None:
     sgd = sgd_ladder(args.runs)
     lars: dict[str, dict[int, tuple[float, float]]] = {"linear": {}, "sqrt": {}}  # rule -> kn -> (err, lr)
     for r in runs_under(args.runs / "lars"):
-        row = summarise("lars", r)
+        row = r.row
         for rule in lars:  # at kn = ref_batch every rule gives the same rate: the run serves both series
-            if row["rule"] == rule or peak_lr(r["cfg"]) == r["cfg"]["optim"]["base_lr"]:
-                lars[rule][row["kn"]] = (row["val_err"], peak_lr(r["cfg"]))
+            if row["rule"] == rule or peak_lr(r.cfg) == r.cfg["optim"]["base_lr"]:
+                lars[rule][row["kn"]] = (row["val_err"], peak_lr(r.cfg))
     noise_runs = runs_under(args.runs / "noise_scale")
     iters, bs = noise_scale_curve(noise_runs[0]) if noise_runs else ([], [])
-    rec = recommend(noise_runs[0]["dir"]) if noise_runs else None  # the same median as scripts/recommend_kn.py
+    rec = recommend(noise_runs[0].path) if noise_runs else None  # the same median as scripts/recommend_kn.py
     b_simple = rec["b_simple"] if rec else None
     hooks = {}
     for hook_dir in sorted((args.runs / "comm_hook").glob("*")):
         run = load_run(hook_dir)
         if run is not None:
-            hooks[hook_dir.name] = summarise("comm_hook", run)["val_err"]
+            hooks[hook_dir.name] = run.row["val_err"]
 
     lines = ["| kn | SGD (linear rule) val error % | LARS, linear rule: val error % (lr) | LARS, sqrt rule: val error % (lr) |",
              "|---|---|---|---|"]
