@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .config import LRRule, Warmup
+from .choices import LRRule, Warmup
 
 
 def peak_lr(base_lr: float, k: int, n: int, ref_batch: int, rule: LRRule = LRRule.linear) -> float:
