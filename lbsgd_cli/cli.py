@@ -24,7 +24,7 @@ commands:
   eval       top-1/top-5 error of a checkpoint (eval.bn_recompute=N, offload.mode=sequential|model)
 
 examples:
-  lbsgd train                                    # embedded digits, CPU, about a minute
+  lbsgd train                                    # embedded digits, CPU, about 20 s on 2 cores
   lbsgd train batch.k=8 schedule.warmup=constant
   lbsgd train -m batch.k=1,2,4,8                 # a sweep
   lbsgd train experiment=imagenet_8k_gradual data.root=/datasets/imagenet
@@ -150,6 +150,10 @@ def preflight(command: str, args: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
         raise UserError(f"bad override: {first_line(exc)}") from None
+    for o in parsed:
+        if o.get_key_element().lstrip("+~") == "optim.name" and command == "train":
+            raise UserError("optim.name: choose the optimizer with its group, optim=sgd or optim=lars "
+                            "(the group also sets its base_lr)")
     base = [o.input_line for o in parsed if not o.is_sweep_override()]
     variants = [[]] + [
         [f"{o.get_key_element()}={v}"] for o in parsed if o.is_sweep_override() for v in o.sweep_string_iterator()

@@ -51,15 +51,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.deterministic:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     parallel = make_parallel(dist, cfg.memory, cfg.dist)
-    with RunDir(run_dir, parallel) as rundir:
-        # ---- data (Remark 4: one shuffle per epoch, divided among the k workers)
-        data = load_data(cfg.data)
-        if k * n > data.train_size:
-            raise UserError(f"batch: k*n = {k * n} is larger than the training set ({data.train_size} images)")
-        data = data.to(parallel.device)  # small sets live on the device and are augmented there
-        loader = TrainLoader(data, k, n, parallel.rank, W, cfg.seed, parallel.device)
-        ipe = iters_per_epoch(data.train_size, k, n)
 
+    # ---- data (Remark 4: one shuffle per epoch, divided among the k workers)
+    data = load_data(cfg.data)
+    if k * n > data.train_size:
+        raise UserError(f"batch: k*n = {k * n} is larger than the training set ({data.train_size} images)")
+    data = data.to(parallel.device)  # small sets live on the device and are augmented there
+    loader = TrainLoader(data, k, n, parallel.rank, W, cfg.seed, parallel.device)
+    ipe = iters_per_epoch(data.train_size, k, n)
+
+    with RunDir(run_dir, parallel) as rundir:  # held by this run until it ends: a second start is refused
         # ---- model (§5.1 init, ghost BN over n), optimizer (§5.1 parameter groups), rate (§2.1, §2.2)
         model = parallel.wrap(_build_model(cfg, data, parallel.device))
         rate, peak = learning_rate(cfg, ipe)

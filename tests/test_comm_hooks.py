@@ -93,7 +93,7 @@ def test_two_gloo_processes_with_fp16_and_powersgd(tmp_path):
 
 
 def test_comm_hook_keys_count_on_resume_but_launcher_keys_do_not():
-    from lbsgd_cli.train import config_difference
+    from lbsgd_cli.rundir import config_difference
 
     old = {"optim": {"base_lr": 0.1}, "dist": {"backend": "auto", "timeout_s": 600.0, "requeue": False}}
     new = {"optim": {"base_lr": 0.1, "name": "sgd", "lars_eta": 0.001},

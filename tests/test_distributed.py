@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from lbsgd_cli import distributed as D
 from lbsgd_cli.config import DistConfig
 from lbsgd_cli.errors import PeerFailure
-from lbsgd_cli.train import _PreemptionFlag
+from lbsgd_cli.train import PreemptionFlag
 
 from .conftest import ROOT, run_cli
 
@@ -253,14 +253,33 @@ def test_peer_failure_messages_and_fault_switch():
     assert "waited more than dist.timeout_s=7 s for rank 1" in str(f)
     assert D.peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), d) is None  # a real bug
     assert D.peer_failure(reset, D.Dist(0, 0, 1, torch.device("cpu"), "single")) is None
-    D.maybe_inject_fault(1, 3, {"LBSGD_FAULT_RANK": "1", "LBSGD_FAULT_ITER": "4"})  # other iteration: no-op
-    D.maybe_inject_fault(0, 3, {"LBSGD_FAULT_RANK": "1", "LBSGD_FAULT_ITER": "3"})  # other rank: no-op
+
+
+def test_fault_injection_is_installed_only_when_asked(monkeypatch):
+    batches = iter(range(5))
+    assert D.inject_faults(batches, 0, 0, {}) is batches  # no variable: the epoch's iterator itself, no wrapper
+    assert D.inject_faults(batches, 0, 0, {"LBSGD_FAULT_RANK": "1"}) is batches  # another rank's fault
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(D.os, "_exit", fake_exit)
+    seen = []
+    wrapped = D.inject_faults(iter("abcde"), 1, 10, {"LBSGD_FAULT_RANK": "1", "LBSGD_FAULT_ITER": "12"})
+    with pytest.raises(SystemExit):
+        for b in wrapped:
+            seen.append(b)
+    assert seen == ["a", "b"] and exits == [70]  # iterations 10 and 11 ran; it crashed about to run 12
+    wrapped = D.inject_faults(iter("ab"), 1, 10, {"LBSGD_FAULT_RANK": "1", "LBSGD_FAULT_ITER": "50"})
+    assert list(wrapped) == ["a", "b"] and exits == [70]  # its iteration is not in this epoch
 
 
 def test_sigterm_and_sigusr2_set_the_preemption_flag():
     for sig in (signal.SIGTERM, signal.SIGUSR2):
         before = signal.getsignal(sig)
-        flag = _PreemptionFlag(["SIGTERM", "SIGUSR2"])
+        flag = PreemptionFlag(["SIGTERM", "SIGUSR2"])
         assert not flag.agreed(torch.device("cpu"))
         os.kill(os.getpid(), sig)
         time.sleep(0.01)

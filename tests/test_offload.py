@@ -20,7 +20,7 @@ from lbsgd_cli.memory import CheckpointedStage, enable_stage_checkpointing
 from lbsgd_cli.models import build_model
 from lbsgd_cli.offload import place, remove
 from lbsgd_cli.optim import build_optimizer
-from lbsgd_cli.train import _step
+from lbsgd_cli.engine import StepPlan, train_step
 
 from .conftest import ROOT
 from .test_distributed import _clean_env, _free_port, _weights, max_abs_diff
@@ -99,7 +99,8 @@ def test_stage_checkpointing_trains_to_the_same_weights_and_bn_buffers():
     g = torch.Generator().manual_seed(0)
     for _ in range(3):  # two passes of two workers per step, as batch.workers_per_pass=2 does
         x, y = torch.randn(16, 3, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)
-        assert _step(plain, oa, x, y, 4, 2, 4, 1 / 16, 1, CPU) == _step(ckpt, ob, x, y, 4, 2, 4, 1 / 16, 1, CPU)
+        plan = StepPlan(per_process=4, per_pass=2, n=4, loss_scale=1 / 16)
+        assert train_step(plain, oa, (x, y), plan) == train_step(ckpt, ob, (x, y), plan)
     a, b = plain.state_dict(), ckpt.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # weights, running mean/var, num_batches_tracked
 
@@ -230,14 +231,17 @@ _UNEVEN_EVAL = """
 import dataclasses
 import os
 from lbsgd_cli import distributed as D
-from lbsgd_cli.memory import shard_model
-from lbsgd_cli.train import evaluate
+from lbsgd_cli.data import val_batches
+from lbsgd_cli.engine import evaluate
+from lbsgd_cli.parallel import FSDP2
 from tests.test_offload import _cfg, _data, _model
 d = D.init_distributed("cpu", 30.0, "gloo")
 data, model = _data(), _model(_cfg())
 data = dataclasses.replace(data, val=type(data.val)(data.val.x[:13], data.val.y[:13]))
-ref = evaluate(model, data, D.Dist(0, 0, 1, d.device, "single"), 4)
-got = evaluate(shard_model(model, d, False), data, d, 3)  # 13 images: rank 0 has 7 (3 batches), rank 1 6 (2)
+ref = evaluate(model, val_batches(data, 0, 1, 4, d.device))
+fsdp = FSDP2(d)
+sharded = fsdp.wrap(model)
+got = evaluate(fsdp.eval_model(sharded), fsdp.val_batches(data, 3), fsdp.reduce_sums)  # 13 images: 7 + 6
 assert abs(ref["loss"] - got["loss"]) < 1e-5 and ref["top1_err"] == got["top1_err"] and got["images"] == 13
 print("same as one process", flush=True)
 D.barrier()

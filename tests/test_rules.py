@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lbsgd_cli.config import LRRule, Warmup
+from lbsgd_cli.choices import LRRule, Warmup
 from lbsgd_cli.rules import iters_per_epoch, loss_normaliser, lr_at, momentum_correction, peak_lr, worker_slices
 
 from .conftest import run_cli
