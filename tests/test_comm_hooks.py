@@ -66,6 +66,7 @@ def _max_diff(a: Path, b: Path) -> float:
     return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa if wa[k].is_floating_point())
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_with_fp16_and_powersgd(tmp_path):
     """fp32 W=2 equals W=1; fp16 and PowerSGD (rank 1) runs finish and land near them, not on them."""
     runs = {"w1": tmp_path / "w1"} | {h: tmp_path / h for h in ("none", "fp16", "powersgd")}

@@ -19,6 +19,8 @@ from lbsgd_cli.engine import evaluate
 
 from .conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # every test here evaluates a run trained by `lbsgd train` in a subprocess
+
 # digits, 3 short epochs: the last val error is far from zero, so an error in eval would show.
 TRAIN = ["threads=1", "log.progress=none", "log.tensorboard=false", "schedule.epochs=2", "schedule.warmup_epochs=1",
          "schedule.milestones=[1]", "model.width=8"]

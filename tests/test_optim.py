@@ -167,13 +167,16 @@ def test_lars_and_beyond_keys_are_validated():
     validate(cfg(**{"log.noise_scale": True, "batch.workers_per_pass": 2}))
 
 
-def test_optim_lars_group_composes():
-    from .conftest import run_cli
+def test_optim_lars_group_composes_and_optim_name_is_refused():
+    from .conftest import compose, lbsgd
 
-    proc = run_cli("train", "optim=lars", "optim.lars_eta=0.02", "--cfg", "job", "--resolve")
-    assert proc.returncode == 0, proc.stderr
-    o = OmegaConf.create(proc.stdout).optim
+    o = compose("train", ["optim=lars", "optim.lars_eta=0.02"]).optim
     assert (o.name, o.lars_eta, o.momentum, o.weight_decay, o.bn_weight_decay) == ("lars", 0.02, 0.9, 1e-4, False)
     assert o.base_lr == 10.0  # the trust ratio shrinks steps by ~eta: LARS's global rate is far above SGD's
-    proc = run_cli("train", "threads=1", "optim.name=adam")
-    assert proc.returncode == 2 and proc.stderr == "lbsgd: error: optim.name: unknown optimizer 'adam' (sgd, lars)\n"
+    assert compose("train", ["optim=sgd"]).optim.base_lr == 0.1
+    proc = lbsgd("train", "threads=1", "optim.name=lars")  # one way in: the group, which also sets base_lr
+    assert proc.returncode == 2 and proc.stderr == (
+        "lbsgd: error: optim.name: choose the optimizer with its group, optim=sgd or optim=lars "
+        "(the group also sets its base_lr)\n")
+    proc = lbsgd("train", "threads=1", "optim=adam")
+    assert proc.returncode == 2 and proc.stderr.startswith("lbsgd: error: unknown config choice 'optim/adam'")

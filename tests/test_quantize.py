@@ -23,7 +23,7 @@ from lbsgd_cli.quantize import (
     unpack,
 )
 
-from .conftest import run_cli
+from .conftest import lbsgd, run_cli
 
 
 def test_zero_point_is_rounded_not_truncated_and_integer():
@@ -112,6 +112,7 @@ def quantized(digits_model, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_8bit_per_channel_changes_the_default_models_error_by_at_most_half_a_point(quantized):
     result = json.loads((quantized / "quantize.json").read_text())
     rows = {(r["bits"], r["activations"]): r for r in result["rows"]}
@@ -127,6 +128,7 @@ def test_8bit_per_channel_changes_the_default_models_error_by_at_most_half_a_poi
     assert (quantized / "quantize_table.md").exists()
 
 
+@pytest.mark.slow
 def test_integer_checkpoint_round_trips(quantized):
     for name in ("w4_per_channel_sym_minmax.pt", "w8_per_channel_sym_minmax_a8.pt"):
         path = quantized / "quantized" / name
@@ -153,11 +155,12 @@ def test_integer_checkpoint_round_trips(quantized):
     ],
 )
 def test_bad_settings_are_one_line_errors(override, message, tmp_path):
-    proc = run_cli("quantize", f"checkpoint={tmp_path}", override)
+    proc = lbsgd("quantize", f"checkpoint={tmp_path}", override)
     assert proc.returncode == 2 and proc.stderr.startswith(f"lbsgd: error: {message}")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_is_not_a_model_is_a_one_line_error(tmp_path, quantized):
     from omegaconf import OmegaConf
 
@@ -174,6 +177,7 @@ def test_a_checkpoint_that_is_not_a_model_is_a_one_line_error(tmp_path, quantize
     assert "was not written by lbsgd" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_lbsgd_eval_reads_the_quantized_checkpoint(quantized, tmp_path):
     result = json.loads((quantized / "quantize.json").read_text())
     row = next(r for r in result["rows"] if r["bits"] == 4 and r["activations"])
