@@ -57,14 +57,6 @@ class DataName(Choice):
     imagefolder = "imagefolder"
 
 
-class InMemory(Choice):
-    """``data.in_memory``: decode small sets into memory (``auto`` decides by image size)."""
-
-    auto = "auto"
-    true = "true"
-    false = "false"
-
-
 class Progress(Choice):
     auto = "auto"
     rich = "rich"

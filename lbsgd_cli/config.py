@@ -400,10 +400,6 @@ def validate_eval(cfg: DictConfig | Any) -> None:
         _fail("data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
-
-
 def as_list(value: Any) -> list[Any]:
     """A config value that may be one value or a list, as a list."""
     return list(value) if isinstance(value, list | tuple) or OmegaConf.is_list(value) else [value]

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from lbsgd_cli.errors import UserError
+from lbsgd_cli.evaluate import load_model_for_eval
 from lbsgd_cli.quantize import (
     QTensor,
     choose_range,
     dequantize,
     fake_quantize,
     int_range,
-    load_quantized_model,
     pack,
     qparams,
     quantize,
@@ -134,14 +134,14 @@ def test_integer_checkpoint_round_trips(quantized):
         path = quantized / "quantized" / name
         raw = torch.load(path, weights_only=False)
         assert raw["format"] == "lbsgd-quantized-v1" and raw["config"]["model"]["arch"] == "small_cnn"
-        model, cfg = load_quantized_model(path)
+        model, cfg = load_model_for_eval(path)  # as lbsgd eval reads it
         params = dict(model.named_parameters())
         for key, d in raw["qweights"].items():
             assert d["data"].dtype == torch.int8 and d["zero_point"].dtype == torch.int32
             assert torch.equal(params[key].detach(), QTensor.from_dict(d).dequantize())
         assert bool(raw["activations"]) == name.endswith("_a8.pt")
         x = torch.randn(2, 1, 8, 8)
-        model2, _ = load_quantized_model(path)
+        model2, _ = load_model_for_eval(path)
         assert torch.equal(model(x), model2(x))
 
 
