@@ -135,7 +135,8 @@ class DistConfig:
     backend: Backend = no_effect(Backend.auto)  # auto (nccl on GPUs, gloo on CPU) | nccl | gloo
     # a rank that waits this long for the others (one died or hangs) exits with status 4
     timeout_s: float = no_effect(600.0)
-    requeue: bool = no_effect(False)  # on SLURM, rank 0 runs `scontrol requeue $SLURM_JOB_ID` after a preemption checkpoint
+    # on SLURM, rank 0 runs `scontrol requeue $SLURM_JOB_ID` after a preemption checkpoint
+    requeue: bool = no_effect(False)
     # DDP communication hook compressing the gradient allreduce: none (fp32) | fp16 | bf16 | powersgd.
     # A no-op on a single process (there is no allreduce) and not available with memory.fsdp.
     comm_hook: CommHook = CommHook.none
@@ -149,7 +150,8 @@ class OffloadConfig:
 
     Evaluation takes all three modes; training only ``none`` (see :func:`validate`)."""
 
-    mode: OffloadMode = OffloadMode.none  # none | sequential (per submodule, accelerate.cpu_offload) | model (cpu_offload_with_hook)
+    # none | sequential (per submodule, accelerate.cpu_offload) | model (accelerate.cpu_offload_with_hook)
+    mode: OffloadMode = OffloadMode.none
 
 
 @dataclass

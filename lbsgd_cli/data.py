@@ -442,8 +442,9 @@ def process_slice(k: int, n: int, rank: int, world: int) -> slice:
 class TrainLoader:
     """Yields, per iteration, this process's share ``(x, y)`` of the global minibatch."""
 
-    def __init__(self, data: DataSource, k: int, n: int, rank: int, world: int, seed: int, device: torch.device) -> None:
-        self.data, self.k, self.n, self.seed, self.device = data, k, n, seed, device
+    def __init__(self, data: DataSource, k: int, n: int, rank: int = 0, world: int = 1, *, seed: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        self.data, self.k, self.n, self.seed, self.device = data, k, n, seed, torch.device(device)
         self.kn = k * n
         self.part = process_slice(k, n, rank, world)
         self.iters = data.train_size // self.kn

@@ -115,7 +115,7 @@ def recompute_bn_stats(model: nn.Module, data, cfg: DictConfig, dist: D.Dist, ba
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: the single flushed update has weight 1/1
-    loader = TrainLoader(data, k, n, dist.rank, W, cfg.seed, dist.device)
+    loader = TrainLoader(data, k, n, dist.rank, W, seed=cfg.seed, device=dist.device)
     chunk = max(n, chunk // n * n)
     model.train()
     seen, epoch = 0, 0

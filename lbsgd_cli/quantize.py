@@ -359,6 +359,7 @@ def save_quantized(
     model: nn.Module,
     qweights: dict[str, QTensor],
     acts: dict[str, dict[str, Any]] | None,
+    *,
     config: dict[str, Any],
     quant: dict[str, Any],
     num_classes: int,

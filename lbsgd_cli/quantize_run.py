@@ -134,8 +134,8 @@ def quantize_command(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if path.exists():
             raise UserError(f"{path} already exists; choose another hydra.run.dir")
         quant_info = {**c, "percentile": cfg.quant.percentile, "calib_batches": cfg.quant.calib_batches}
-        nbytes = save_quantized(path, qmodel, qweights, acts, config_dict, quant_info, data.num_classes,
-                                data.in_channels, source)
+        nbytes = save_quantized(path, qmodel, qweights, acts, config=config_dict, quant=quant_info,
+                                num_classes=data.num_classes, in_channels=data.in_channels, source=source)
         row = {**c, "fp32_top1_err": fp32_err, "quant_top1_err": res["top1_err"],
                "delta": res["top1_err"] - fp32_err, "fp32_bytes": fp32_bytes, "quant_bytes": nbytes,
                "compression": round(fp32_bytes / nbytes, 2), "path": str(path)}

@@ -57,7 +57,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if k * n > data.train_size:
         raise UserError(f"batch: k*n = {k * n} is larger than the training set ({data.train_size} images)")
     data = data.to(parallel.device)  # small sets live on the device and are augmented there
-    loader = TrainLoader(data, k, n, parallel.rank, W, cfg.seed, parallel.device)
+    loader = TrainLoader(data, k, n, parallel.rank, W, seed=cfg.seed, device=parallel.device)
     ipe = iters_per_epoch(data.train_size, k, n)
 
     with RunDir(run_dir, parallel) as rundir:  # held by this run until it ends: a second start is refused

@@ -157,7 +157,7 @@ def main() -> None:
                             (0.5,) * 3, (0.25,) * 3, 4, True)
         source = "synthetic 32x32 uint8 (20,000 images)"
     data = data.to(device)
-    loader = TrainLoader(data, args.batch // args.n, args.n, 0, 1, 0, device)
+    loader = TrainLoader(data, args.batch // args.n, args.n, device=device)
     rates = [loader_rate(loader, min(50, len(loader) - 1)) for _ in range(args.rounds)]
     r3 = statistics.median(rates) / (args.batch / t_lbsgd)
     print(f"[3] in-memory loader ({source}) {statistics.median(rates):10.0f} img/s   training consumes "
@@ -169,7 +169,7 @@ def main() -> None:
             make_jpeg_tree(Path(tmp), 96)
             dcfg = OmegaConf.structured(DataConfig(name="imagefolder", root=tmp, num_workers=2))
             sdata = load_data(dcfg)
-            sloader = TrainLoader(sdata, 1, 16, 0, 1, 0, device)
+            sloader = TrainLoader(sdata, 1, 16, device=device)
             rate = loader_rate(sloader, 4)
             xb = torch.randn(16, 3, 224, 224, device=device)
             yb = torch.randint(0, 2, (16,), device=device)

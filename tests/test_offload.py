@@ -81,7 +81,7 @@ def test_bn_recompute_is_the_average_over_workers_batches_and_the_same_in_every_
 
     # first BN by hand: mean over the 3*2 worker batches of n=8 of each batch's channel mean
     model = _model(cfg)
-    loader = TrainLoader(data, 2, 8, 0, 1, cfg.seed, torch.device("cpu"))
+    loader = TrainLoader(data, 2, 8, seed=cfg.seed)
     means = []
     for it, (x, _) in zip(range(3), loader.epoch(0)):
         h = model.features[0](x)
