@@ -77,21 +77,24 @@ def test_config_difference_takes_added_keys_at_their_schema_default():
 @pytest.mark.slow
 def test_two_starts_on_one_run_directory(tmp_path):
     """The new user's experience: the second `lbsgd train` on a running run's directory is refused at once
-    with one line, and the first run is not disturbed."""
+    with one line, and the first run goes on undisturbed (here until it is preempted)."""
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "lbsgd_cli", "train", f"hydra.run.dir={run}", *SHORT],
+    args = [f"hydra.run.dir={run}", *SHORT, "schedule.epochs=500"]  # runs until it is stopped below
+    first = subprocess.Popen([sys.executable, "-m", "lbsgd_cli", "train", *args],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline, lock = time.monotonic() + 120, run / ".lock"
-    while not (lock.exists() and lock.read_text()):  # the first start has claimed the directory
-        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
-        time.sleep(0.05)
-    second = run_cli("train", f"hydra.run.dir={run}", *SHORT)
-    assert second.returncode == 2 and second.stderr.strip().count("\n") == 0, second.stderr
-    assert f"is in use by pid {first.pid} on host {platform.node()}" in second.stderr
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err
-    assert "done: val top-1 error" in out
-    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
-    assert ckpt["epoch"] == 3
+    try:
+        deadline, lock = time.monotonic() + 120, run / ".lock"
+        while not (lock.exists() and lock.read_text()):  # the first start has claimed the directory
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        second = run_cli("train", *args)
+        assert second.returncode == 2 and second.stderr.strip().count("\n") == 0, second.stderr
+        assert f"is in use by pid {first.pid} on host {platform.node()}" in second.stderr
+        assert first.poll() is None  # still training
+    finally:
+        first.send_signal(signal.SIGTERM)  # preemption: a checkpoint at the next iteration, exit 3
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 3 and "preempted" in err, (out, err)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["iteration"] > 0
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1  # one writer, one event file
