@@ -126,7 +126,7 @@ def test_bad_images_are_one_line_errors(tmp_path):
     assert proc.returncode == 2 and "0002.jpg" in proc.stderr and proc.stderr.strip().count("\n") == 0
     for f in (root / "train" / "b").iterdir():
         f.unlink()
-    proc = lbsgd("train", "data=imagefolder", f"data.root={root}", "threads=1")
+    proc = lbsgd("train", "data=imagefolder", f"data.root={root}", "threads=1", f"hydra.run.dir={tmp_path / 'run2'}")
     assert proc.returncode == 2 and "has no images" in proc.stderr and "train/b" in proc.stderr
 
 
