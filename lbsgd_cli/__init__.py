@@ -2,15 +2,27 @@
 
 Modules, one concern each:
   rules        the paper's rules as pure functions (linear scaling, warmup, schedule, Remarks)
-  config       the structured config schema and its validation
+  choices      the values of every choice key as Enums (no Hydra: rules and optim import them)
+  config       the structured config schema, the keys that do not change the result, validation
   data         embedded digits, ImageFolder trees, the per-epoch shuffle split among workers
   models       networks and the paper's initialisation
   ghost_bn     BatchNorm over n samples per worker
-  optim        parameter groups, PyTorch's SGD and the paper's eq. (10) form
-  distributed  torchrun / SLURM process groups and reductions
-  train        the training loop
-  checkpoint   atomic checkpoints
+  optim        parameter groups, PyTorch's SGD, the paper's eq. (10) form, LARS
+  engine       one training step (train_step, StepPlan) and evaluation: shared by every command
+  parallel     one process, DDP or FSDP2 behind one interface (wrapping, gradient sync, state dicts)
+  distributed  torchrun / SLURM process groups, reductions, peer failures, SLURM requeue
+  train        the training loop (lbsgd train)
+  rundir       the run directory: lock, resume or start, checkpoints, run info, summary
+  checkpoint   atomic checkpoints and reading them back
   metrics      metrics.jsonl, TensorBoard, progress
+  memory       activation checkpointing per ResNet stage, FSDP2 sharding and full state dicts
+  noise_scale  the gradient noise scale B_simple (beyond the paper)
+  evaluate     lbsgd eval: checkpoint -> model, BN recompute
+  offload      CPU and model offloading (accelerate hooks) for evaluation
+  quantize     b-bit affine quantization and integer checkpoints
+  quantize_run lbsgd quantize: the table of settings
+  int8         real int8 kernels (torchao pt2e + inductor)
+  errors       one-line user errors and exit statuses
   cli          the `lbsgd` command
 """
 

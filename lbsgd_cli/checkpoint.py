@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 FORMAT = "lbsgd-checkpoint-v1"
 
@@ -59,8 +59,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint: {path} is not a readable checkpoint (truncated or foreign): {reason}") from None
+        raise UserError(f"checkpoint: {path} is not a readable checkpoint (truncated or foreign): "
+                        f"{first_line(exc)}") from None
 
 
 def training_checkpoint(ckpt: Any, path: str | os.PathLike) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import PeerFailure, Preempted, UserError
+from .errors import PeerFailure, Preempted, UserError, first_line
 
 USAGE = """usage: lbsgd <command> [overrides...] [hydra flags]
 
@@ -25,7 +25,7 @@ commands:
   plot       the paper's tables and figures from run directories: lbsgd plot RUN_OR_SWEEP_DIR... --out DIR
 
 examples:
-  lbsgd train                                    # embedded digits, CPU, about a minute
+  lbsgd train                                    # embedded digits, CPU, about 20 s on 2 cores
   lbsgd train batch.k=8 schedule.warmup=constant
   lbsgd train -m batch.k=1,2,4,8                 # a sweep
   lbsgd train experiment=imagenet_8k_gradual data.root=/datasets/imagenet
@@ -83,11 +83,13 @@ def _run_name(override_dirname: str) -> str:
 def _register() -> None:
     from omegaconf import OmegaConf
 
-    from .config import register_configs
+    from .config import no_effect_keys, register_configs
 
     register_configs()
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", _run_name)
+    if not OmegaConf.has_resolver("lbsgd_no_effect"):  # conf/hydra/lbsgd.yaml: run names leave these keys out
+        OmegaConf.register_new_resolver("lbsgd_no_effect", no_effect_keys)
 
 
 def _override_args(args: list[str]) -> list[str]:
@@ -148,7 +150,11 @@ def preflight(command: str, args: list[str]) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
-        raise UserError(f"bad override: {str(exc).strip().splitlines()[0]}") from None
+        raise UserError(f"bad override: {first_line(exc)}") from None
+    for o in parsed:
+        if o.get_key_element().lstrip("+~") == "optim.name" and command == "train":
+            raise UserError("optim.name: choose the optimizer with its group, optim=sgd or optim=lars "
+                            "(the group also sets its base_lr)")
     base = [o.input_line for o in parsed if not o.is_sweep_override()]
     variants = [[]] + [
         [f"{o.get_key_element()}={v}"] for o in parsed if o.is_sweep_override() for v in o.sweep_string_iterator()
@@ -179,9 +185,9 @@ def _composition_message(exc: Exception) -> str:
         avail = re.findall(r"^\s+\*?\s*(\S+)$", text, flags=re.M)
         hint = f" (available: {', '.join(avail)})" if avail else ""
         return f"unknown config choice '{m.group(1)}'{hint}"
-    detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+    detail = first_line(cause) if cause is not None and str(cause).strip() else ""
     key = re.search(r"full_key: (\S+)", str(cause) if cause is not None else "")
-    first = text.splitlines()[0] if text else type(exc).__name__
+    first = first_line(exc)
     if detail:
         return f"{key.group(1) + ': ' if key else ''}{detail}"
     return first

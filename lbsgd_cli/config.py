@@ -8,37 +8,30 @@ runs; :func:`validate` checks the rest (signs, ranges, consistency).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .choices import (Backend, CommHook, DataName, Device, Granularity, LRRule, MomentumForm, OffloadMode, Optimizer,
+                      Precision, Progress, RangeMethod, Warmup)
 from .errors import UserError
 
-
-class Warmup(Enum):
-    """Warmup modes of §2.2: ``gradual`` (the paper's), ``constant`` (ablation) and ``none``."""
-
-    gradual = "gradual"
-    constant = "constant"
-    none = "none"
+# Field metadata of a key whose value does not change the result (weights, metrics): it does not name
+# the run directory, may change when a run resumes, and is left out of `lbsgd eval`'s folder name.
+# A whole sub-config marked so (``log``) makes every key under it such a key. See :func:`no_effect_keys`.
+NO_EFFECT = {"result": False}
 
 
-class LRRule(Enum):
-    """How the peak rate follows ``k*n`` (§2.1, Table 2a)."""
-
-    linear = "linear"
-    sqrt = "sqrt"
-    none = "none"
-
-
-class MomentumForm(Enum):
-    """Update form of Remark 2: PyTorch's ``v=m*v+g; w-=lr*v`` or the paper's eq. (10)."""
-
-    pytorch = "pytorch"
-    paper = "paper"
+def no_effect(default: Any = MISSING, *, default_factory: Any = MISSING) -> Any:
+    """A dataclass field that does not change the result (see :data:`NO_EFFECT`)."""
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=NO_EFFECT)
+    return field(default=default, metadata=NO_EFFECT)
 
 
 @dataclass
@@ -47,8 +40,8 @@ class BatchConfig:
 
     k: int = 4  # workers in the paper's sense (simulated when k > processes)
     n: int = 32  # samples per worker = BN batch
-    workers_per_pass: int = 0  # workers in one forward pass; 0 = all of a process's workers
-    eval_batch: int = 256  # images per forward pass at evaluation (no effect on results)
+    workers_per_pass: int = no_effect(0)  # workers in one forward pass; 0 = all of a process's workers
+    eval_batch: int = no_effect(256)  # images per forward pass at evaluation
 
 
 @dataclass
@@ -65,7 +58,9 @@ class OptimConfig:
     bias_weight_decay: bool = True
     momentum_form: MomentumForm = MomentumForm.pytorch
     momentum_correction: bool = True  # Remark 2; only meaningful with momentum_form=paper
-    name: str = "sgd"  # sgd | lars (You et al. 2017: per-layer trust ratio on conv/linear weights; optim=lars)
+    # sgd | lars (You et al. 2017: per-layer trust ratio on conv/linear weights). Chosen with the group,
+    # `optim=lars`, which also sets LARS's base_lr; `optim.name=...` on the command line is refused (cli.py).
+    name: Optimizer = Optimizer.sgd
     lars_eta: float = 0.001  # lars: trust coefficient eta, local lr = eta*|w| / (|g| + wd*|w|)
 
 
@@ -97,9 +92,10 @@ class ModelConfig:
 class DataConfig:
     """Where images come from and how they are augmented."""
 
-    name: str = MISSING  # digits | imagefolder
-    root: Optional[str] = None
-    in_memory: str = "auto"  # auto | true | false
+    name: DataName = MISSING  # digits | imagefolder
+    root: Optional[str] = no_effect(None)
+    # auto | true | false; a string, not an Enum, since an override `data.in_memory=true` arrives as a bool
+    in_memory: str = "auto"
     in_memory_max_gb: float = 4.0  # auto: decode into memory below this size
     crop_size: int = 224  # ImageNet-sized images: RandomResizedCrop size
     val_resize: int = 256  # ImageNet-sized images: val resize before centre crop
@@ -109,8 +105,8 @@ class DataConfig:
     train_subset: int = 0  # use only this many training images (stratified); 0 = all
     val_fraction: float = 0.2  # digits only: held-out share
     val_subset: int = 0  # imagefolder: evaluate on this many val images (stratified, fixed); 0 = all
-    num_workers: int = 2  # streaming loaders only
-    cache_dir: Optional[str] = None  # decoded in-memory sets are cached here; None = ~/.cache/lbsgd
+    num_workers: int = no_effect(2)  # streaming loaders only
+    cache_dir: Optional[str] = no_effect(None)  # decoded in-memory sets are cached here; None = ~/.cache/lbsgd
     mean: Optional[list[float]] = None  # None = computed from the training set (in memory) or ImageNet's
     std: Optional[list[float]] = None
 
@@ -119,7 +115,7 @@ class DataConfig:
 class LogConfig:
     every: int = 10  # iterations between per-iteration records
     tensorboard: bool = True
-    progress: str = "auto"  # auto | rich | plain | none
+    progress: Progress = Progress.auto
     # gradient noise scale B_simple (McCandlish et al. 2018) as train/noise_scale every log.every iterations;
     # needs >= 2 forward passes per step (batch.workers_per_pass < k/W); read-only, no effect on the result
     noise_scale: bool = False
@@ -136,19 +132,16 @@ class DistConfig:
     """Process group of a multi-process run (torchrun, srun). ``backend``, ``timeout_s`` and ``requeue``
     have no effect on the result (§4); a compressing ``comm_hook`` has (it is part of the run's identity)."""
 
-    backend: str = "auto"  # auto (nccl on GPUs, gloo on CPU) | nccl | gloo
-    timeout_s: float = 600.0  # a rank that waits this long for the others (one died or hangs) exits with status 4
-    requeue: bool = False  # on SLURM, rank 0 runs `scontrol requeue $SLURM_JOB_ID` after a preemption checkpoint
+    backend: Backend = no_effect(Backend.auto)  # auto (nccl on GPUs, gloo on CPU) | nccl | gloo
+    # a rank that waits this long for the others (one died or hangs) exits with status 4
+    timeout_s: float = no_effect(600.0)
+    # on SLURM, rank 0 runs `scontrol requeue $SLURM_JOB_ID` after a preemption checkpoint
+    requeue: bool = no_effect(False)
     # DDP communication hook compressing the gradient allreduce: none (fp32) | fp16 | bf16 | powersgd.
     # A no-op on a single process (there is no allreduce) and not available with memory.fsdp.
-    comm_hook: str = "none"
+    comm_hook: CommHook = CommHook.none
     powersgd_rank: int = 1  # powersgd: rank r of the low-rank approximation P Q^T of each matrix-shaped gradient
     powersgd_start_iter: int = 2  # powersgd: plain allreduce before this step (torch's >= 2; its default is 1000)
-
-
-OFFLOAD_MODES = ("none", "sequential", "model")
-COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
-OPTIMIZERS = ("sgd", "lars")
 
 
 @dataclass
@@ -157,7 +150,8 @@ class OffloadConfig:
 
     Evaluation takes all three modes; training only ``none`` (see :func:`validate`)."""
 
-    mode: str = "none"  # none | sequential (per submodule, accelerate.cpu_offload) | model (cpu_offload_with_hook)
+    # none | sequential (per submodule, accelerate.cpu_offload) | model (accelerate.cpu_offload_with_hook)
+    mode: OffloadMode = OffloadMode.none
 
 
 @dataclass
@@ -176,18 +170,18 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = no_effect(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = no_effect(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-    offload: OffloadConfig = field(default_factory=OffloadConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    offload: OffloadConfig = no_effect(default_factory=OffloadConfig)  # training takes only mode=none
+    memory: MemoryConfig = no_effect(default_factory=MemoryConfig)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    device: Device = no_effect(Device.auto)  # auto | cpu | cuda
+    threads: int = no_effect(0)  # torch intra-op threads; 0 = torch's default
     deterministic: bool = True
     # autocast precision of forward and loss: fp32 | bf16 (weights, gradients, optimizer state and BN
     # statistics stay fp32). Changes the result in the last bits, so it names the run.
-    precision: str = "fp32"
+    precision: Precision = Precision.fp32
 
 
 @dataclass
@@ -216,7 +210,7 @@ class QuantizeConfig:
     data_root: Optional[str] = None  # the data set's folder now; None = the path recorded in the checkpoint
     eval_batch: int = 256
     val_subset: int = 0  # evaluate on a stratified subset of this many val images; 0 = all
-    device: str = "cpu"  # cpu | cuda | auto (the integer kernels are CPU kernels)
+    device: Device = Device.cpu  # cpu | cuda | auto (the integer kernels are CPU kernels)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     seed: int = 0  # which training images calibrate
 
@@ -224,7 +218,7 @@ class QuantizeConfig:
 @dataclass
 class EvalOptions:
     bn_recompute: int = 0  # training minibatches (k*n each, BN over n) that recompute BN statistics; 0 = off
-    batch: int = 0  # images per forward pass; 0 = the checkpoint's batch.eval_batch
+    batch: int = no_effect(0)  # images per forward pass; 0 = the checkpoint's batch.eval_batch
 
 
 @dataclass
@@ -232,8 +226,8 @@ class EvalDataConfig:
     """Where the checkpoint's data set lives now; None keeps the value stored in the checkpoint."""
 
     root: Optional[str] = None
-    cache_dir: Optional[str] = None
-    num_workers: Optional[int] = None
+    cache_dir: Optional[str] = no_effect(None)
+    num_workers: Optional[int] = no_effect(None)
 
 
 @dataclass
@@ -244,16 +238,62 @@ class EvalConfig:
     eval: EvalOptions = field(default_factory=EvalOptions)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    device: str = "auto"  # auto | cpu | cuda: the execution device
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    device: Device = no_effect(Device.auto)  # auto | cpu | cuda: the execution device
+    threads: int = no_effect(0)  # torch intra-op threads; 0 = torch's default
+
+
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "quantize": QuantizeConfig, "eval": EvalConfig}
 
 
 def register_configs() -> None:
-    """Make the schema available to the YAML tree as ``train_schema``."""
+    """Make the schemas available to the YAML tree as ``train_schema``, ``quantize_schema``, ``eval_schema``."""
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="quantize_schema", node=QuantizeConfig)
-    cs.store(name="eval_schema", node=EvalConfig)
+    for command, schema in SCHEMAS.items():
+        cs.store(name=f"{command}_schema", node=schema)
+
+
+# --------------------------------------------------------------------------- derived from the schema
+
+
+def _leaves(schema: type, prefix: str = "", inherited: bool = False):
+    """``(dotted key, type, changes the result)`` of every leaf key of a dataclass schema."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        no_result = inherited or f.metadata.get("result", True) is False
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from _leaves(kind, f"{prefix}{f.name}.", no_result)
+        else:
+            yield f"{prefix}{f.name}", kind, not no_result
+
+
+def no_effect_keys(command: str = "train") -> list[str]:
+    """The keys of ``command``'s schema that do not change the result (fields marked :data:`NO_EFFECT`).
+
+    They are left out of run directory names (``hydra.job.config.override_dirname.exclude_keys``,
+    set from this list by the ``${lbsgd_no_effect:<command>}`` resolver in conf/hydra/lbsgd.yaml) and
+    ignored when ``lbsgd train`` resumes a run (:func:`lbsgd_cli.rundir.config_difference`)."""
+    return [key for key, _, result in _leaves(SCHEMAS[command]) if not result]
+
+
+def _is_float(kind: Any) -> bool:
+    args = typing.get_args(kind)
+    return kind is float or float in args or any(_is_float(a) for a in args)
+
+
+def _check_finite(cfg: Any, command: str) -> None:
+    """Every float key (and float list) holds a finite number: ``nan`` and ``inf`` are one-line errors."""
+    for key, kind, _ in _leaves(SCHEMAS[command]):
+        if not _is_float(kind):
+            continue
+        value = OmegaConf.select(cfg, key, default=None) if isinstance(cfg, DictConfig) else None
+        values = list(value) if OmegaConf.is_list(value) or isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                _fail(key, f"must be a finite number, got {v}")
+
+
+# --------------------------------------------------------------------------- validation
 
 
 def _fail(key: str, message: str) -> None:
@@ -261,30 +301,26 @@ def _fail(key: str, message: str) -> None:
 
 
 def validate(cfg: DictConfig | Any) -> None:
-    """Check what types cannot: signs, ranges and consistency. Raises :class:`UserError`."""
+    """Check what types cannot: finite floats, signs, ranges and consistency. Raises :class:`UserError`."""
+    _check_finite(cfg, "train")
     b, o, s, m, d = cfg.batch, cfg.optim, cfg.schedule, cfg.model, cfg.data
-    if b.k <= 0:
-        _fail("batch.k", f"must be a positive number of workers, got {b.k}")
-    if b.n <= 0:
-        _fail("batch.n", f"must be a positive per-worker batch, got {b.n}")
-    if b.eval_batch <= 0:
-        _fail("batch.eval_batch", f"must be positive, got {b.eval_batch}")
-    if b.workers_per_pass < 0:
-        _fail("batch.workers_per_pass", f"must be >= 0, got {b.workers_per_pass}")
-    if o.base_lr <= 0:
-        _fail("optim.base_lr", f"must be positive, got {o.base_lr}")
-    if o.ref_batch <= 0:
-        _fail("optim.ref_batch", f"must be positive, got {o.ref_batch}")
+    positive = (("batch.k", b.k, "a positive number of workers"), ("batch.n", b.n, "a positive per-worker batch"),
+                ("batch.eval_batch", b.eval_batch, "positive"), ("optim.base_lr", o.base_lr, "positive"),
+                ("optim.ref_batch", o.ref_batch, "positive"), ("schedule.epochs", s.epochs, "positive"),
+                ("log.every", cfg.log.every, "positive"))
+    for key, value, what in positive:
+        if value <= 0:
+            _fail(key, f"must be {what}, got {value}")
+    at_least_0 = (("batch.workers_per_pass", b.workers_per_pass), ("optim.weight_decay", o.weight_decay),
+                  ("schedule.warmup_epochs", s.warmup_epochs), ("data.train_subset", d.train_subset),
+                  ("data.val_subset", d.val_subset))
+    for key, value in at_least_0:
+        if value < 0:
+            _fail(key, f"must be >= 0, got {value}")
     if not 0 <= o.momentum < 1:
         _fail("optim.momentum", f"must be in [0, 1), got {o.momentum}")
-    if o.weight_decay < 0:
-        _fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     if o.nesterov and o.momentum == 0:
         _fail("optim.nesterov", "needs optim.momentum > 0")
-    if s.epochs <= 0:
-        _fail("schedule.epochs", f"must be positive, got {s.epochs}")
-    if s.warmup_epochs < 0:
-        _fail("schedule.warmup_epochs", f"must be >= 0, got {s.warmup_epochs}")
     if not 0 < s.gamma <= 1:
         _fail("schedule.gamma", f"must be in (0, 1], got {s.gamma}")
     ms = list(s.milestones)
@@ -296,28 +332,12 @@ def validate(cfg: DictConfig | Any) -> None:
         _fail("model.depth", f"a CIFAR ResNet has depth 6m+2 (8, 20, 56, ...), got {m.depth}")
     if d.in_memory not in ("auto", "true", "false"):
         _fail("data.in_memory", f"must be auto, true or false, got {d.in_memory!r}")
-    if d.name not in ("digits", "imagefolder"):
-        _fail("data.name", f"unknown data set {d.name!r} (digits, imagefolder)")
-    if d.name == "imagefolder" and not d.root:
+    if d.name == DataName.imagefolder and not d.root:
         _fail("data.root", "is required with data=imagefolder (the folder holding train/ and val/)")
-    if d.train_subset < 0:
-        _fail("data.train_subset", f"must be >= 0, got {d.train_subset}")
-    if d.val_subset < 0:
-        _fail("data.val_subset", f"must be >= 0, got {d.val_subset}")
-    if cfg.log.every <= 0:
-        _fail("log.every", f"must be positive, got {cfg.log.every}")
-    if cfg.log.progress not in ("auto", "rich", "plain", "none"):
-        _fail("log.progress", f"must be auto, rich, plain or none, got {cfg.log.progress!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        _fail("device", f"must be auto, cpu or cuda, got {cfg.device!r}")
-    if cfg.dist.backend not in ("auto", "nccl", "gloo"):
-        _fail("dist.backend", f"must be auto, nccl or gloo, got {cfg.dist.backend!r}")
-    if cfg.dist.backend == "nccl" and cfg.device == "cpu":
+    if cfg.dist.backend == Backend.nccl and cfg.device == Device.cpu:
         _fail("dist.backend", "nccl needs CUDA devices; use gloo (or auto) with device=cpu")
     if not cfg.dist.timeout_s > 0:
         _fail("dist.timeout_s", f"must be a positive number of seconds, got {cfg.dist.timeout_s}")
-    if cfg.precision not in ("fp32", "bf16"):
-        _fail("precision", f"must be fp32 or bf16, got {cfg.precision!r}")
     _validate_train_memory(cfg)
     _validate_beyond(cfg)
 
@@ -325,20 +345,16 @@ def validate(cfg: DictConfig | Any) -> None:
 def _validate_beyond(cfg: DictConfig | Any) -> None:
     """LARS, compressed allreduce and the gradient noise scale (issue 8, beyond the paper)."""
     o, d = cfg.optim, cfg.dist
-    if o.name not in OPTIMIZERS:
-        _fail("optim.name", f"unknown optimizer {o.name!r} ({', '.join(OPTIMIZERS)})")
     if not o.lars_eta > 0:
         _fail("optim.lars_eta", f"must be a positive trust coefficient, got {o.lars_eta}")
-    if o.name == "lars" and MomentumForm(o.momentum_form) == MomentumForm.paper:
+    if o.name == Optimizer.lars and o.momentum_form == MomentumForm.paper:
         _fail("optim.momentum_form", "lars uses the pytorch form (v = m*v + local_lr*g; w -= lr*v); set pytorch")
-    if d.comm_hook not in COMM_HOOKS:
-        _fail("dist.comm_hook", f"unknown communication hook {d.comm_hook!r} ({', '.join(COMM_HOOKS)})")
     if d.powersgd_rank <= 0:
         _fail("dist.powersgd_rank", f"must be a positive matrix rank, got {d.powersgd_rank}")
     if d.powersgd_start_iter < 2:
         _fail("dist.powersgd_start_iter", f"must be >= 2 (PowerSGD starts after DDP's first steps), "
               f"got {d.powersgd_start_iter}")
-    if d.comm_hook != "none" and cfg.memory.fsdp:
+    if d.comm_hook != CommHook.none and cfg.memory.fsdp:
         _fail("dist.comm_hook", "is a DDP communication hook; memory.fsdp reduce-scatters with FSDP2 instead")
     if cfg.log.noise_scale:
         b = cfg.batch
@@ -351,19 +367,17 @@ def _validate_beyond(cfg: DictConfig | Any) -> None:
 
 # Why each offload mode cannot serve training (the reason is the error message).
 TRAIN_OFFLOAD_REJECTED = {
-    "sequential": "accelerate's cpu_offload keeps the weights off the model between forwards and does not "
-    "carry gradients or optimizer state; it is an inference tool (use memory.checkpointing=true to save "
+    OffloadMode.sequential: "accelerate's cpu_offload keeps the weights off the model between forwards and does "
+    "not carry gradients or optimizer state; it is an inference tool (use memory.checkpointing=true to save "
     "training memory)",
-    "model": "whole-model offloading frees the accelerator only between uses of a model, and training uses "
-    "its one model at every step; it serves evaluation (lbsgd eval offload.mode=model)",
+    OffloadMode.model: "whole-model offloading frees the accelerator only between uses of a model, and training "
+    "uses its one model at every step; it serves evaluation (lbsgd eval offload.mode=model)",
 }
 
 
 def _validate_train_memory(cfg: DictConfig | Any) -> None:
     mode = cfg.offload.mode
-    if mode not in OFFLOAD_MODES:
-        _fail("offload.mode", f"must be none, sequential or model, got {mode!r}")
-    if mode != "none":
+    if mode != OffloadMode.none:
         _fail("offload.mode", f"{mode} cannot be used in training: {TRAIN_OFFLOAD_REJECTED[mode]}")
     arch = cfg.model.arch
     has_stages = arch == "cifar_resnet" or arch.startswith(("resnet", "resnext", "wide_resnet"))
@@ -371,28 +385,21 @@ def _validate_train_memory(cfg: DictConfig | Any) -> None:
         _fail("memory.checkpointing", f"checkpoints ResNet stages; {arch} has none (cifar_resnet, resnet*, resnext*)")
     if cfg.memory.fsdp_cpu_offload and not cfg.memory.fsdp:
         _fail("memory.fsdp_cpu_offload", "offloads FSDP2's shards; it needs memory.fsdp=true")
-    if cfg.memory.fsdp and cfg.device == "cuda" and cfg.dist.backend == "gloo":
+    if cfg.memory.fsdp and cfg.device == Device.cuda and cfg.dist.backend == Backend.gloo:
         _fail("memory.fsdp", "FSDP2 on CUDA needs NCCL's reduce-scatter; use dist.backend=nccl (or auto)")
 
 
 def validate_eval(cfg: DictConfig | Any) -> None:
     """Early checks of ``lbsgd eval`` (the checkpoint itself is read later)."""
+    _check_finite(cfg, "eval")
     if OmegaConf.is_missing(cfg, "checkpoint") or not str(cfg.checkpoint).strip():
         _fail("checkpoint", "give the checkpoint to evaluate: lbsgd eval checkpoint=PATH")
     if cfg.eval.bn_recompute < 0:
         _fail("eval.bn_recompute", f"must be >= 0 training minibatches (0 = off), got {cfg.eval.bn_recompute}")
     if cfg.eval.batch < 0:
         _fail("eval.batch", f"must be >= 0 (0 = the checkpoint's batch.eval_batch), got {cfg.eval.batch}")
-    if cfg.offload.mode not in OFFLOAD_MODES:
-        _fail("offload.mode", f"must be none, sequential or model, got {cfg.offload.mode!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        _fail("device", f"must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
         _fail("data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
-
-
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
 
 
 def as_list(value: Any) -> list[Any]:
@@ -402,6 +409,7 @@ def as_list(value: Any) -> list[Any]:
 
 def validate_quantize(cfg: DictConfig | Any) -> None:
     """``lbsgd quantize``: bits in 2..8, known granularity and method, a checkpoint file."""
+    _check_finite(cfg, "quantize")
     q = cfg.quant
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
         _fail("checkpoint", "is required: lbsgd quantize checkpoint=PATH (a checkpoint of lbsgd train)")
@@ -409,10 +417,10 @@ def validate_quantize(cfg: DictConfig | Any) -> None:
         for b in values:
             if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
                 _fail(f"quant.{key}", f"must be an integer from 2 to 8 (or a list of them), got {b!r}")
-    for key, allowed in (("granularity", ("per_channel", "per_tensor")), ("method", ("minmax", "mse", "percentile"))):
+    for key, allowed in (("granularity", Granularity), ("method", RangeMethod)):
         for v in as_list(q[key]):
-            if v not in allowed:
-                _fail(f"quant.{key}", f"unknown {key} {v!r} ({', '.join(allowed)})")
+            if v not in {c.value for c in allowed}:
+                _fail(f"quant.{key}", f"unknown {key} {v!r} ({', '.join(c.value for c in allowed)})")
     for key in ("symmetric", "activations"):
         if any(not isinstance(v, bool) for v in as_list(q[key])):
             _fail(f"quant.{key}", f"must be true or false (or a list of them), got {q[key]!r}")
@@ -425,12 +433,8 @@ def validate_quantize(cfg: DictConfig | Any) -> None:
         _fail("eval_batch", f"must be positive, got {cfg.eval_batch}")
     if cfg.val_subset < 0:
         _fail("val_subset", f"must be >= 0, got {cfg.val_subset}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        _fail("device", f"must be auto, cpu or cuda, got {cfg.device!r}")
 
 
 # Early checks per command (cli.preflight runs them on every composed config of a call).
-# Commands added later register theirs here: VALIDATORS["eval"] = validate_eval, ...
-VALIDATORS: dict[str, Callable[[Any], None]] = {"train": validate}
-VALIDATORS["quantize"] = validate_quantize
-VALIDATORS["eval"] = validate_eval
+VALIDATORS: dict[str, Callable[[Any], None]] = {"train": validate, "quantize": validate_quantize,
+                                                "eval": validate_eval}

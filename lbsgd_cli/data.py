@@ -26,11 +26,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,6 +47,13 @@ class ImageList:
 
     paths: list[str]
     labels: list[int]
+
+    def subset(self, count: int) -> ImageList:
+        """A stratified subset of ``count`` files (all of them for ``count`` 0)."""
+        if not count:
+            return self
+        keep = stratified_subset(self.labels, count)
+        return ImageList([self.paths[i] for i in keep], [self.labels[i] for i in keep])
 
 
 def _scan_split(split_dir: Path, classes: list[str]) -> ImageList:
@@ -114,8 +122,7 @@ def decode_file(path: str) -> torch.Tensor:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"))
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"data: cannot decode image {path}: {reason}") from None
+        raise UserError(f"data: cannot decode image {path}: {first_line(exc)}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -137,6 +144,53 @@ class TensorSplit:
     x: torch.Tensor  # uint8, (N, C, H, W)
     y: torch.Tensor  # int64, (N,)
 
+    def subset(self, count: int) -> TensorSplit:
+        """A stratified subset of ``count`` images (all of them for ``count`` 0)."""
+        if not count:
+            return self
+        keep = torch.tensor(stratified_subset(self.y.tolist(), count), device=self.y.device)
+        return TensorSplit(self.x[keep], self.y[keep])
+
+
+def mean_std(data: DataSource, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The data set's per-channel mean and std as ``(1, C, 1, 1)`` tensors on ``device``."""
+    return (torch.tensor(data.mean, device=device).view(1, -1, 1, 1),
+            torch.tensor(data.std, device=device).view(1, -1, 1, 1))
+
+
+class DataSource(Protocol):
+    """What training, evaluation and quantization need of a data set (:class:`InMemoryData`,
+    :class:`StreamingData`)."""
+
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_memory: bool  # True: uint8 tensors augmented as batches on the device; False: files decoded by workers
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def in_channels(self) -> int: ...
+
+    @property
+    def train_size(self) -> int: ...
+
+    @property
+    def val_size(self) -> int: ...
+
+    def to(self, device: torch.device) -> DataSource:
+        """The set with its tensors on ``device`` (a streaming set is unchanged)."""
+        ...
+
+    def subset_val(self, count: int) -> None:
+        """Keep a stratified subset of ``count`` val images (the same images on every call)."""
+        ...
+
+    def train_images(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Training images ``indices`` with the val preprocessing (no augmentation), normalised."""
+        ...
+
 
 @dataclass
 class InMemoryData:
@@ -149,6 +203,7 @@ class InMemoryData:
     std: tuple[float, ...]
     pad: int
     flip: bool
+    in_memory = True
 
     @property
     def num_classes(self) -> int:
@@ -171,6 +226,13 @@ class InMemoryData:
         self.val = TensorSplit(self.val.x.to(device), self.val.y.to(device))
         return self
 
+    def subset_val(self, count: int) -> None:
+        self.val = self.val.subset(count)
+
+    def train_images(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+        mean, std = mean_std(self)
+        return normalise(self.train.x[indices.to(self.train.x.device)].cpu(), mean, std).to(device)
+
 
 def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     xf = x.float().div_(255)
@@ -191,10 +253,7 @@ def load_digits_data(dcfg) -> InMemoryData:
         list(range(len(y))), test_size=dcfg.val_fraction, random_state=0, stratify=digits.target
     )
     idx_train, idx_val = sorted(idx_train), sorted(idx_val)
-    train = TensorSplit(x[idx_train], y[idx_train])
-    if dcfg.train_subset:
-        keep = stratified_subset(train.y.tolist(), dcfg.train_subset)
-        train = TensorSplit(train.x[keep], train.y[keep])
+    train = TensorSplit(x[idx_train], y[idx_train]).subset(dcfg.train_subset)
     mean, std = _channel_stats(train.x) if dcfg.mean is None else (tuple(dcfg.mean), tuple(dcfg.std))
     return InMemoryData(
         train, TensorSplit(x[idx_val], y[idx_val]), [str(c) for c in range(10)], mean, std, dcfg.pad, dcfg.flip
@@ -246,14 +305,8 @@ def load_imagefolder_in_memory(dcfg, classes: list[str], train: ImageList, val: 
             os.replace(tmp, cache)
         except OSError:
             pass  # a read-only home only costs the decode next time
-    tr = TensorSplit(blob["train_x"], blob["train_y"])
-    if dcfg.train_subset:
-        keep = stratified_subset(tr.y.tolist(), dcfg.train_subset)
-        tr = TensorSplit(tr.x[keep], tr.y[keep])
-    va = TensorSplit(blob["val_x"], blob["val_y"])
-    if dcfg.val_subset:
-        keep = stratified_subset(va.y.tolist(), dcfg.val_subset)
-        va = TensorSplit(va.x[keep], va.y[keep])
+    tr = TensorSplit(blob["train_x"], blob["train_y"]).subset(dcfg.train_subset)
+    va = TensorSplit(blob["val_x"], blob["val_y"]).subset(dcfg.val_subset)
     mean, std = _channel_stats(tr.x) if dcfg.mean is None else (tuple(dcfg.mean), tuple(dcfg.std))
     return InMemoryData(tr, va, classes, mean, std, dcfg.pad, dcfg.flip)
 
@@ -318,12 +371,12 @@ class StreamingData:
     dcfg: object
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    in_memory = False
+    in_channels = 3
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    in_channels = 3
 
     @property
     def train_size(self) -> int:
@@ -333,25 +386,25 @@ class StreamingData:
     def val_size(self) -> int:
         return len(self.val.paths)
 
+    def to(self, device: torch.device) -> StreamingData:
+        return self  # batches are moved to the device as the workers deliver them
+
+    def subset_val(self, count: int) -> None:
+        self.val = self.val.subset(count)
+
+    def train_images(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+        ds = StreamingImages(self.train, val_transform(self.dcfg, self.mean, self.std))
+        return torch.stack([ds[(int(i), -1)][0] for i in indices]).to(device)
+
 
 # --------------------------------------------------------------------------- building
 
 
-def load_data(dcfg) -> InMemoryData | StreamingData:
+def load_data(dcfg) -> DataSource:
     """The data set of ``data.name``, in memory or streaming as ``data.in_memory`` decides."""
     if dcfg.name == "digits":
         return load_digits_data(dcfg)
     classes, train, val = scan_imagefolder(dcfg.root)
-    if dcfg.train_subset:
-        keep = stratified_subset(train.labels, dcfg.train_subset)
-        train_sub = ImageList([train.paths[i] for i in keep], [train.labels[i] for i in keep])
-    else:
-        train_sub = train
-    if dcfg.val_subset:
-        keep = stratified_subset(val.labels, dcfg.val_subset)
-        val_sub = ImageList([val.paths[i] for i in keep], [val.labels[i] for i in keep])
-    else:
-        val_sub = val
     in_memory = dcfg.in_memory == "true"
     if dcfg.in_memory == "auto":
         w, h = _image_size(train.paths[0])
@@ -362,7 +415,7 @@ def load_data(dcfg) -> InMemoryData | StreamingData:
         return load_imagefolder_in_memory(dcfg, classes, train, val)
     mean = tuple(dcfg.mean) if dcfg.mean is not None else IMAGENET_MEAN
     std = tuple(dcfg.std) if dcfg.std is not None else IMAGENET_STD
-    return StreamingData(train_sub, val_sub, classes, dcfg, mean, std)
+    return StreamingData(train.subset(dcfg.train_subset), val.subset(dcfg.val_subset), classes, dcfg, mean, std)
 
 
 # --------------------------------------------------------------------------- sampling (Remark 4)
@@ -389,14 +442,14 @@ def process_slice(k: int, n: int, rank: int, world: int) -> slice:
 class TrainLoader:
     """Yields, per iteration, this process's share ``(x, y)`` of the global minibatch."""
 
-    def __init__(self, data, k: int, n: int, rank: int, world: int, seed: int, device: torch.device) -> None:
-        self.data, self.k, self.n, self.seed, self.device = data, k, n, seed, device
+    def __init__(self, data: DataSource, k: int, n: int, rank: int = 0, world: int = 1, *, seed: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        self.data, self.k, self.n, self.seed, self.device = data, k, n, seed, torch.device(device)
         self.kn = k * n
         self.part = process_slice(k, n, rank, world)
         self.iters = data.train_size // self.kn
-        if isinstance(data, InMemoryData):
-            self._mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-            self._std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+        if data.in_memory:
+            self._mean, self._std = mean_std(data, device)
         else:
             self._dataset = StreamingImages(data.train, train_transform(data.dcfg, data.mean, data.std))
             self._batches, self._loader = _EpochBatches(), None
@@ -409,7 +462,7 @@ class TrainLoader:
 
     def epoch(self, epoch: int, start_iter: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         perm = epoch_permutation(self.data.train_size, self.seed, epoch)
-        if isinstance(self.data, InMemoryData):
+        if self.data.in_memory:
             for it in range(start_iter, self.iters):
                 yield self._in_memory_batch(epoch, it, perm)
         else:
@@ -487,18 +540,17 @@ def val_share(total: int, rank: int, world: int) -> tuple[int, int]:
     return min(rank * per, total), min((rank + 1) * per, total)
 
 
-def largest_val_share_batches(data, world: int, batch_size: int) -> int:
+def largest_val_share_batches(data: DataSource, world: int, batch_size: int) -> int:
     """How many batches the largest share (rank 0's) of the val set takes."""
     lo, hi = val_share(data.val_size, 0, world)
     return math.ceil((hi - lo) / batch_size)
 
 
-def val_batches(data, rank: int, world: int, batch_size: int, device: torch.device):
+def val_batches(data: DataSource, rank: int, world: int, batch_size: int, device: torch.device):
     """This process's contiguous share of the val set, in batches; each image is seen once overall."""
     lo, hi = val_share(data.val_size, rank, world)
-    if isinstance(data, InMemoryData):
-        mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    if data.in_memory:
+        mean, std = mean_std(data, device)
         for s in range(lo, hi, batch_size):
             e = min(s + batch_size, hi)
             x = data.val.x[s:e].to(device, non_blocking=True)

@@ -13,12 +13,14 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .errors import PeerFailure
+from .errors import PeerFailure, first_line
 
 
 @dataclass
@@ -123,6 +125,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0, backend: st
     """
     le = launch_env()
     dev = pick_device(device, le.local_rank)
+    backend = str(backend)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
@@ -162,8 +165,8 @@ _PEER_ERROR = re.compile(
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
+    """:func:`errors.first_line` without the C++ source location and gloo's generic advice."""
+    line = first_line(exc)
     line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", line)  # drop the C++ source location
     return line.split(" This is typically caused by", 1)[0]  # and gloo's generic advice
 
@@ -189,26 +192,34 @@ def peer_failure(exc: BaseException, d: Dist, iteration: int | None = None) -> P
     return PeerFailure(f"distributed: rank {d.rank} of {d.world_size}{where}: {cause}: {detail}")
 
 
-def maybe_inject_fault(rank: int, iteration: int, environ: dict[str, str] | None = None) -> None:
-    """Test-only fault injection; the one place that reads these variables.
+def inject_faults(batches: Iterable[Any], rank: int, first_iteration: int,
+                  environ: Mapping[str, str] | None = None) -> Iterable[Any]:
+    """Test-only fault injection around an epoch's batches; the one place that reads these variables.
 
-    ``LBSGD_FAULT_RANK=r LBSGD_FAULT_ITER=i`` make rank ``r`` fail when it is about to run
-    iteration ``i`` (counted from 0 over the whole run): ``LBSGD_FAULT_KIND=crash`` (default)
-    exits at once with status 70, as a segfault or an OOM kill would; ``hang`` sleeps forever.
-    The other ranks must then exit on their own (status 4) within ``dist.timeout_s``.
+    Without ``LBSGD_FAULT_RANK`` in the environment ``batches`` comes back unchanged: nothing runs per
+    iteration. ``LBSGD_FAULT_RANK=r LBSGD_FAULT_ITER=i`` make rank ``r`` fail when it is about to run
+    iteration ``i`` (counted from 0 over the whole run; ``first_iteration`` is the run's iteration of the
+    first batch): ``LBSGD_FAULT_KIND=crash`` (default) exits at once with status 70, as a segfault or an
+    OOM kill would; ``hang`` sleeps forever. The other ranks must then exit on their own (status 4)
+    within ``dist.timeout_s``.
     """
     env = os.environ if environ is None else environ
-    if "LBSGD_FAULT_RANK" not in env:
-        return
-    if int(env["LBSGD_FAULT_RANK"]) != rank or int(env.get("LBSGD_FAULT_ITER", "0")) != iteration:
-        return
-    kind = env.get("LBSGD_FAULT_KIND", "crash")  # crash | hang
-    verb = "hangs" if kind == "hang" else "crashes"
-    print(f"lbsgd: fault injection: rank {rank} {verb} at iteration {iteration}", file=sys.stderr, flush=True)
-    if kind == "hang":
-        while True:
-            time.sleep(3600)
-    os._exit(70)
+    if "LBSGD_FAULT_RANK" not in env or int(env["LBSGD_FAULT_RANK"]) != rank:
+        return batches
+    at, kind = int(env.get("LBSGD_FAULT_ITER", "0")), env.get("LBSGD_FAULT_KIND", "crash")  # crash | hang
+
+    def faulty() -> Iterator[Any]:
+        for iteration, batch in enumerate(batches, start=first_iteration):
+            if iteration == at:
+                verb = "hangs" if kind == "hang" else "crashes"
+                print(f"lbsgd: fault injection: rank {rank} {verb} at iteration {iteration}", file=sys.stderr,
+                      flush=True)
+                while kind == "hang":
+                    time.sleep(3600)
+                os._exit(70)
+            yield batch
+
+    return faulty()
 
 
 # --------------------------------------------------------------------------- SLURM requeue

@@ -32,3 +32,11 @@ class PeerFailure(Exception):
     """Another rank of a multi-process run died or hung (see ``dist.timeout_s``); exits with status 4."""
 
     exit_code = 4
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first non-empty line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__ if isinstance(exc, BaseException) else ""
+    return text.splitlines()[0].strip()

@@ -31,11 +31,12 @@ from . import distributed as D
 from .checkpoint import FORMAT, load_model_state, read_checkpoint
 from .config import TrainConfig
 from .data import TrainLoader, load_data
-from .errors import UserError
+from .engine import evaluate
+from .errors import UserError, first_line
 from .ghost_bn import deferred_running_stats, flush_running_stats
 from .models import build_model
 from .offload import place, remove
-from .train import evaluate
+from .parallel import Parallel
 
 
 # --------------------------------------------------------------------------- checkpoint -> model
@@ -76,8 +77,7 @@ def _from_training_checkpoint(ckpt: dict[str, Any], path: Path) -> tuple[nn.Modu
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
         classes, channels = _classes_and_channels(state)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint: {path} has no usable config and model state ({first})") from None
+        raise UserError(f"checkpoint: {path} has no usable config and model state ({first_line(exc)})") from None
     model = build_model(cfg.model, classes, channels, bn_group=cfg.batch.n)
     load_model_state(model, state, str(path))
     return model, cfg
@@ -115,7 +115,7 @@ def recompute_bn_stats(model: nn.Module, data, cfg: DictConfig, dist: D.Dist, ba
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: the single flushed update has weight 1/1
-    loader = TrainLoader(data, k, n, dist.rank, W, cfg.seed, dist.device)
+    loader = TrainLoader(data, k, n, dist.rank, W, seed=cfg.seed, device=dist.device)
     chunk = max(n, chunk // n * n)
     model.train()
     seen, epoch = 0, 0
@@ -128,7 +128,7 @@ def recompute_bn_stats(model: nn.Module, data, cfg: DictConfig, dist: D.Dist, ba
                 if seen >= batches * k * n // W:
                     break
             epoch += 1
-    flush_running_stats(layers, reduce=D.all_reduce_sum if dist.enabled else None)
+    flush_running_stats(layers, reduce=Parallel(dist).reduce_buffers)
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     model.eval()
@@ -151,9 +151,7 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     for key in ("root", "cache_dir", "num_workers"):
         if cfg.data[key] is not None:
             tcfg.data[key] = cfg.data[key]
-    data = load_data(tcfg.data)
-    if hasattr(data, "to"):
-        data = data.to(dist.device)
+    data = load_data(tcfg.data).to(dist.device)
     out_features = _classes_and_channels(model.state_dict())[0]
     if data.num_classes != out_features:
         raise UserError(f"checkpoint: {info['path']} predicts {out_features} classes, the data set "
@@ -164,7 +162,8 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     batch = cfg.eval.batch or tcfg.batch.eval_batch
     if cfg.eval.bn_recompute:
         recomputed = recompute_bn_stats(placed.model, data, tcfg, dist, cfg.eval.bn_recompute, batch)
-    result = evaluate(placed.model, data, dist, batch)
+    parallel = Parallel(dist)  # the val set split over ranks; no wrapping: evaluation needs no gradient sync
+    result = evaluate(placed.model, parallel.val_batches(data, batch), parallel.reduce_sums)
     placed.release()
     if cfg.offload.mode == "sequential":
         remove(placed.model)

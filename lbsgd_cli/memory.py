@@ -99,13 +99,6 @@ def enable_stage_checkpointing(model: nn.Module) -> nn.Module:
 _FULL = dict(full_state_dict=True, cpu_offload=True)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """True for a model wrapped by :func:`shard_model`."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def shard_model(model: nn.Module, dist: Dist, cpu_offload: bool) -> nn.Module:
     """``fully_shard`` each ResNet stage, then the root (stem, head), over all ``dist.world_size`` ranks.
 
@@ -134,13 +127,10 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
 
 
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Model and optimizer state dicts in the plain (unsharded, index-keyed) format, on the CPU.
-
-    For a sharded model this is a collective (every rank calls it); only rank 0 gets the result,
-    the others get empty dicts.
+    """The plain (unsharded, index-keyed) model and optimizer state dicts of a model sharded by
+    :func:`shard_model`, on the CPU. A collective (every rank calls it, :class:`lbsgd_cli.parallel.FSDP2`
+    does); only rank 0 gets the result, the others get empty dicts.
     """
-    if not is_sharded(model):
-        return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .config import MomentumForm
+from .choices import MomentumForm
 from .rules import momentum_correction
 
 

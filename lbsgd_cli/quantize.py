@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -360,6 +359,7 @@ def save_quantized(
     model: nn.Module,
     qweights: dict[str, QTensor],
     acts: dict[str, dict[str, Any]] | None,
+    *,
     config: dict[str, Any],
     quant: dict[str, Any],
     num_classes: int,
@@ -390,17 +390,6 @@ def save_quantized(
     return nbytes
 
 
-def read_quantized(path: str | os.PathLike) -> dict[str, Any]:
-    """A ``lbsgd-quantized-v1`` checkpoint file; anything else is a one-line :class:`UserError`."""
-    from .checkpoint import read_checkpoint
-
-    path = Path(path).expanduser()
-    ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UserError(f"checkpoint: {path} is not a {FORMAT} checkpoint")
-    return ckpt
-
-
 def quantized_model(ckpt: dict[str, Any], source: str) -> tuple[nn.Module, Any]:
     """The network of a loaded ``lbsgd-quantized-v1`` checkpoint: dequantized integer weights, and
     activation fake quantization where it was calibrated. Returns ``(model, training config)``."""
@@ -418,9 +407,3 @@ def quantized_model(ckpt: dict[str, Any], source: str) -> tuple[nn.Module, Any]:
     load_model_state(model, state, source)
     attach_activation_quant(model, ckpt["activations"])
     return model.eval(), cfg
-
-
-def load_quantized_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """:func:`quantized_model` of the checkpoint file ``path``, on ``device``, in eval mode."""
-    model, cfg = quantized_model(read_quantized(path), str(path))
-    return model.to(device), cfg

@@ -28,9 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import FORMAT as TRAIN_FORMAT
 from .checkpoint import load_model_state, read_checkpoint, training_checkpoint
 from .config import TrainConfig, as_list, validate_quantize
-from .data import InMemoryData, StreamingImages, load_data, normalise, stratified_subset, val_batches, val_transform
-from .distributed import Dist, pick_device
-from .errors import UserError
+from .data import DataSource, load_data, val_batches
+from .distributed import pick_device
+from .engine import evaluate
+from .errors import UserError, first_line
 from .models import build_model
 from .quantize import (
     FORMAT,
@@ -41,7 +42,6 @@ from .quantize import (
     save_quantized,
     state_bytes,
 )
-from .train import evaluate
 
 TABLE_COLUMNS = ["bits", "granularity", "symmetric", "method", "activations", "act_bits", "fp32_top1_err",
                  "quant_top1_err", "delta", "fp32_bytes", "quant_bytes", "compression", "path"]
@@ -62,27 +62,12 @@ def tag(c: dict[str, Any]) -> str:
     return f"w{c['bits']}_{c['granularity']}_{sym}_{c['method']}{act}"
 
 
-def calibration_batches(data, count: int, batch_size: int, seed: int, device: torch.device) -> list[torch.Tensor]:
+def calibration_batches(data: DataSource, count: int, batch_size: int, seed: int,
+                        device: torch.device) -> list[torch.Tensor]:
     """``count`` batches of training images, chosen at random by ``seed``, with val preprocessing."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(data.train_size, generator=g)[: count * batch_size]
-    chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
-    if isinstance(data, InMemoryData):
-        mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-        std = torch.tensor(data.std).view(1, -1, 1, 1)
-        return [normalise(data.train.x[c.to(data.train.x.device)].cpu(), mean, std).to(device) for c in chunks]
-    ds = StreamingImages(data.train, val_transform(data.dcfg, data.mean, data.std))
-    return [torch.stack([ds[(int(i), -1)][0] for i in c]).to(device) for c in chunks]
-
-
-def _subset_val(data, count: int) -> None:
-    """Evaluate on a stratified subset of ``count`` val images (same images for every row)."""
-    if isinstance(data, InMemoryData):
-        keep = torch.tensor(stratified_subset(data.val.y.tolist(), count))
-        data.val = type(data.val)(data.val.x[keep], data.val.y[keep])
-    else:
-        keep = stratified_subset(data.val.labels, count)
-        data.val = type(data.val)([data.val.paths[i] for i in keep], [data.val.labels[i] for i in keep])
+    return [data.train_images(idx[i : i + batch_size], device) for i in range(0, len(idx), batch_size)]
 
 
 def load_source(cfg: DictConfig, device: torch.device):
@@ -96,7 +81,7 @@ def load_source(cfg: DictConfig, device: torch.device):
     try:  # the schema's defaults fill keys added since the checkpoint was written
         train_cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
     except Exception as exc:
-        raise UserError(f"checkpoint: {path} has a config this version cannot read: {str(exc).splitlines()[0]}") \
+        raise UserError(f"checkpoint: {path} has a config this version cannot read: {first_line(exc)}") \
             from None
     if cfg.data_root:
         train_cfg.data.root = cfg.data_root
@@ -118,13 +103,12 @@ def quantize_command(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     device = pick_device(cfg.device, 0)
     model, train_cfg, data, source = load_source(cfg, device)
     if cfg.val_subset:
-        _subset_val(data, cfg.val_subset)
-    dist = Dist(0, 0, 1, device, "single")
+        data.subset_val(cfg.val_subset)  # the same images for every row
     combos = combinations(cfg.quant)
     print(f"lbsgd quantize: {train_cfg.model.arch} from {cfg.checkpoint}, {len(combos)} setting(s), "
           f"{data.val_size} val images\nrun dir: {run_dir}", flush=True)
 
-    fp32 = evaluate(model, data, dist, cfg.eval_batch)
+    fp32 = evaluate(model, val_batches(data, 0, 1, cfg.eval_batch, device))
     fp32_err = fp32["top1_err"]
     state = model.state_dict()
     fp32_bytes = state_bytes({k: v for k, v in state.items() if v.is_floating_point()})
@@ -145,13 +129,13 @@ def quantize_command(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if c["activations"]:  # ranges of the inputs the quantized-weight network actually sees
             acts = calibrate_activations(qmodel, calib, c["act_bits"], c["method"], cfg.quant.percentile)
             attach_activation_quant(qmodel, acts)
-        res = evaluate(qmodel, data, dist, cfg.eval_batch)
+        res = evaluate(qmodel, val_batches(data, 0, 1, cfg.eval_batch, device))
         path = run_dir / ("quantized.pt" if len(combos) == 1 else f"quantized/{tag(c)}.pt")
         if path.exists():
             raise UserError(f"{path} already exists; choose another hydra.run.dir")
         quant_info = {**c, "percentile": cfg.quant.percentile, "calib_batches": cfg.quant.calib_batches}
-        nbytes = save_quantized(path, qmodel, qweights, acts, config_dict, quant_info, data.num_classes,
-                                data.in_channels, source)
+        nbytes = save_quantized(path, qmodel, qweights, acts, config=config_dict, quant=quant_info,
+                                num_classes=data.num_classes, in_channels=data.in_channels, source=source)
         row = {**c, "fp32_top1_err": fp32_err, "quant_top1_err": res["top1_err"],
                "delta": res["top1_err"] - fp32_err, "fp32_bytes": fp32_bytes, "quant_bytes": nbytes,
                "compression": round(fp32_bytes / nbytes, 2), "path": str(path)}

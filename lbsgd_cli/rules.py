@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .config import LRRule, Warmup
+from .choices import LRRule, Warmup
 
 
 def peak_lr(base_lr: float, k: int, n: int, ref_batch: int, rule: LRRule = LRRule.linear) -> float:
@@ -80,9 +80,3 @@ def momentum_correction(lr_new: float, lr_old: float) -> float:
     """Remark 2, eq. (10): with ``v <- m*v + lr*g; w <- w - v``, scale ``v`` by ``lr_new/lr_old``
     when the rate changes, so that it matches PyTorch's ``v <- m*v + g; w <- w - lr*v``."""
     return lr_new / lr_old if lr_old != 0 else 1.0
-
-
-def worker_slices(global_batch: Sequence[int] | range, k: int, n: int) -> list[Sequence[int]]:
-    """Remark 4: one minibatch of ``k*n`` samples divided among ``k`` workers, ``n`` each."""
-    assert len(global_batch) == k * n
-    return [global_batch[j * n : (j + 1) * n] for j in range(k)]

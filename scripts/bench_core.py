@@ -3,7 +3,7 @@
 
     python scripts/bench_core.py [--data-root /path/to/cifar10] [--rounds 5] [--iters 8]
 
-1. lbsgd's training step (``train._step``: lr set, ghost-BN bookkeeping, loss
+1. lbsgd's training step (``engine.train_step``: lr set, ghost-BN bookkeeping, loss
    normalised by kn) over a plain hand-written PyTorch loop, same model and batch
    (one worker of n = batch, so BN is the same computation).          goal >= 0.97
 2. ghost BN with n=32 (batch/32 workers in one pass) over plain BN on the same batch.
@@ -31,10 +31,9 @@ from omegaconf import OmegaConf
 
 from lbsgd_cli.config import DataConfig, ModelConfig, OptimConfig
 from lbsgd_cli.data import TrainLoader, load_data
-from lbsgd_cli.distributed import Dist
 from lbsgd_cli.models import build_model
 from lbsgd_cli.optim import build_optimizer, set_lr
-from lbsgd_cli.train import _step
+from lbsgd_cli.engine import StepPlan, train_step
 
 
 def model_cfg(arch: str, depth: int = 20):
@@ -59,12 +58,12 @@ def make_lbsgd_step(arch, depth, batch, n, x, y, device):
     torch.manual_seed(0)
     model = build_model(model_cfg(arch, depth), 10, x.shape[1], bn_group=n).to(device).train()
     opt = build_optimizer(model, OmegaConf.structured(OptimConfig()), 0.1)
-    dist = Dist(0, 0, 1, device, "single")
     k = batch // n
+    plan = StepPlan(per_process=k, per_pass=k, n=n, loss_scale=1.0 / batch)
 
     def step():
         set_lr(opt, 0.1)
-        _step(model, opt, x, y, k, k, n, 1.0 / batch, 1, dist)
+        train_step(model, opt, (x, y), plan)
 
     return step
 
@@ -157,9 +156,8 @@ def main() -> None:
         data = InMemoryData(TensorSplit(xs, ys), TensorSplit(xs[:100], ys[:100]), [str(i) for i in range(10)],
                             (0.5,) * 3, (0.25,) * 3, 4, True)
         source = "synthetic 32x32 uint8 (20,000 images)"
-    if hasattr(data, "to"):
-        data = data.to(device)
-    loader = TrainLoader(data, args.batch // args.n, args.n, 0, 1, 0, device)
+    data = data.to(device)
+    loader = TrainLoader(data, args.batch // args.n, args.n, device=device)
     rates = [loader_rate(loader, min(50, len(loader) - 1)) for _ in range(args.rounds)]
     r3 = statistics.median(rates) / (args.batch / t_lbsgd)
     print(f"[3] in-memory loader ({source}) {statistics.median(rates):10.0f} img/s   training consumes "
@@ -171,7 +169,7 @@ def main() -> None:
             make_jpeg_tree(Path(tmp), 96)
             dcfg = OmegaConf.structured(DataConfig(name="imagefolder", root=tmp, num_workers=2))
             sdata = load_data(dcfg)
-            sloader = TrainLoader(sdata, 1, 16, 0, 1, 0, device)
+            sloader = TrainLoader(sdata, 1, 16, device=device)
             rate = loader_rate(sloader, 4)
             xb = torch.randn(16, 3, 224, 224, device=device)
             yb = torch.randint(0, 2, (16,), device=device)

@@ -4,7 +4,7 @@
     python scripts/bench_ddp.py [--arch cifar_resnet --depth 20] [--k 4 --n 32] [--iters 12]
 
 The paper's minibatch is ``k*n`` whatever the number of processes W. This script runs
-lbsgd's own training step (``train._step``: ghost BN over n, no_sync passes, one
+lbsgd's own training step (``engine.train_step``: ghost BN over n, no_sync passes, one
 allreduce per step) on synthetic 32x32 images, in one run:
 
 1. **Throughput and scaling efficiency.** Images/s of the global minibatch ``k*n`` on
@@ -52,7 +52,8 @@ from lbsgd_cli.config import ModelConfig, OptimConfig
 from lbsgd_cli.models import build_model
 from lbsgd_cli.optim import build_optimizer
 from lbsgd_cli.rules import loss_normaliser
-from lbsgd_cli.train import _step
+from lbsgd_cli.engine import StepPlan, train_step
+from lbsgd_cli.parallel import make_parallel
 
 
 def _setup(args, rank: int, world: int):
@@ -60,7 +61,7 @@ def _setup(args, rank: int, world: int):
     mcfg = OmegaConf.structured(ModelConfig(arch=args.arch, depth=args.depth, width=args.width))
     model = build_model(mcfg, 10, 3, bn_group=args.n).train()
     if world > 1:
-        with warnings.catch_warnings():  # as in train.py: broadcast_buffers=False keeps ghost-BN buffers local
+        with warnings.catch_warnings():  # as in parallel.DDP: broadcast_buffers=False keeps ghost-BN buffers local
             warnings.simplefilter("ignore", FutureWarning)
             model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     opt = build_optimizer(getattr(model, "module", model), OmegaConf.structured(OptimConfig()), 0.01)
@@ -72,12 +73,13 @@ def _setup(args, rank: int, world: int):
 
 
 def _step_times(args, model, opt, x, y, per, world, d) -> list[float]:
-    loss_scale = world / loss_normaliser(args.k, args.n)
+    plan = StepPlan(per_process=per, per_pass=per, n=args.n, loss_scale=world / loss_normaliser(args.k, args.n),
+                    parallel=make_parallel(d))
     times = []
     for i in range(args.warmup + args.iters):
         D.barrier()
         t = time.perf_counter()
-        _step(model, opt, x, y, per, per, args.n, loss_scale, world, d)
+        train_step(model, opt, (x, y), plan)
         D.barrier()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)

@@ -91,11 +91,10 @@ def main() -> None:
         pass
     if data is not None:
         from lbsgd_cli.data import val_batches
-        from lbsgd_cli.train import evaluate
-        from lbsgd_cli.distributed import Dist
+        from lbsgd_cli.engine import evaluate
 
         dev = torch.device("cpu")
-        result["fp32_top1_err"] = evaluate(model, data, Dist(0, 0, 1, dev, "single"), 256)["top1_err"]
+        result["fp32_top1_err"] = evaluate(model, val_batches(data, 0, 1, 256, dev))["top1_err"]
         result["int8_top1_err"] = fixed_batch_eval(int8, val_batches(data, 0, 1, 256, dev), args.batch)
     print(json.dumps(result, indent=2))
     if args.out:

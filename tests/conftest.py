@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,5 +57,43 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
 
 
 # Short digits runs used by several tests: a warmup, a rate drop, a few epochs.
-SHORT = ["threads=1", "log.progress=plain", "schedule.epochs=3", "schedule.warmup_epochs=1",
-         "schedule.milestones=[2]"]
+SHORT = ["experiment=debug"]  # conf/experiment/debug.yaml: 3 epochs of digits, a warmup epoch, a rate drop
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def lbsgd(*args: str) -> Result:
+    """``lbsgd <args>`` in this process (the fast tier): ``cli.main`` with stdout and stderr captured and
+    its exit status, whether returned or raised as SystemExit."""
+    from lbsgd_cli import cli
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv[:]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            sys.argv = argv
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def compose(command: str = "train", overrides: tuple[str, ...] | list[str] = (), return_hydra: bool = False):
+    """The config ``lbsgd <command> <overrides>`` runs with, composed by Hydra's compose API."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lbsgd_cli import cli
+
+    cli._register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(cli.conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name=command, overrides=list(overrides), return_hydra_config=return_hydra)
+    GlobalHydra.instance().clear()
+    return cfg

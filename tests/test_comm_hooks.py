@@ -66,6 +66,7 @@ def _max_diff(a: Path, b: Path) -> float:
     return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa if wa[k].is_floating_point())
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_with_fp16_and_powersgd(tmp_path):
     """fp32 W=2 equals W=1; fp16 and PowerSGD (rank 1) runs finish and land near them, not on them."""
     runs = {"w1": tmp_path / "w1"} | {h: tmp_path / h for h in ("none", "fp16", "powersgd")}
@@ -93,7 +94,7 @@ def test_two_gloo_processes_with_fp16_and_powersgd(tmp_path):
 
 
 def test_comm_hook_keys_count_on_resume_but_launcher_keys_do_not():
-    from lbsgd_cli.train import config_difference
+    from lbsgd_cli.rundir import config_difference
 
     old = {"optim": {"base_lr": 0.1}, "dist": {"backend": "auto", "timeout_s": 600.0, "requeue": False}}
     new = {"optim": {"base_lr": 0.1, "name": "sgd", "lars_eta": 0.001},

@@ -23,9 +23,9 @@ from omegaconf import OmegaConf
 from lbsgd_cli import distributed as D
 from lbsgd_cli.config import DistConfig
 from lbsgd_cli.errors import PeerFailure
-from lbsgd_cli.train import _PreemptionFlag
+from lbsgd_cli.train import PreemptionFlag
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, lbsgd
 
 # 768 digits, k=4 workers of n=32: 6 iterations per epoch, warmup over epoch 1, rate drop after epoch 2.
 # Every run takes its workers 2 per forward pass, as each of 2 processes does (see test_w_invariance).
@@ -101,6 +101,7 @@ def _wait_for_checkpoint(path: Path, at_least: int, procs, timeout: float = 120)
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_w2_equals_w1_resumes_across_w_and_survives_preemption(tmp_path):
     """(a) W=2 ends with the weights of W=1; (b) a W=2 checkpoint resumes on W=1; (c) SIGUSR2 on one rank:
     checkpoint, exit 3 'preempted', SLURM requeue by rank 0, and the same command resumes exactly."""
@@ -159,6 +160,7 @@ def test_w2_equals_w1_resumes_across_w_and_survives_preemption(tmp_path):
     assert epochs[0] == epochs[1] == epochs[2] and len(epochs[0]) == 3
 
 
+@pytest.mark.slow
 def test_a_dead_or_a_hung_rank_ends_the_other_within_the_timeout(tmp_path):
     """Rank 1 crashes (one pair of processes) or hangs (another pair) before iteration 3; rank 0 of each
     pair exits with status 4 and one line naming the failure: at once, or after dist.timeout_s."""
@@ -253,14 +255,33 @@ def test_peer_failure_messages_and_fault_switch():
     assert "waited more than dist.timeout_s=7 s for rank 1" in str(f)
     assert D.peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), d) is None  # a real bug
     assert D.peer_failure(reset, D.Dist(0, 0, 1, torch.device("cpu"), "single")) is None
-    D.maybe_inject_fault(1, 3, {"LBSGD_FAULT_RANK": "1", "LBSGD_FAULT_ITER": "4"})  # other iteration: no-op
-    D.maybe_inject_fault(0, 3, {"LBSGD_FAULT_RANK": "1", "LBSGD_FAULT_ITER": "3"})  # other rank: no-op
+
+
+def test_fault_injection_is_installed_only_when_asked(monkeypatch):
+    batches = iter(range(5))
+    assert D.inject_faults(batches, 0, 0, {}) is batches  # no variable: the epoch's iterator itself, no wrapper
+    assert D.inject_faults(batches, 0, 0, {"LBSGD_FAULT_RANK": "1"}) is batches  # another rank's fault
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(D.os, "_exit", fake_exit)
+    seen = []
+    wrapped = D.inject_faults(iter("abcde"), 1, 10, {"LBSGD_FAULT_RANK": "1", "LBSGD_FAULT_ITER": "12"})
+    with pytest.raises(SystemExit):
+        for b in wrapped:
+            seen.append(b)
+    assert seen == ["a", "b"] and exits == [70]  # iterations 10 and 11 ran; it crashed about to run 12
+    wrapped = D.inject_faults(iter("ab"), 1, 10, {"LBSGD_FAULT_RANK": "1", "LBSGD_FAULT_ITER": "50"})
+    assert list(wrapped) == ["a", "b"] and exits == [70]  # its iteration is not in this epoch
 
 
 def test_sigterm_and_sigusr2_set_the_preemption_flag():
     for sig in (signal.SIGTERM, signal.SIGUSR2):
         before = signal.getsignal(sig)
-        flag = _PreemptionFlag(["SIGTERM", "SIGUSR2"])
+        flag = PreemptionFlag(["SIGTERM", "SIGUSR2"])
         assert not flag.agreed(torch.device("cpu"))
         os.kill(os.getpid(), sig)
         time.sleep(0.01)
@@ -273,9 +294,9 @@ def test_dist_keys_are_checked_and_do_not_name_the_run(tmp_path):
     assert DistConfig().backend == "auto" and DistConfig().timeout_s > 0 and DistConfig().requeue is False
     for args, needle in ((["dist.backend=mpi"], "dist.backend"), (["dist.timeout_s=0"], "dist.timeout_s"),
                          (["dist.backend=nccl", "device=cpu"], "nccl needs CUDA")):
-        proc = run_cli("train", "threads=1", *args)
+        proc = lbsgd("train", "threads=1", *args)
         assert proc.returncode == 2 and proc.stderr.startswith("lbsgd: error:") and needle in proc.stderr
-    job = run_cli("train", "--cfg", "hydra", "--resolve", "batch.k=8", "dist.requeue=true", "dist.timeout_s=30",
+    job = lbsgd("train", "--cfg", "hydra", "--resolve", "batch.k=8", "dist.requeue=true", "dist.timeout_s=30",
                   "batch.workers_per_pass=2")
     assert job.returncode == 0, job.stderr
     run_dir = OmegaConf.create(job.stdout).hydra.run.dir
@@ -285,7 +306,7 @@ def test_dist_keys_are_checked_and_do_not_name_the_run(tmp_path):
 def test_slurm_launcher_config_composes_and_renders_sbatch(tmp_path, monkeypatch):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     submitit = pytest.importorskip("submitit")
-    proc = run_cli("train", "hydra/launcher=slurm", "hydra.launcher.nodes=2", "batch.k=16", "--cfg", "hydra",
+    proc = lbsgd("train", "hydra/launcher=slurm", "hydra.launcher.nodes=2", "batch.k=16", "--cfg", "hydra",
                    "--resolve")
     assert proc.returncode == 0, proc.stderr
     launcher = OmegaConf.to_container(OmegaConf.create(proc.stdout).hydra.launcher)

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lbsgd_cli.data import load_data
+from lbsgd_cli.data import load_data, val_batches
 from lbsgd_cli.distributed import Dist
 from lbsgd_cli.evaluate import load_model_for_eval, recompute_bn_stats
-from lbsgd_cli.train import evaluate
+from lbsgd_cli.engine import evaluate
 
 from .conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow  # every test here evaluates a run trained by `lbsgd train` in a subprocess
 
 # digits, 3 short epochs: the last val error is far from zero, so an error in eval would show.
 TRAIN = ["threads=1", "log.progress=none", "log.tensorboard=false", "schedule.epochs=2", "schedule.warmup_epochs=1",
@@ -81,7 +83,7 @@ def test_torchrun_splits_the_val_set_with_the_numbers_of_one_process(trained, tm
     data = load_data(cfg.data)
     cpu = Dist(0, 0, 1, torch.device("cpu"), "single")
     recompute_bn_stats(model, data, cfg, cpu, batches=2, chunk=50)
-    one = evaluate(model, data, cpu, 50)
+    one = evaluate(model, val_batches(data, 0, 1, 50, cpu.device))
     assert (one["top1_err"], one["top5_err"], one["images"]) == (two["top1_err"], two["top5_err"], two["images"])
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
     assert one["top1_err"] != two["train_last_val"]["top1_err"]  # the recompute did change the statistics

@@ -56,9 +56,13 @@ def test_he_init_and_fc_init():
     assert net.fc.weight.mean().abs().item() < 1e-3 and torch.all(net.fc.bias == 0)
 
 
-def test_bn_momentum_is_paper_09():
-    net = build_model(mcfg("small_cnn"), 10, 1, bn_group=8)
-    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+@pytest.mark.parametrize("arch", ["small_cnn", "cifar_resnet"])
+def test_bn_momentum_reaches_every_bn(arch):
+    """model.bn_momentum is PyTorch's convention (the paper's 0.9 is 0.1 here): a non-default value must
+    reach every BN layer, or a wrong default could hide behind PyTorch's own 0.1."""
+    net = build_model(mcfg(arch, bn_momentum=0.25, bn_eps=1e-3), 10, 3, bn_group=8)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.momentum == 0.25 and m.eps == 1e-3 for m in bns)
 
 
 def test_any_torchvision_classifier_by_name():

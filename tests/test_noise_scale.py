@@ -12,7 +12,7 @@ from torch import nn
 
 from lbsgd_cli.noise_scale import EMA, NoiseScaleEstimator, NoiseScaleProbe, b_simple, g2_estimate, trace_estimate
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, lbsgd
 
 
 def test_estimators_on_tiny_tensors_match_hand_computation():
@@ -89,11 +89,11 @@ def test_probe_recovers_known_noise_scale_of_linear_regression_and_is_read_only(
 
 
 def test_noise_scale_key_needs_two_passes_and_logs_records(tmp_path):
-    bad = run_cli("train", "threads=1", "log.noise_scale=true", "batch.k=4")
+    bad = lbsgd("train", "threads=1", "log.noise_scale=true", "batch.k=4")
     assert bad.returncode == 2 and bad.stderr.startswith("lbsgd: error: log.noise_scale:"), bad.stderr
     assert bad.stderr.count("\n") == 1
     run = tmp_path / "run"
-    proc = run_cli("train", f"hydra.run.dir={run}", "threads=1", "log.progress=none", "log.tensorboard=false",
+    proc = lbsgd("train", f"hydra.run.dir={run}", "threads=1", "log.progress=none", "log.tensorboard=false",
                    "schedule.epochs=1", "schedule.warmup_epochs=0", "schedule.milestones=[1]", "batch.k=4",
                    "batch.n=32", "batch.workers_per_pass=1", "data.train_subset=512", "model.width=8",
                    "log.every=1", "log.noise_scale=true")

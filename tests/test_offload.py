@@ -20,9 +20,9 @@ from lbsgd_cli.memory import CheckpointedStage, enable_stage_checkpointing
 from lbsgd_cli.models import build_model
 from lbsgd_cli.offload import place, remove
 from lbsgd_cli.optim import build_optimizer
-from lbsgd_cli.train import _step
+from lbsgd_cli.engine import StepPlan, train_step
 
-from .conftest import ROOT
+from .conftest import ROOT, lbsgd
 from .test_distributed import _clean_env, _free_port, _weights, max_abs_diff
 
 CPU = Dist(0, 0, 1, torch.device("cpu"), "single")
@@ -81,7 +81,7 @@ def test_bn_recompute_is_the_average_over_workers_batches_and_the_same_in_every_
 
     # first BN by hand: mean over the 3*2 worker batches of n=8 of each batch's channel mean
     model = _model(cfg)
-    loader = TrainLoader(data, 2, 8, 0, 1, cfg.seed, torch.device("cpu"))
+    loader = TrainLoader(data, 2, 8, seed=cfg.seed)
     means = []
     for it, (x, _) in zip(range(3), loader.epoch(0)):
         h = model.features[0](x)
@@ -99,7 +99,8 @@ def test_stage_checkpointing_trains_to_the_same_weights_and_bn_buffers():
     g = torch.Generator().manual_seed(0)
     for _ in range(3):  # two passes of two workers per step, as batch.workers_per_pass=2 does
         x, y = torch.randn(16, 3, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)
-        assert _step(plain, oa, x, y, 4, 2, 4, 1 / 16, 1, CPU) == _step(ckpt, ob, x, y, 4, 2, 4, 1 / 16, 1, CPU)
+        plan = StepPlan(per_process=4, per_pass=2, n=4, loss_scale=1 / 16)
+        assert train_step(plain, oa, (x, y), plan) == train_step(ckpt, ob, (x, y), plan)
     a, b = plain.state_dict(), ckpt.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # weights, running mean/var, num_batches_tracked
 
@@ -185,6 +186,7 @@ def _finish(proc, ok: bool = True) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_fsdp_with_and_without_cpu_offload_trains_like_ddp_and_checkpoints_move_between_them(tmp_path):
     """Both directions of resume, against an uninterrupted 2-process DDP run: (a) FSDP2 + CPU offload +
     stage checkpointing on 2 ranks for 2 iterations, then the rest on 1 plain process; (b) 1 plain process
@@ -220,9 +222,9 @@ def test_fsdp_keys_are_checked_and_one_process_is_refused(tmp_path):
         validate(cfg)
     cfg.device = "cpu"
     validate(cfg)
-    alone = _lbsgd(tmp_path / "alone", FSDP_ON)
-    out, err = alone.communicate(timeout=120)
-    assert alone.returncode != 0 and err.strip().count("\n") == 0, err
+    alone = lbsgd("train", f"hydra.run.dir={tmp_path / 'alone'}", *FSDP_CFG, *FSDP_ON)
+    err = alone.stderr
+    assert alone.returncode == 2 and err.strip().count("\n") == 0, err
     assert err.strip().startswith("lbsgd: error: memory.fsdp:") and "torchrun" in err and ">= 2" in err
 
 
@@ -230,14 +232,17 @@ _UNEVEN_EVAL = """
 import dataclasses
 import os
 from lbsgd_cli import distributed as D
-from lbsgd_cli.memory import shard_model
-from lbsgd_cli.train import evaluate
+from lbsgd_cli.data import val_batches
+from lbsgd_cli.engine import evaluate
+from lbsgd_cli.parallel import FSDP2
 from tests.test_offload import _cfg, _data, _model
 d = D.init_distributed("cpu", 30.0, "gloo")
 data, model = _data(), _model(_cfg())
 data = dataclasses.replace(data, val=type(data.val)(data.val.x[:13], data.val.y[:13]))
-ref = evaluate(model, data, D.Dist(0, 0, 1, d.device, "single"), 4)
-got = evaluate(shard_model(model, d, False), data, d, 3)  # 13 images: rank 0 has 7 (3 batches), rank 1 6 (2)
+ref = evaluate(model, val_batches(data, 0, 1, 4, d.device))
+fsdp = FSDP2(d)
+sharded = fsdp.wrap(model)
+got = evaluate(fsdp.eval_model(sharded), fsdp.val_batches(data, 3), fsdp.reduce_sums)  # 13 images: 7 + 6
 assert abs(ref["loss"] - got["loss"]) < 1e-5 and ref["top1_err"] == got["top1_err"] and got["images"] == 13
 print("same as one process", flush=True)
 D.barrier()
@@ -245,6 +250,7 @@ os._exit(0)  # as lbsgd's CLI leaves a multi-process run: no teardown of gloo's 
 """
 
 
+@pytest.mark.slow
 def test_fsdp_evaluation_with_unequal_shares_of_the_val_set(tmp_path):
     """Every FSDP2 forward all-gathers: a rank with fewer val batches must still run as many forwards."""
     (tmp_path / "uneven.py").write_text(_UNEVEN_EVAL)

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from lbsgd_cli.errors import UserError
+from lbsgd_cli.evaluate import load_model_for_eval
 from lbsgd_cli.quantize import (
     QTensor,
     choose_range,
     dequantize,
     fake_quantize,
     int_range,
-    load_quantized_model,
     pack,
     qparams,
     quantize,
@@ -23,7 +23,7 @@ from lbsgd_cli.quantize import (
     unpack,
 )
 
-from .conftest import run_cli
+from .conftest import lbsgd, run_cli
 
 
 def test_zero_point_is_rounded_not_truncated_and_integer():
@@ -112,6 +112,7 @@ def quantized(digits_model, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_8bit_per_channel_changes_the_default_models_error_by_at_most_half_a_point(quantized):
     result = json.loads((quantized / "quantize.json").read_text())
     rows = {(r["bits"], r["activations"]): r for r in result["rows"]}
@@ -127,19 +128,20 @@ def test_8bit_per_channel_changes_the_default_models_error_by_at_most_half_a_poi
     assert (quantized / "quantize_table.md").exists()
 
 
+@pytest.mark.slow
 def test_integer_checkpoint_round_trips(quantized):
     for name in ("w4_per_channel_sym_minmax.pt", "w8_per_channel_sym_minmax_a8.pt"):
         path = quantized / "quantized" / name
         raw = torch.load(path, weights_only=False)
         assert raw["format"] == "lbsgd-quantized-v1" and raw["config"]["model"]["arch"] == "small_cnn"
-        model, cfg = load_quantized_model(path)
+        model, cfg = load_model_for_eval(path)  # as lbsgd eval reads it
         params = dict(model.named_parameters())
         for key, d in raw["qweights"].items():
             assert d["data"].dtype == torch.int8 and d["zero_point"].dtype == torch.int32
             assert torch.equal(params[key].detach(), QTensor.from_dict(d).dequantize())
         assert bool(raw["activations"]) == name.endswith("_a8.pt")
         x = torch.randn(2, 1, 8, 8)
-        model2, _ = load_quantized_model(path)
+        model2, _ = load_model_for_eval(path)
         assert torch.equal(model(x), model2(x))
 
 
@@ -153,11 +155,12 @@ def test_integer_checkpoint_round_trips(quantized):
     ],
 )
 def test_bad_settings_are_one_line_errors(override, message, tmp_path):
-    proc = run_cli("quantize", f"checkpoint={tmp_path}", override)
+    proc = lbsgd("quantize", f"checkpoint={tmp_path}", override)
     assert proc.returncode == 2 and proc.stderr.startswith(f"lbsgd: error: {message}")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_is_not_a_model_is_a_one_line_error(tmp_path, quantized):
     from omegaconf import OmegaConf
 
@@ -174,6 +177,7 @@ def test_a_checkpoint_that_is_not_a_model_is_a_one_line_error(tmp_path, quantize
     assert "was not written by lbsgd" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_lbsgd_eval_reads_the_quantized_checkpoint(quantized, tmp_path):
     result = json.loads((quantized / "quantize.json").read_text())
     row = next(r for r in result["rows"] if r["bits"] == 4 and r["activations"])

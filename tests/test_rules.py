@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from lbsgd_cli.config import LRRule, Warmup
-from lbsgd_cli.rules import iters_per_epoch, loss_normaliser, lr_at, momentum_correction, peak_lr, worker_slices
+from lbsgd_cli.choices import LRRule, Warmup
+from lbsgd_cli.rules import iters_per_epoch, loss_normaliser, lr_at, momentum_correction, peak_lr
 
-from .conftest import run_cli
+from .conftest import lbsgd
 
 
 def test_linear_scaling_rule_matches_paper_table():
@@ -80,15 +80,14 @@ def test_step_decay_at_milestones():
 def test_remarks_formulas():
     assert loss_normaliser(8, 32) == 256  # Remark 3: kn, not n
     assert momentum_correction(0.2, 0.1) == pytest.approx(2.0)  # Remark 2
-    assert [list(s) for s in worker_slices(range(6), 3, 2)] == [[0, 1], [2, 3], [4, 5]]  # Remark 4
 
 
 @pytest.mark.parametrize("warmup", ["gradual", "constant", "none"])
 def test_run_uses_formula_rate_at_every_iteration(tmp_path, warmup):
     run = tmp_path / "run"
-    proc = run_cli("train", f"hydra.run.dir={run}", "threads=1", "log.progress=none", "log.every=1",
-                   "log.tensorboard=false", "batch.k=8", "batch.n=16", "optim.ref_batch=32", "schedule.epochs=4",
-                   "schedule.warmup_epochs=2", "schedule.milestones=[3]", f"schedule.warmup={warmup}")
+    proc = lbsgd("train", f"hydra.run.dir={run}", "threads=1", "log.progress=none", "log.every=1",
+                 "log.tensorboard=false", "batch.k=8", "batch.n=16", "optim.ref_batch=32", "schedule.epochs=4",
+                 "schedule.warmup_epochs=2", "schedule.milestones=[3]", f"schedule.warmup={warmup}")
     assert proc.returncode == 0, proc.stderr
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     iters = [r for r in recs if "lr" in r]

@@ -1,4 +1,6 @@
-"""End-to-end ``lbsgd train``: the default run, run directory contents, resume, sweeps, bad input."""
+"""End-to-end ``lbsgd train`` in subprocesses: the default run, run directory contents, resume, sweeps, bad images.
+
+The in-process checks of bad input and of the composed configs are in test_cli.py and test_config.py."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import ROOT, SHORT, make_image_tree, run_cli
+from .conftest import ROOT, SHORT, lbsgd, make_image_tree, run_cli
 
 
+@pytest.mark.slow
 def test_default_run_reaches_paper_quality_on_embedded_digits(tmp_path):
     run = tmp_path / "run"
     proc = run_cli("train", f"hydra.run.dir={run}", "log.progress=plain")
@@ -55,6 +58,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     args = [*SHORT, "checkpoint.every_iters=4", "batch.k=2"]
     ref = tmp_path / "ref"
@@ -91,6 +95,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert stopped_at["elapsed_s"] < epochs_run[-1]["time"] <= total
 
 
+@pytest.mark.slow
 def test_other_config_in_same_run_dir_is_refused_and_nothing_is_overwritten(tmp_path):
     run = tmp_path / "run"
     assert run_cli("train", f"hydra.run.dir={run}", *SHORT, "schedule.epochs=1").returncode == 0
@@ -101,6 +106,7 @@ def test_other_config_in_same_run_dir_is_refused_and_nothing_is_overwritten(tmp_
     assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_multirun_sweep_gives_one_run_dir_per_value(tmp_path):
     proc = run_cli("train", "-m", "batch.k=1,2", "schedule.epochs=1", "schedule.warmup=none",
                    "schedule.milestones=[5]", "threads=1", "log.progress=none", f"hydra.sweep.dir={tmp_path}")
@@ -111,47 +117,20 @@ def test_multirun_sweep_gives_one_run_dir_per_value(tmp_path):
         assert f"k: {k}\n" in cfg and (run / "checkpoints" / "last.pt").exists()
 
 
-def test_cfg_job_help_and_usage():
-    job = run_cli("train", "--cfg", "job", "batch.k=256", "experiment=imagenet_8k_gradual")
-    assert job.returncode == 0
-    assert "k: 256" in job.stdout and "arch: resnet50" in job.stdout and "warmup: gradual" in job.stdout
-    assert "base_lr: 0.1" in job.stdout and "ref_batch: 256" in job.stdout
-    helped = run_cli("train", "--help")
-    assert helped.returncode == 0 and "experiment" in helped.stdout and "schedule" in helped.stdout
-    usage = run_cli()
-    assert usage.returncode == 2 and "train" in usage.stdout
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["batch.nope=1"], "unknown config key 'batch.nope'"),
-    (["batch.k=0"], "batch.k"),
-    (["batch.n=-2"], "batch.n"),
-    (["schedule.warmup=linear"], "schedule.warmup"),
-    (["batch.k=abc"], "batch.k"),
-    (["model=resnet51"], "model/resnet51"),
-    (["batch.k=100"], "larger than the training set"),
-    (["data=imagefolder", "data.root=/no/such/dir"], "/no/such/dir does not exist"),
-])
-def test_bad_input_is_one_line_exit_2(args, needle):
-    proc = run_cli("train", "threads=1", *args)
-    assert proc.returncode == 2
-    err = proc.stderr.strip()
-    assert err.startswith("lbsgd: error:") and "\n" not in err and needle in err, err
-    assert "Traceback" not in proc.stdout + proc.stderr
-
-
 def test_bad_images_are_one_line_errors(tmp_path):
     root = make_image_tree(tmp_path / "d", per_class=3, val_per_class=1)
     (root / "train" / "b" / "0002.jpg").write_bytes(b"\x00garbage")
-    proc = run_cli("train", "data=imagefolder", f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}",
-                   "batch.k=1", "batch.n=2", "schedule.epochs=1", "schedule.milestones=[5]", "threads=1")
+    proc = lbsgd("train", "data=imagefolder", f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}",
+                 "batch.k=1", "batch.n=2", "schedule.epochs=1", "schedule.milestones=[5]", "threads=1",
+                 f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and "0002.jpg" in proc.stderr and proc.stderr.strip().count("\n") == 0
     for f in (root / "train" / "b").iterdir():
         f.unlink()
-    proc = run_cli("train", "data=imagefolder", f"data.root={root}", "threads=1")
+    proc = lbsgd("train", "data=imagefolder", f"data.root={root}", "threads=1", f"hydra.run.dir={tmp_path / 'run2'}")
     assert proc.returncode == 2 and "has no images" in proc.stderr and "train/b" in proc.stderr
 
 
+@pytest.mark.slow
 def test_imagefolder_run_end_to_end(tmp_path):
     root = make_image_tree(tmp_path / "d", per_class=16, val_per_class=4)
     run = tmp_path / "run"
@@ -162,6 +141,7 @@ def test_imagefolder_run_end_to_end(tmp_path):
     assert len([x for x in (run / "metrics.jsonl").read_text().splitlines() if "val/err" in x]) == 2
 
 
+@pytest.mark.slow
 def test_config_tree_ships_in_the_wheel(tmp_path):
     wheel_dir = tmp_path / "wheel"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",

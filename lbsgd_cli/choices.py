@@ -1,0 +1,113 @@
+"""Every choice key's values as an Enum: no Hydra, no OmegaConf, no torch.
+
+The config schema (:mod:`lbsgd_cli.config`) types its choice keys with these, so an unknown value is
+rejected when the config is composed; the pure modules (:mod:`lbsgd_cli.rules`, :mod:`lbsgd_cli.optim`)
+import them from here and stay free of the config layer. Each member's value is its name and members
+compare equal to that string (``Warmup.none == "none"``), so they read as plain strings in YAML,
+checkpoints and messages.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """A choice key's value: a string that is also an Enum member."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Warmup(Choice):
+    """Warmup modes of §2.2: ``gradual`` (the paper's), ``constant`` (ablation) and ``none``."""
+
+    gradual = "gradual"
+    constant = "constant"
+    none = "none"
+
+
+class LRRule(Choice):
+    """How the peak rate follows ``k*n`` (§2.1, Table 2a)."""
+
+    linear = "linear"
+    sqrt = "sqrt"
+    none = "none"
+
+
+class MomentumForm(Choice):
+    """Update form of Remark 2: PyTorch's ``v=m*v+g; w-=lr*v`` or the paper's eq. (10)."""
+
+    pytorch = "pytorch"
+    paper = "paper"
+
+
+class Optimizer(Choice):
+    """``sgd`` (§5.1) or ``lars`` (You et al. 2017, beyond the paper); chosen by the ``optim`` group."""
+
+    sgd = "sgd"
+    lars = "lars"
+
+
+class DataName(Choice):
+    digits = "digits"
+    imagefolder = "imagefolder"
+
+
+class Progress(Choice):
+    auto = "auto"
+    rich = "rich"
+    plain = "plain"
+    none = "none"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Backend(Choice):
+    """``dist.backend``: ``auto`` is NCCL on GPUs and gloo on the CPU."""
+
+    auto = "auto"
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class CommHook(Choice):
+    """DDP communication hooks compressing the gradient allreduce (beyond the paper)."""
+
+    none = "none"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    powersgd = "powersgd"
+
+
+class Precision(Choice):
+    """Autocast of forward and loss in training; evaluation is always fp32."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class OffloadMode(Choice):
+    """Seminar, "Reduce memory usage": CPU offloading (``sequential``) and model offloading (``model``)."""
+
+    none = "none"
+    sequential = "sequential"
+    model = "model"
+
+
+class Granularity(Choice):
+    per_channel = "per_channel"
+    per_tensor = "per_tensor"
+
+
+class RangeMethod(Choice):
+    minmax = "minmax"
+    mse = "mse"
+    percentile = "percentile"

@@ -1,0 +1,118 @@
+"""One SGD step and one evaluation: the public core that train, eval, quantize and the benchmarks share.
+
+:func:`train_step` is §2's step on this process's workers: ``per_pass`` workers of ``n`` samples go
+through the network at a time (ghost BN normalises each worker's ``n`` on its own, §2.3), gradients
+accumulate without communication until the last pass, the loss is a sum scaled by ``loss_scale``
+(Remark 3: ``W/(k*n)``, since DDP and FSDP2 average over the ``W`` processes), then one optimizer step
+and one reduction of the BN running statistics. :func:`evaluate` sums top-1/top-5 hits and the loss
+over the batches it is given and reduces the sums with the function it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import unwrap
+from .choices import Precision
+from .ghost_bn import deferred_running_stats, flush_running_stats
+from .metrics import topk_correct
+from .parallel import Parallel
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How one step runs on this process: what :func:`train_step` needs besides the model and the batch."""
+
+    per_process: int  # workers held by this process (k/W)
+    per_pass: int  # workers per forward pass (batch.workers_per_pass, 0 -> per_process)
+    n: int  # samples per worker, the BN batch
+    loss_scale: float  # multiplies the summed loss: W/(k*n) (Remark 3)
+    precision: Precision = Precision.fp32  # bf16: autocast of forward and loss
+    parallel: Parallel | None = field(default=None, compare=False)  # None: one process
+
+    @property
+    def passes(self) -> int:
+        return math.ceil(self.per_process / (self.per_pass or self.per_process))
+
+
+@dataclass
+class StepResult:
+    loss_sum: float  # summed (unscaled) cross-entropy over this process's samples
+    correct: int  # top-1 hits among them
+
+
+def autocast(precision: Precision | str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision of ``precision``: bf16 autocast of forward passes and losses; fp32 does nothing.
+
+    Backward runs outside the context as autocast prescribes; parameters, gradients, the optimizer
+    and BN running statistics stay fp32."""
+    if precision == Precision.fp32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
+               plan: StepPlan) -> StepResult:
+    """One SGD step on this process's share ``batch = (x, y)`` of the global minibatch (§2, §2.3, §3)."""
+    x, y = batch
+    parallel = plan.parallel or _SINGLE
+    passes, chunk = plan.passes, (plan.per_pass or plan.per_process) * plan.n
+    loss_total, correct = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    with deferred_running_stats(unwrap(model)) as bn_layers:
+        for p in range(passes):
+            xs, ys = x[p * chunk : (p + 1) * chunk], y[p * chunk : (p + 1) * chunk]
+            with parallel.grad_sync(model, last_pass=p == passes - 1):
+                with autocast(plan.precision, xs.device):
+                    out = model(xs)
+                    loss = F.cross_entropy(out, ys, reduction="sum")
+                (loss * plan.loss_scale).backward()
+            loss_total += float(loss.detach())
+            correct += int((out.detach().argmax(1) == ys).sum())
+    optimizer.step()
+    flush_running_stats(bn_layers, reduce=parallel.reduce_buffers)
+    return StepResult(loss_total, correct)
+
+
+def _no_reduce(sums: dict[str, float]) -> dict[str, float]:
+    return sums
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+             reduce: Callable[[dict[str, float]], dict[str, float]] = _no_reduce) -> dict[str, float]:
+    """Top-1/top-5 error, mean loss and image count over ``batches``, in eval mode, in fp32.
+
+    ``reduce`` sums the partial sums over processes (:meth:`Parallel.reduce_sums`); a batch whose
+    labels are None is run for its collectives only (FSDP2's padding of uneven val shares)."""
+    was_training = model.training
+    model.eval()
+    sums = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
+    for x, y in batches:
+        out = model(x)
+        if y is None:
+            continue
+        sums["loss"] += float(F.cross_entropy(out, y, reduction="sum"))
+        c1, c5 = topk_correct(out, y)
+        sums["top1"] += c1
+        sums["top5"] += c5
+        sums["count"] += y.shape[0]
+    sums = reduce(sums)
+    model.train(was_training)
+    c = max(sums["count"], 1.0)
+    return {
+        "top1_err": 1.0 - sums["top1"] / c,
+        "top5_err": 1.0 - sums["top5"] / c,
+        "loss": sums["loss"] / c,
+        "images": int(sums["count"]),
+    }
+
+
+_SINGLE = Parallel()  # one process: plain passes, no reductions

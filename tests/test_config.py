@@ -1,0 +1,118 @@
+"""One schema: Enums for the choice keys, no-effect keys derived from field metadata, finite floats,
+YAML that holds only differences, and every experiment preset composing and validating."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from lbsgd_cli import config
+from lbsgd_cli.config import TrainConfig, no_effect_keys, validate
+from lbsgd_cli.errors import UserError
+from lbsgd_cli.rundir import config_difference
+
+from .conftest import ROOT, compose
+
+PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_composes_and_validates(preset, tmp_path):
+    cfg = compose("train", [f"experiment={preset}", f"data.root={tmp_path}"])
+    validate(cfg)
+    assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    if preset.startswith(("cifar", "imagenet")):
+        assert cfg.data.name == "imagefolder"
+    scaled = compose("train", [f"experiment={preset}", f"data.root={tmp_path}", "scale=cpu"])
+    validate(scaled)
+
+
+def test_paper_presets_have_the_papers_numbers():
+    cfg = compose("train", ["experiment=imagenet_8k_gradual", "data.root=/x"])
+    assert (cfg.batch.k * cfg.batch.n, cfg.model.arch, cfg.schedule.epochs, list(cfg.schedule.milestones)) == (
+        8192, "resnet50", 90, [30, 60, 80])
+    assert cfg.optim.base_lr * cfg.batch.k * cfg.batch.n / cfg.optim.ref_batch == pytest.approx(3.2)
+
+
+def test_no_effect_keys_come_from_the_schema_and_reach_hydra():
+    keys = no_effect_keys("train")
+    assert {"batch.eval_batch", "batch.workers_per_pass", "offload.mode", "memory.fsdp", "log.every", "device",
+            "threads", "data.root", "dist.backend", "dist.timeout_s", "checkpoint.every_iters"} <= set(keys)
+    assert not {"batch.k", "batch.n", "optim.base_lr", "precision", "seed", "dist.comm_hook", "data.val_subset",
+                "deterministic", "data.in_memory"} & set(keys)
+    assert no_effect_keys("eval") == ["eval.batch", "data.cache_dir", "data.num_workers", "device", "threads"]
+    for command in ("train", "eval"):
+        hydra = compose(command, ["checkpoint=x"] if command == "eval" else [], return_hydra=True).hydra
+        assert list(hydra.job.config.override_dirname.exclude_keys) == no_effect_keys(command)
+
+
+def test_resume_check_ignores_exactly_the_no_effect_keys():
+    base = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
+
+    def changed(key: str, value) -> dict:
+        new = OmegaConf.create(base)
+        OmegaConf.update(new, key, value)
+        return OmegaConf.to_container(new)
+
+    assert config_difference(base, changed("batch.eval_batch", 64)) is None  # named the run before: a bug
+    assert config_difference(base, changed("offload.mode", "model")) is None
+    assert config_difference(base, changed("memory.fsdp", True)) is None
+    assert config_difference(base, changed("precision", "bf16")) == "precision: 'fp32' -> 'bf16'"
+    assert config_difference(base, changed("optim.base_lr", 0.2)) == "optim.base_lr: 0.1 -> 0.2"
+
+
+def _float_keys() -> list[str]:
+    return [key for key, kind, _ in config._leaves(TrainConfig) if config._is_float(kind)]
+
+
+def test_every_float_key_rejects_nan_and_inf():
+    keys = _float_keys()
+    assert {"optim.base_lr", "schedule.gamma", "schedule.warmup_epochs", "model.bn_momentum", "data.mean",
+            "dist.timeout_s", "optim.lars_eta"} <= set(keys)
+    good = compose("train")
+    validate(good)
+    for key in keys:
+        for bad in (math.nan, math.inf, -math.inf):
+            cfg = good.copy()
+            OmegaConf.update(cfg, key, [bad, 0.5, 0.5] if key in ("data.mean", "data.std") else bad)
+            with pytest.raises(UserError, match=f"^{key}: must be a finite number") as e:
+                validate(cfg)
+            assert "\n" not in str(e.value)
+
+
+def _schema_default(schema_cfg, group: str, key_path: str):
+    return OmegaConf.select(schema_cfg, f"{group}.{key_path}" if group else key_path, default="<absent>")
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").glob("*/*.yaml")
+                                        if p.parent.name in ("data", "model", "optim", "schedule", "scale")))
+def test_group_yaml_holds_only_what_differs_from_the_schema(path):
+    text = (ROOT / "conf" / path).read_text()
+    values = yaml.safe_load(text) or {}
+    group = "" if "@package _global_" in text else Path(path).parent.name
+    schema = OmegaConf.structured(TrainConfig)
+    for key, value in _leaves({k: v for k, v in values.items() if k != "defaults"}):
+        if value == "???":
+            continue
+        assert _schema_default(schema, group, key) != value, f"{path}: {key} repeats the schema's default"
+
+
+def test_rules_and_optim_do_not_depend_on_the_config_layer():
+    for module in ("rules", "optim", "choices"):
+        tree = ast.parse((ROOT / "lbsgd_cli" / f"{module}.py").read_text())
+        imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {"config", "hydra", "omegaconf"} & {m.split(".")[0] for m in imported}, (module, imported)
