@@ -72,6 +72,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # ---- model (§5.1 init, ghost BN over n) and optimizer (§5.1 parameter groups)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.in_channels, bn_group=n).to(device)
+    if cfg.model.channels_last:  # NHWC weights; _step and evaluate convert the inputs
+        model = model.to(memory_format=torch.channels_last)
     if cfg.memory.checkpointing:  # same result, less activation memory (lbsgd_cli/memory.py)
         enable_stage_checkpointing(model)
     if cfg.memory.fsdp:  # FSDP2: 1/W of parameters, gradients and optimizer state per process (memory.py)
@@ -137,7 +139,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 lr = rate(iteration)
                 set_lr(optimizer, lr)
                 loss_sum, correct = _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist,
-                                          precision=cfg.precision)
+                                          precision=cfg.precision, channels_last=cfg.model.channels_last)
                 iteration += 1
                 start_in_epoch += 1
                 images_this_epoch += k * n
@@ -166,7 +168,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                         + (f"; {note}" if note else ""))
             train_time = time.monotonic() - t_epoch
             sums = D.reduce_scalars(epoch_sums, device)
-            last_val = evaluate(model, data, dist, cfg.batch.eval_batch)  # fp32 in every precision, as lbsgd eval
+            # fp32 in every precision, as lbsgd eval
+            last_val = evaluate(model, data, dist, cfg.batch.eval_batch, cfg.model.channels_last)
             epoch += 1
             start_in_epoch = 0
             record = {
@@ -222,7 +225,8 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist, precision="fp32") -> tuple[float, int]:
+def _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist, precision="fp32",
+          channels_last=False) -> tuple[float, int]:
     """One SGD step on this process's workers: passes of ``per_pass`` workers, one allreduce."""
     passes = math.ceil(per_process / per_pass)
     chunk = per_pass * n
@@ -232,6 +236,8 @@ def _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist,
     with deferred_running_stats(inner) as bn_layers:
         for p in range(passes):
             xs, ys = x[p * chunk : (p + 1) * chunk], y[p * chunk : (p + 1) * chunk]
+            if channels_last:
+                xs = xs.contiguous(memory_format=torch.channels_last)
             sync = p == passes - 1
             ctx = contextlib.nullcontext()
             if is_sharded(model):  # FSDP2's no_sync: keep unsharded gradients until the last pass
@@ -251,7 +257,7 @@ def _step(model, optimizer, x, y, per_process, per_pass, n, loss_scale, W, dist,
 
 
 @torch.no_grad()
-def evaluate(model, data, dist, batch_size: int) -> dict[str, float]:
+def evaluate(model, data, dist, batch_size: int, channels_last: bool = False) -> dict[str, float]:
     """Top-1/top-5 error and mean loss on the val set, split over processes and summed."""
     was_training = model.training
     model.eval()
@@ -259,6 +265,8 @@ def evaluate(model, data, dist, batch_size: int) -> dict[str, float]:
     seen, x = 0, None
     for x, y in val_batches(data, dist.rank, dist.world_size, batch_size, dist.device):
         seen += 1
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         out = unwrap(model)(x)
         sums["loss"] += float(F.cross_entropy(out, y, reduction="sum"))
         c1, c5 = topk_correct(out, y)
