@@ -238,6 +238,17 @@ def test_deferred_passes_and_cumulative_momentum_equal_former_algorithm(fmt):
         assert int(new.num_batches_tracked) == 3
 
 
+def test_gradient_in_the_other_memory_format():
+    """Autograd may hand back an NCHW gradient for a channels_last output (and the reverse)."""
+    for fmt, other in (("channels_last", "nchw"), ("nchw", "channels_last")):
+        new, ref = _new_and_reference(4, 2)
+        x = torch.randn(8, 4, 3, 5, dtype=torch.float64).contiguous(memory_format=_FORMATS[fmt])
+        dy = torch.randn(8, 4, 3, 5, dtype=torch.float64).contiguous(memory_format=_FORMATS[other])
+        (y, dx, grads), (y_ref, dx_ref, grads_ref) = _run_both(new, ref, x, dy)
+        _close("grad_input", dx, dx_ref)
+        _close("grad_weight", grads[0], grads_ref[0])
+
+
 def test_no_affine_no_tracking_and_frozen_input_equal_former_algorithm():
     x = torch.randn(12, 3, 4, 4, dtype=torch.float64)
     dy = torch.randn_like(x)
