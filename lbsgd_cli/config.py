@@ -86,6 +86,10 @@ class ModelConfig:
     bn_momentum: float = 0.1  # PyTorch convention; the paper's 0.9
     bn_eps: float = 1e-5
     fc_init_std: float = 0.01  # final FC from N(0, 0.01^2)
+    # NHWC (torch.channels_last) weights and activations: the same network, faster convolutions on GPUs
+    # and oneDNN CPUs; conv kernels then sum in another order, so results differ in the last bits and the
+    # key names the run like any other
+    channels_last: bool = False
 
 
 @dataclass

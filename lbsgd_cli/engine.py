@@ -35,6 +35,7 @@ class StepPlan:
     n: int  # samples per worker, the BN batch
     loss_scale: float  # multiplies the summed loss: W/(k*n) (Remark 3)
     precision: Precision = Precision.fp32  # bf16: autocast of forward and loss
+    channels_last: bool = False  # model.channels_last: each pass's input in NHWC, like the model's weights
     parallel: Parallel | None = field(default=None, compare=False)  # None: one process
 
     @property
@@ -69,6 +70,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[
     with deferred_running_stats(unwrap(model)) as bn_layers:
         for p in range(passes):
             xs, ys = x[p * chunk : (p + 1) * chunk], y[p * chunk : (p + 1) * chunk]
+            if plan.channels_last:
+                xs = xs.contiguous(memory_format=torch.channels_last)
             with parallel.grad_sync(model, last_pass=p == passes - 1):
                 with autocast(plan.precision, xs.device):
                     out = model(xs)
@@ -87,7 +90,8 @@ def _no_reduce(sums: dict[str, float]) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
-             reduce: Callable[[dict[str, float]], dict[str, float]] = _no_reduce) -> dict[str, float]:
+             reduce: Callable[[dict[str, float]], dict[str, float]] = _no_reduce, *,
+             channels_last: bool = False) -> dict[str, float]:
     """Top-1/top-5 error, mean loss and image count over ``batches``, in eval mode, in fp32.
 
     ``reduce`` sums the partial sums over processes (:meth:`Parallel.reduce_sums`); a batch whose
@@ -96,7 +100,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     model.eval()
     sums = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
     for x, y in batches:
-        out = model(x)
+        out = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
         if y is None:
             continue
         sums["loss"] += float(F.cross_entropy(out, y, reduction="sum"))

@@ -50,7 +50,7 @@ def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
                 for b, old in zip(bn.buffers(recurse=False), buffers):
                     b.copy_(old)
                 if isinstance(bn, GhostBatchNorm2d):
-                    bn._pending = pending
+                    bn.restore_pending_stats(pending)
 
 
 class CheckpointedStage(nn.Sequential):

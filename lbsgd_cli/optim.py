@@ -72,21 +72,39 @@ class PaperSGD(torch.optim.Optimizer):
             prev_lr = group.get("prev_lr", lr)
             scale = momentum_correction(lr, prev_lr) if self.correction else 1.0
             group["prev_lr"] = lr
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    u = state["momentum_buffer"] = g.mul(lr)
-                else:
-                    u = state["momentum_buffer"]
-                    u.mul_(m * scale).add_(g, alpha=lr)
-                if group["nesterov"]:
-                    p.sub_(u, alpha=m).sub_(g, alpha=lr)
-                else:
-                    p.sub_(u)
+            params, grads = _with_grads(group)
+            if not params:
+                continue
+            # One multi-tensor op per line (torch._foreach_*) instead of a Python loop over parameters.
+            g = grads if wd == 0 else torch._foreach_add(grads, params, alpha=wd)
+            u = _momentum_buffers(self.state, params, g, first=lambda d: torch._foreach_mul(d, lr),
+                                  update=lambda bufs, d: (torch._foreach_mul_(bufs, m * scale),
+                                                          torch._foreach_add_(bufs, d, alpha=lr)))
+            if group["nesterov"]:
+                torch._foreach_sub_(params, u, alpha=m)
+                torch._foreach_sub_(params, g, alpha=lr)
+            else:
+                torch._foreach_sub_(params, u)
         return loss
+
+
+def _with_grads(group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The group's parameters that have a gradient, and their gradients."""
+    params = [p for p in group["params"] if p.grad is not None]
+    return params, [p.grad for p in params]
+
+
+def _momentum_buffers(state: dict, params: list, d: list, first, update) -> list[torch.Tensor]:
+    """Each parameter's momentum buffer after this step: ``first(d)`` for parameters without one
+    (the first step), ``update(bufs, d)`` in place for the others; returned in ``params``' order."""
+    new = [i for i, p in enumerate(params) if "momentum_buffer" not in state[p]]
+    old = [i for i, p in enumerate(params) if "momentum_buffer" in state[p]]
+    if old:
+        update([state[params[i]]["momentum_buffer"] for i in old], [d[i] for i in old])
+    if new:
+        for i, buf in zip(new, first([d[i] for i in new])):
+            state[params[i]]["momentum_buffer"] = buf
+    return [state[p]["momentum_buffer"] for p in params]
 
 
 class LARS(torch.optim.Optimizer):
@@ -109,23 +127,20 @@ class LARS(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             lr, m, wd, eta = group["lr"], group["momentum"], group["weight_decay"], group["eta"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                d = g if wd == 0 else g.add(p, alpha=wd)
-                if group["trust"]:
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    ratio = eta * w_norm / (g_norm + wd * w_norm)
-                    d = d.mul(torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio)))
-                if m != 0:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        buf = state["momentum_buffer"] = d.clone()
-                    else:
-                        buf = state["momentum_buffer"].mul_(m).add_(d)
-                    d = d.add(buf, alpha=m) if group["nesterov"] else buf
-                p.sub_(d, alpha=lr)
+            params, grads = _with_grads(group)
+            if not params:
+                continue
+            d = grads if wd == 0 else torch._foreach_add(grads, params, alpha=wd)
+            if group["trust"]:
+                w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
+                ratio = eta * w_norm / (g_norm + wd * w_norm)
+                local = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+                d = torch._foreach_mul(d, list(local.unbind(0)))  # new tensors: p.grad is left as it is
+            if m != 0:
+                bufs = _momentum_buffers(self.state, params, d, first=lambda x: [t.clone() for t in x],
+                                         update=lambda b, x: (torch._foreach_mul_(b, m), torch._foreach_add_(b, x)))
+                d = torch._foreach_add(d, bufs, alpha=m) if group["nesterov"] else bufs
+            torch._foreach_sub_(params, d, alpha=lr)
         return loss
 
 

@@ -67,7 +67,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         optimizer = build_optimizer(unwrap(model), cfg.optim, rate(0))
         plan = StepPlan(per_process=k // W, per_pass=cfg.batch.workers_per_pass or k // W, n=n,
                         loss_scale=W / loss_normaliser(k, n),  # Remark 3: sum/(k*n); DDP's mean over W undone
-                        precision=cfg.precision, parallel=parallel)
+                        precision=cfg.precision, channels_last=cfg.model.channels_last, parallel=parallel)
 
         # ---- resume from the run directory, or start it
         state = rundir.resume_or_start(cfg, model, optimizer)
@@ -81,7 +81,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             while state.epoch < cfg.schedule.epochs:
                 images, seconds = train_one_epoch(loop, state)
                 last_val = evaluate(parallel.eval_model(model),  # fp32 in every precision, as lbsgd eval
-                                    parallel.val_batches(data, cfg.batch.eval_batch), parallel.reduce_sums)
+                                    parallel.val_batches(data, cfg.batch.eval_batch), parallel.reduce_sums,
+                                    channels_last=cfg.model.channels_last)
                 end_epoch(loop, state, last_val, images / max(seconds, 1e-9), data.num_classes)
         except RuntimeError as exc:  # a rank died or hangs: a one-line PeerFailure, not a traceback
             failure = D.peer_failure(exc, dist, state.iteration)
@@ -100,6 +101,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def _build_model(cfg: DictConfig, data: DataSource, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.in_channels, bn_group=cfg.batch.n).to(device)
+    if cfg.model.channels_last:  # NHWC weights; train_step and evaluate convert the inputs
+        model = model.to(memory_format=torch.channels_last)
     if cfg.memory.checkpointing:  # same result, less activation memory (lbsgd_cli/memory.py)
         enable_stage_checkpointing(model)
     return model

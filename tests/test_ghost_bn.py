@@ -102,3 +102,208 @@ def test_convert_keeps_state():
     convert_to_ghost_bn(net, 2)
     assert isinstance(net[1], GhostBatchNorm2d) and isinstance(net[2][0], GhostBatchNorm2d)
     assert net[1].group_size == 2 and float(net[1].running_mean[0]) == pytest.approx(0.3)
+
+
+# --------------------------------------------------------------------------- the copy-free ghost BN against the former one
+#
+# _ReferenceGhostBN is the former algorithm, kept here as the reference: the batch transposed to
+# (n, g*C, H, W) so that one batch_norm call normalises each (worker, channel) pair.
+
+
+class _ReferenceGhostBN(nn.BatchNorm2d):
+    def __init__(self, num_features: int, group_size: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.group_size = group_size
+        self.defer = False
+        self._pending = None
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        b, c = x.shape[0], x.shape[1]
+        n = self.group_size
+        g = b // n
+        xt = x.reshape(g, n, c, *x.shape[2:]).transpose(0, 1).reshape(n, g * c, *x.shape[2:])
+        weight = self.weight.repeat(g) if self.weight is not None else None
+        bias = self.bias.repeat(g) if self.bias is not None else None
+        dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        mean_buf = torch.zeros(g * c, dtype=dt)
+        var_buf = torch.ones_like(mean_buf)
+        track = self.track_running_stats and self.running_mean is not None
+        y = nn.functional.batch_norm(xt, mean_buf if track else None, var_buf if track else None, weight, bias,
+                                     True, 1.0, self.eps)
+        if track:
+            means, vars_ = mean_buf.view(g, c), var_buf.view(g, c)
+            with torch.no_grad():
+                if self.defer:
+                    if self._pending is None:
+                        self._pending = [means.sum(0), vars_.sum(0), torch.tensor(g)]
+                    else:
+                        self._pending[0] += means.sum(0)
+                        self._pending[1] += vars_.sum(0)
+                        self._pending[2] += g
+                else:
+                    self._apply_update(means.mean(0), vars_.mean(0))
+        return y.reshape(n, g, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+
+    @torch.no_grad()
+    def _apply_update(self, mean, var):
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(var.to(self.running_var.dtype), momentum)
+
+    def flush(self):
+        p, self._pending = self._pending, None
+        self._apply_update(p[0] / p[2].to(p[0].dtype), p[1] / p[2].to(p[0].dtype))
+
+
+def _new_and_reference(c, n, dtype=torch.float64, **kw):
+    torch.manual_seed(1)
+    new = GhostBatchNorm2d(c, n, **kw).to(dtype)
+    ref = _ReferenceGhostBN(c, n, **kw).to(dtype)
+    with torch.no_grad():
+        if new.affine:
+            new.weight.uniform_(0.5, 1.5)
+            new.bias.uniform_(-0.5, 0.5)
+        if new.track_running_stats:
+            new.running_mean.uniform_(-1, 1)
+            new.running_var.uniform_(0.5, 2)
+    ref.load_state_dict(new.state_dict())
+    return new, ref
+
+
+_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+MAX_DIFF: dict[str, float] = {}  # largest float64 difference seen per quantity (printed by -s runs)
+
+
+def _close(name, a, b, tol=1e-12):
+    """Equal within float64 roundoff: ``tol`` relative to the quantity's scale."""
+    diff = float((a - b).detach().abs().max()) if a.numel() else 0.0
+    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
+    assert diff <= tol * max(1.0, float(b.detach().abs().max())), f"{name}: {diff}"
+
+
+def _run_both(new, ref, x, dy, mode="train"):
+    out = []
+    for m in (new, ref):
+        m.train(mode == "train")
+        for p in m.parameters():
+            p.grad = None
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.backward(dy)
+        out.append((y, xi.grad, [p.grad for p in m.parameters()]))
+    return out
+
+
+@pytest.mark.parametrize("g", [1, 4, 32])
+@pytest.mark.parametrize("fmt", list(_FORMATS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_copy_free_equals_former_algorithm_float64(g, fmt, mode):
+    c, n = 6, 3
+    new, ref = _new_and_reference(c, n)
+    x = (torch.randn(g * n, c, 5, 4, dtype=torch.float64) * 3 + 1).contiguous(memory_format=_FORMATS[fmt])
+    dy = torch.randn(g * n, c, 5, 4, dtype=torch.float64).contiguous(memory_format=_FORMATS[fmt])
+    for _ in range(2):  # two steps: running statistics move twice
+        (y, dx, grads), (y_ref, dx_ref, grads_ref) = _run_both(new, ref, x, dy, mode)
+    _close("output", y, y_ref)
+    _close("grad_input", dx, dx_ref)
+    _close("grad_weight", grads[0], grads_ref[0])
+    _close("grad_bias", grads[1], grads_ref[1])
+    _close("running_mean", new.running_mean, ref.running_mean)
+    _close("running_var", new.running_var, ref.running_var)
+    assert int(new.num_batches_tracked) == int(ref.num_batches_tracked) == (2 if mode == "train" else 0)
+    if mode == "train":
+        assert y.is_contiguous(memory_format=_FORMATS[fmt]) and dx.is_contiguous(memory_format=_FORMATS[fmt])
+
+
+@pytest.mark.parametrize("fmt", list(_FORMATS))
+def test_deferred_passes_and_cumulative_momentum_equal_former_algorithm(fmt):
+    """Several passes under deferred_running_stats, flushed once; momentum=None (cumulative average)."""
+    for momentum in (0.1, None):
+        new, ref = _new_and_reference(4, 2, momentum=momentum)
+        for step in range(3):
+            x = torch.randn(16, 4, 3, 3, dtype=torch.float64).contiguous(memory_format=_FORMATS[fmt])
+            with deferred_running_stats(nn.Sequential(new)) as layers:
+                ref.defer = True
+                for part in (x[:4], x[4:]):  # 2 then 6 workers per pass
+                    new(part)
+                    ref(part)
+            ref.defer = False
+            flush_running_stats(layers)
+            ref.flush()
+            _close("running_mean", new.running_mean, ref.running_mean)
+            _close("running_var", new.running_var, ref.running_var)
+        assert int(new.num_batches_tracked) == 3
+
+
+def test_gradient_in_the_other_memory_format():
+    """Autograd may hand back an NCHW gradient for a channels_last output (and the reverse)."""
+    for fmt, other in (("channels_last", "nchw"), ("nchw", "channels_last")):
+        new, ref = _new_and_reference(4, 2)
+        x = torch.randn(8, 4, 3, 5, dtype=torch.float64).contiguous(memory_format=_FORMATS[fmt])
+        dy = torch.randn(8, 4, 3, 5, dtype=torch.float64).contiguous(memory_format=_FORMATS[other])
+        (y, dx, grads), (y_ref, dx_ref, grads_ref) = _run_both(new, ref, x, dy)
+        _close("grad_input", dx, dx_ref)
+        _close("grad_weight", grads[0], grads_ref[0])
+
+
+def test_no_affine_no_tracking_and_frozen_input_equal_former_algorithm():
+    x = torch.randn(12, 3, 4, 4, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    for kw in ({"affine": False}, {"track_running_stats": False}):
+        new, ref = _new_and_reference(3, 3, **kw)
+        (y, dx, _), (y_ref, dx_ref, _) = _run_both(new, ref, x, dy)
+        _close("output", y, y_ref)
+        _close("grad_input", dx, dx_ref)
+    new, ref = _new_and_reference(3, 3)
+    for m in (new, ref):  # input that needs no gradient: weight and bias gradients only
+        m(x).mul(dy).sum().backward()
+    _close("grad_weight", new.weight.grad, ref.weight.grad)
+    _close("grad_bias", new.bias.grad, ref.bias.grad)
+
+
+def test_one_value_per_channel_is_still_an_error():
+    _, ghost = _pair(n=1)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ghost(torch.randn(4, 5, 1, 1))
+
+
+def test_forward_makes_no_host_to_device_tensor(monkeypatch):
+    """The pending group count is filled on the device: no torch.tensor(int, device=...) per BN layer."""
+    _, ghost = _pair(n=2)
+
+    def forbidden(*a, **k):
+        raise AssertionError("torch.tensor in the forward pass")
+
+    monkeypatch.setattr(torch, "tensor", forbidden)
+    with deferred_running_stats(nn.Sequential(ghost)) as layers:
+        ghost(torch.randn(8, 5, 2, 2))
+        ghost(torch.randn(4, 5, 2, 2))
+    flush_running_stats(layers)
+    assert int(ghost.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("fmt", list(_FORMATS))
+def test_bf16_autocast_keeps_fp32_statistics(fmt):
+    torch.manual_seed(0)
+    ghost = GhostBatchNorm2d(8, 4)
+    fp32 = copy.deepcopy(ghost)
+    x = (torch.randn(16, 8, 6, 6) * 2 + 0.5).contiguous(memory_format=_FORMATS[fmt])
+    xb = x.to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ghost(xb)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16 and y.is_contiguous(memory_format=_FORMATS[fmt])
+    assert ghost.running_mean.dtype == ghost.running_var.dtype == ghost.weight.grad.dtype == torch.float32
+    y32 = fp32(x.to(torch.bfloat16).float())  # same rounded input, fp32 arithmetic
+    torch.testing.assert_close(y.float(), y32, rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(ghost.running_mean, fp32.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ghost.running_var, fp32.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_print_max_float64_differences():
+    """Run last (-s shows it): the largest differences measured above."""
+    print("\nmax abs difference, copy-free vs former ghost BN (float64):",
+          ", ".join(f"{k} {v:.1e}" for k, v in sorted(MAX_DIFF.items())))

@@ -179,3 +179,113 @@ def test_optim_lars_group_composes_and_optim_name_is_refused():
         "(the group also sets its base_lr)\n")
     proc = lbsgd("train", "threads=1", "optim=adam")
     assert proc.returncode == 2 and proc.stderr.startswith("lbsgd: error: unknown config choice 'optim/adam'")
+
+
+# --------------------------------------------------------------------------- multi-tensor steps against the former loops
+#
+# PaperSGD and LARS step with torch._foreach_* ops; the functions below are their former per-parameter
+# loops, kept as the reference.
+
+
+def _paper_sgd_loop(groups, state, correction=True):
+    from lbsgd_cli.rules import momentum_correction
+
+    for group in groups:
+        lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+        prev_lr = group.get("prev_lr", lr)
+        scale = momentum_correction(lr, prev_lr) if correction else 1.0
+        group["prev_lr"] = lr
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+            st = state.setdefault(id(p), {})
+            if "momentum_buffer" not in st:
+                u = st["momentum_buffer"] = g.mul(lr)
+            else:
+                u = st["momentum_buffer"]
+                u.mul_(m * scale).add_(g, alpha=lr)
+            if group["nesterov"]:
+                p.sub_(u, alpha=m).sub_(g, alpha=lr)
+            else:
+                p.sub_(u)
+
+
+def _lars_loop(groups, state):
+    for group in groups:
+        lr, m, wd, eta = group["lr"], group["momentum"], group["weight_decay"], group["eta"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            d = g if wd == 0 else g.add(p, alpha=wd)
+            if group["trust"]:
+                w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                ratio = eta * w_norm / (g_norm + wd * w_norm)
+                d = d.mul(torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio)))
+            if m != 0:
+                st = state.setdefault(id(p), {})
+                if "momentum_buffer" not in st:
+                    buf = st["momentum_buffer"] = d.clone()
+                else:
+                    buf = st["momentum_buffer"].mul_(m).add_(d)
+                d = d.add(buf, alpha=m) if group["nesterov"] else buf
+            p.sub_(d, alpha=lr)
+
+
+def _random_params():
+    """Weights, biases, a zero tensor (LARS: |w| = 0) and a parameter without a gradient, in float64."""
+    torch.manual_seed(3)
+    shapes = [(4, 3, 3, 3), (4,), (10, 4), (10,), (5, 5), (7,)]
+    ps = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    ps[4].zero_()
+    return ps
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("correction", [False, True])
+def test_paper_sgd_foreach_step_equals_per_parameter_loop(nesterov, correction):
+    ps_new, ps_ref = _random_params(), _random_params()
+    opt = PaperSGD([{"params": ps_new[:2], "weight_decay": 1e-3}, {"params": ps_new[2:], "weight_decay": 0.0}],
+                   lr=0.1, momentum=0.9, nesterov=nesterov, correction=correction)
+    ref_groups = [{**g, "params": ref} for g, ref in zip(opt.param_groups, (ps_ref[:2], ps_ref[2:]))]
+    state: dict = {}
+    for step, lr in enumerate([0.1, 0.2, 0.4, 0.4, 0.04, 0.04]):  # warmup, constant, a drop: Remark 2's correction
+        for g in (*opt.param_groups, *ref_groups):
+            g["lr"] = lr
+        grads = [torch.randn_like(p) for p in ps_new]
+        for i, (a, b) in enumerate(zip(ps_new, ps_ref)):
+            a.grad, b.grad = (None, None) if i == 5 and step < 3 else (grads[i].clone(), grads[i].clone())
+        opt.step()
+        _paper_sgd_loop(ref_groups, state, correction)
+        for a, b in zip(ps_new, ps_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # bit for bit
+            assert torch.equal(a.grad, b.grad) if a.grad is not None else b.grad is None  # gradients left alone
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_lars_foreach_step_equals_per_parameter_loop(nesterov, momentum):
+    from lbsgd_cli.optim import LARS
+
+    if nesterov and momentum == 0:
+        pytest.skip("Nesterov needs momentum")
+    ps_new, ps_ref = _random_params(), _random_params()
+    # decayed weights with the trust ratio, a decayed plain group, an undecayed trust group holding the zero
+    # tensor (|w| = 0: local rate 1), an undecayed plain group
+    spec = [(slice(0, 1), 1e-4, True), (slice(1, 2), 1e-4, False), (slice(2, 5), 0.0, True), (slice(5, 6), 0.0, False)]
+    groups = [{"params": ps_new[s], "weight_decay": wd, "trust": t} for s, wd, t in spec]
+    opt = LARS(groups, lr=0.5, momentum=momentum, nesterov=nesterov, eta=0.01)
+    ref_groups = [{**g, "params": ps_ref[s]} for g, (s, _, _) in zip(opt.param_groups, spec)]
+    state: dict = {}
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in ps_new]
+        if step == 1:
+            grads[0].zero_()  # |g| = 0: local rate 1
+        for i, (a, b) in enumerate(zip(ps_new, ps_ref)):
+            a.grad, b.grad = (None, None) if i == 5 and step < 2 else (grads[i].clone(), grads[i].clone())
+        opt.step()
+        _lars_loop(ref_groups, state)
+        for a, b in zip(ps_new, ps_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # bit for bit
+            assert torch.equal(a.grad, b.grad) if a.grad is not None else b.grad is None

@@ -1,0 +1,204 @@
+"""Training-step speed of ghost BN (issue 13, item 2) and of bf16 against fp32, on the CPU.
+
+ResNet-20 (CIFAR, ``model.arch=cifar_resnet``, depth 20) at batch 128, one training step
+(forward, cross-entropy, backward, SGD step) with
+
+- ``plain``: ``nn.BatchNorm2d`` over the whole batch (no ghost BN),
+- ``former``: the ghost BN before issue 13 (the batch transposed ``(g*n, C) -> (n, g*C)``,
+  one ``batch_norm`` call, transposed back), kept here for this comparison only,
+- ``copy-free``: :class:`lbsgd_cli.ghost_bn.GhostBatchNorm2d` (one native BN call per
+  worker's slice, a view),
+
+at g = 1, 4 and 32 workers per pass (n = 128/g), in NCHW and channels_last, fp32 and bf16
+autocast. Optionally torchvision's ResNet-50 at 224x224, fp32 against bf16.
+
+The machine is shared and noisy: one thread, every variant runs one step per round, the
+order of the variants reverses every round, and each ratio is the median over rounds of the
+ratio within a round. Usage::
+
+    PYTHONPATH=. python scripts/bench_ghost_bn.py [--rounds 9] [--r50-rounds 3] [--no-r50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from lbsgd_cli.ghost_bn import GhostBatchNorm2d
+from lbsgd_cli.models import build_model
+
+
+class FormerGhostBatchNorm2d(nn.BatchNorm2d):
+    """The ghost BN before issue 13 (training statistics over groups of ``group_size``), for comparison."""
+
+    def __init__(self, num_features: int, group_size: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        b, c = x.shape[0], x.shape[1]
+        n = self.group_size
+        g = b // n
+        xt = x.reshape(g, n, c, *x.shape[2:]).transpose(0, 1).reshape(n, g * c, *x.shape[2:])
+        weight = self.weight.repeat(g) if self.weight is not None else None
+        bias = self.bias.repeat(g) if self.bias is not None else None
+        dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        mean_buf = torch.zeros(g * c, device=x.device, dtype=dt)
+        var_buf = torch.ones_like(mean_buf)
+        y = F.batch_norm(xt, mean_buf, var_buf, weight, bias, True, 1.0, self.eps)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean_buf.view(g, c).mean(0), self.momentum)
+            self.running_var.lerp_(var_buf.view(g, c).mean(0), self.momentum)
+        return y.reshape(n, g, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+
+
+def to_former(module: nn.Module) -> nn.Module:
+    for name, child in module.named_children():
+        if isinstance(child, GhostBatchNorm2d):
+            new = FormerGhostBatchNorm2d(child.num_features, child.group_size, eps=child.eps, momentum=child.momentum)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            to_former(child)
+    return module
+
+
+class Variant:
+    def __init__(self, key, model, x, y, precision):
+        self.key, self.model, self.x, self.y, self.precision = key, model, x, y, precision
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.times: list[float] = []
+
+    def step(self) -> float:
+        t = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
+        with ctx:
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        return time.perf_counter() - t
+
+
+def resnet20_variants(batch: int) -> list[Variant]:
+    mcfg = OmegaConf.create({"arch": "cifar_resnet", "depth": 20, "width": 32, "zero_init_residual": True,
+                             "bn_momentum": 0.1, "bn_eps": 1e-5, "fc_init_std": 0.01})
+    torch.manual_seed(0)
+    x0, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    out = []
+    for fmt in ("nchw", "channels_last"):
+        mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        x = x0.contiguous(memory_format=mf)
+        for precision in ("fp32", "bf16"):
+            torch.manual_seed(0)
+            plain = build_model(mcfg, 10, 3, bn_group=None)
+            out.append(Variant((fmt, precision, "plain", 0), plain.to(memory_format=mf), x, y, precision))
+            for g in (1, 4, 32):
+                torch.manual_seed(0)
+                new = build_model(mcfg, 10, 3, bn_group=batch // g)
+                old = to_former(copy.deepcopy(new))
+                out.append(Variant((fmt, precision, "former", g), old.to(memory_format=mf), x, y, precision))
+                out.append(Variant((fmt, precision, "copy-free", g), new.to(memory_format=mf), x, y, precision))
+    return out
+
+
+def resnet50_variants(batch: int) -> list[Variant]:
+    mcfg = OmegaConf.create({"arch": "resnet50", "depth": 0, "width": 0, "zero_init_residual": True,
+                             "bn_momentum": 0.1, "bn_eps": 1e-5, "fc_init_std": 0.01})
+    torch.manual_seed(0)
+    x0, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
+    out = []
+    for fmt, precision in (("nchw", "fp32"), ("nchw", "bf16"), ("channels_last", "fp32"), ("channels_last", "bf16")):
+        mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        torch.manual_seed(0)
+        model = build_model(mcfg, 1000, 3, bn_group=batch).to(memory_format=mf)
+        out.append(Variant((fmt, precision), model, x0.contiguous(memory_format=mf), y, precision))
+    return out
+
+
+def run_rounds(variants: list[Variant], rounds: int, warmup: int = 2) -> None:
+    for v in variants:
+        for _ in range(warmup):
+            v.step()
+    for r in range(rounds):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            v.times.append(v.step())
+
+
+def paired_ratio(a: Variant, b: Variant) -> float:
+    """Median over rounds of speed(a)/speed(b) = time(b)/time(a), both measured in the same round."""
+    return statistics.median(tb / ta for ta, tb in zip(a.times, b.times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--r50-batch", type=int, default=16)
+    ap.add_argument("--r50-rounds", type=int, default=3)
+    ap.add_argument("--no-r50", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t0 = time.monotonic()
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+    vs = resnet20_variants(args.batch)
+    run_rounds(vs, args.rounds)
+    by = {v.key: v for v in vs}
+
+    def ips(v: Variant) -> float:
+        return args.batch / statistics.median(v.times)
+
+    print(f"\nResNet-20 (CIFAR), batch {args.batch}, training step (forward, loss, backward, SGD); "
+          f"img/s = batch / median step time over {args.rounds} rounds; ratios: median of per-round ratios\n")
+    print("| format | precision | workers/pass g | n | plain BN img/s | former ghost BN img/s | copy-free img/s "
+          "| copy-free / former | copy-free / plain |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for fmt in ("nchw", "channels_last"):
+        for precision in ("fp32", "bf16"):
+            plain = by[(fmt, precision, "plain", 0)]
+            for g in (1, 4, 32):
+                old, new = by[(fmt, precision, "former", g)], by[(fmt, precision, "copy-free", g)]
+                print(f"| {fmt} | {precision} | {g} | {args.batch // g} | {ips(plain):.0f} | {ips(old):.0f} | "
+                      f"{ips(new):.0f} | {paired_ratio(new, old):.2f} | {paired_ratio(new, plain):.2f} |")
+    print("\nbf16 autocast against fp32, same format and BN (copy-free ghost BN):\n")
+    print("| format | g | fp32 img/s | bf16 img/s | bf16 / fp32 | channels_last / NCHW (bf16) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for fmt in ("nchw", "channels_last"):
+        for g in (1, 4, 32):
+            a, b = by[(fmt, "fp32", "copy-free", g)], by[(fmt, "bf16", "copy-free", g)]
+            cl = paired_ratio(by[("channels_last", "bf16", "copy-free", g)], by[("nchw", "bf16", "copy-free", g)])
+            print(f"| {fmt} | {g} | {ips(a):.0f} | {ips(b):.0f} | {paired_ratio(b, a):.2f} | {cl:.2f} |")
+    print(f"\n(ResNet-20 part: {time.monotonic() - t0:.0f} s)")
+
+    if not args.no_r50:
+        t1 = time.monotonic()
+        vs50 = resnet50_variants(args.r50_batch)
+        run_rounds(vs50, args.r50_rounds, warmup=1)
+        by50 = {v.key: v for v in vs50}
+        base = by50[("nchw", "fp32")]
+        print(f"\nResNet-50 (torchvision), 224x224, batch {args.r50_batch} (one worker: ghost BN = plain BN), "
+              f"{args.r50_rounds} rounds\n")
+        print("| format | precision | img/s | / fp32 NCHW |")
+        print("|---|---|---:|---:|")
+        for v in vs50:
+            print(f"| {v.key[0]} | {v.key[1]} | {args.r50_batch / statistics.median(v.times):.1f} | "
+                  f"{paired_ratio(v, base):.2f} |")
+        print(f"\n(ResNet-50 part: {time.monotonic() - t1:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
