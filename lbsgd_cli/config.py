@@ -40,7 +40,9 @@ class BatchConfig:
 
     k: int = 4  # workers in the paper's sense (simulated when k > processes)
     n: int = 32  # samples per worker = BN batch
-    workers_per_pass: int = no_effect(0)  # workers in one forward pass; 0 = all of a process's workers
+    # workers in one forward pass: auto (engine.pass_workers: cache-sized passes on a CPU, all of a process's
+    # workers on a GPU) | 0 (all of them) | a number. Same result up to float roundoff (README, "Guarantee").
+    workers_per_pass: Any = no_effect("auto")
     eval_batch: int = no_effect(256)  # images per forward pass at evaluation
 
 
@@ -315,7 +317,10 @@ def validate(cfg: DictConfig | Any) -> None:
     for key, value, what in positive:
         if value <= 0:
             _fail(key, f"must be {what}, got {value}")
-    at_least_0 = (("batch.workers_per_pass", b.workers_per_pass), ("optim.weight_decay", o.weight_decay),
+    if b.workers_per_pass != "auto" and (not isinstance(b.workers_per_pass, int) or isinstance(
+            b.workers_per_pass, bool) or b.workers_per_pass < 0):
+        _fail("batch.workers_per_pass", f"must be auto or a number of workers >= 0, got {b.workers_per_pass!r}")
+    at_least_0 = (("optim.weight_decay", o.weight_decay),
                   ("schedule.warmup_epochs", s.warmup_epochs), ("data.train_subset", d.train_subset),
                   ("data.val_subset", d.val_subset))
     for key, value in at_least_0:
@@ -362,7 +367,7 @@ def _validate_beyond(cfg: DictConfig | Any) -> None:
         _fail("dist.comm_hook", "is a DDP communication hook; memory.fsdp reduce-scatters with FSDP2 instead")
     if cfg.log.noise_scale:
         b = cfg.batch
-        if not 0 < b.workers_per_pass < b.k:
+        if b.workers_per_pass == "auto" or not 0 < b.workers_per_pass < b.k:
             _fail("log.noise_scale", f"needs >= 2 forward passes per step: set 0 < batch.workers_per_pass < k/W "
                   f"(k = {b.k}), got {b.workers_per_pass}")
         if cfg.memory.fsdp:

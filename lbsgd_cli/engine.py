@@ -26,12 +26,33 @@ from .metrics import topk_correct
 from .parallel import Parallel
 
 
+# batch.workers_per_pass=auto on a CPU: passes of at most this many samples. Small passes keep a layer's
+# activations in cache; on this project's CPU (ResNet-8/20, n = 32) one or two workers per pass train
+# 1.2-2.6x faster than all 32 of kn = 1024 in one pass (scripts/bench_passes.py, results/performance.md).
+CPU_PASS_SAMPLES = 64
+
+
+def pass_workers(setting: int | str, per_process: int, n: int, device: torch.device) -> int:
+    """Workers per forward pass for ``batch.workers_per_pass = setting`` (``auto``, 0 = all, or a number).
+
+    ``auto`` on a CPU: the largest divisor of ``per_process`` whose pass holds at most
+    :data:`CPU_PASS_SAMPLES` samples (at least one worker); on an accelerator all of the process's workers
+    in one pass (the fastest there; set a number when that does not fit in memory). The choice changes only
+    the order in which gradients are summed (README, "Guarantee")."""
+    if setting == "auto":
+        if device.type != "cpu":
+            return per_process
+        fit = max(1, CPU_PASS_SAMPLES // n)
+        return max(d for d in range(1, min(fit, per_process) + 1) if per_process % d == 0)
+    return min(int(setting), per_process) or per_process
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """How one step runs on this process: what :func:`train_step` needs besides the model and the batch."""
 
     per_process: int  # workers held by this process (k/W)
-    per_pass: int  # workers per forward pass (batch.workers_per_pass, 0 -> per_process)
+    per_pass: int  # workers per forward pass (:func:`pass_workers` of batch.workers_per_pass)
     n: int  # samples per worker, the BN batch
     loss_scale: float  # multiplies the summed loss: W/(k*n) (Remark 3)
     precision: Precision = Precision.fp32  # bf16: autocast of forward and loss

@@ -27,7 +27,7 @@ from .checkpoint import unwrap
 from .choices import LRRule, Warmup
 from .config import validate
 from .data import DataSource, TrainLoader, load_data
-from .engine import StepPlan, evaluate, train_step
+from .engine import StepPlan, evaluate, pass_workers, train_step
 from .errors import Preempted, UserError
 from .memory import enable_stage_checkpointing
 from .metrics import MetricsLogger, Progress
@@ -65,7 +65,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         model = parallel.wrap(_build_model(cfg, data, parallel.device))
         rate, peak = learning_rate(cfg, ipe)
         optimizer = build_optimizer(unwrap(model), cfg.optim, rate(0))
-        plan = StepPlan(per_process=k // W, per_pass=cfg.batch.workers_per_pass or k // W, n=n,
+        per_pass = pass_workers(cfg.batch.workers_per_pass, k // W, n, parallel.device)
+        plan = StepPlan(per_process=k // W, per_pass=per_pass, n=n,
                         loss_scale=W / loss_normaliser(k, n),  # Remark 3: sum/(k*n); DDP's mean over W undone
                         precision=cfg.precision, channels_last=cfg.model.channels_last, parallel=parallel)
 
@@ -286,7 +287,9 @@ def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, co
     print(
         f"lbsgd train: {cfg.model.arch} on {cfg.data.name} ({data.train_size} train / {data.val_size} val), "
         f"kn = {k}x{n} = {k * n} on {W} process(es), peak lr {peak:.4g}, {loop.ipe} iters/epoch x "
-        f"{cfg.schedule.epochs} epochs{resumed}\nrun dir: {loop.rundir.path}",
+        f"{cfg.schedule.epochs} epochs{resumed}\n{loop.plan.passes} forward pass(es) of {loop.plan.per_pass} "
+        f"worker(s) per step and process (batch.workers_per_pass={cfg.batch.workers_per_pass})\n"
+        f"run dir: {loop.rundir.path}",
         flush=True,
     )
     if W > 1:
