@@ -167,6 +167,16 @@ def cell(runs: list[Run]) -> str:
     return text + (f" ({div} diverged)" if div else "")
 
 
+def last(runs: list[Run]) -> str:
+    """The last epoch's train and val error in percent, averaged over the runs that did not diverge."""
+    ok = [r for r in runs if not r.diverged and r.epochs]
+    if not ok:
+        return "diverged" if runs else "-"
+    train = statistics.mean(r.epochs[-1]["train/err"] for r in ok)
+    val = statistics.mean(r.epochs[-1]["val/err"] for r in ok)
+    return f"{100 * train:.2f} / {100 * val:.2f}"
+
+
 def seeds(runs: list[Run]) -> str:
     return ",".join(str(s) for s in sorted({r.row["seed"] for r in runs}))
 
@@ -174,15 +184,16 @@ def seeds(runs: list[Run]) -> str:
 def tables(study: Study) -> list[str]:
     """Markdown: every setting, Table 1, the kn ladder (Fig. 1), Tables 2a and 2b."""
     out = ["All runs (val error %, median of the last 5 epochs; mean ± std over seeds)", "",
-           "| kn | lr | warmup | rule | zero-gamma | epochs | steps | val error % | seeds |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| kn | lr | warmup | rule | zero-gamma | epochs | steps | val error % | last epoch: train / val error % "
+           "| seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in study.runs:
         x = r.row
         groups[(x["kn"], x["lr"], x["warmup"], x["rule"], str(x["zero_gamma"]), x["epochs"])].append(r)
     for (kn, lr, warmup, rule, zg, ep), rs in sorted(groups.items()):
         steps = max(r.row["steps"] for r in rs)
-        out.append(f"| {kn} | {lr:.3g} | {warmup} | {rule} | {zg} | {ep} | {steps} | {cell(rs)} | {seeds(rs)} |")
+        out.append(f"| {kn} | {lr:.3g} | {warmup} | {rule} | {zg} | {ep} | {steps} | {cell(rs)} | {last(rs)} "
+                   f"| {seeds(rs)} |")
     base = study.baseline()
     if study.large_kn is not None:
         out += ["", "Table 1: warmup at the large kn", "", "| setting | kn | lr | val error % | seeds |",
@@ -316,14 +327,29 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-figures", action="store_true", help="tables and summary.csv only (no matplotlib needed)")
     args = ap.parse_args(argv)
     runs = find_runs(args.paths)
-    study = Study.of(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     write_summary(runs, args.out / "summary.csv")
-    lines = tables(study)
-    (args.out / "tables.md").write_text("\n".join(lines) + "\n")
+    studies = split_studies(runs)
+    lines: list[str] = []
+    for name, members in studies.items():
+        if len(studies) > 1:  # several networks or schedules: one set of tables and figures each
+            lines += [f"## {name}", ""]
+        lines += tables(Study.of(members)) + [""]
+    (args.out / "tables.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    print(f"\nwrote {args.out / 'summary.csv'} ({len(runs)} runs), {args.out / 'tables.md'}", file=sys.stderr)
+    print(f"wrote {args.out / 'summary.csv'} ({len(runs)} runs), {args.out / 'tables.md'}", file=sys.stderr)
     if not args.no_figures:
-        for p in figures(study, args.out):
-            print(f"wrote {p}", file=sys.stderr)
+        for name, members in studies.items():
+            out = args.out / name if len(studies) > 1 else args.out
+            out.mkdir(exist_ok=True)
+            for p in figures(Study.of(members), out):
+                print(f"wrote {p}", file=sys.stderr)
     return 0
+
+
+def split_studies(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by network and planned epochs: only runs of one study are compared with each other."""
+    out: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        out[f"{r.row['arch']}_{r.cfg['schedule']['epochs']}ep"].append(r)
+    return dict(sorted(out.items()))

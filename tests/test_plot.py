@@ -18,7 +18,7 @@ def make_run(root: Path, name: str, k: int, warmup: str = "gradual", seed: int =
     d = root / name
     d.mkdir(parents=True)
     cfg = {"batch": {"k": k, "n": 32}, "optim": {"base_lr": 0.1, "ref_batch": 128, "lr_rule": rule},
-           "schedule": {"warmup": warmup}, "model": {"arch": "cifar_resnet", "depth": 8,
+           "schedule": {"warmup": warmup, "epochs": 3}, "model": {"arch": "cifar_resnet", "depth": 8,
                                                       "zero_init_residual": zero_gamma},
            "seed": seed, "precision": "bf16"}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -87,3 +87,15 @@ def test_no_runs_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert err.startswith("lbsgd: error: no run") and err.count("\n") == 1
     assert main(["plot", str(tmp_path / "missing")]) == 2
+
+
+def test_runs_of_other_networks_are_another_study(study_dir: Path, tmp_path: Path) -> None:
+    other = make_run(study_dir, "resnet20", 64, "none")
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["model"]["depth"] = 20
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "two"
+    assert main(["plot", str(study_dir), "--out", str(out), "--no-figures"]) == 0
+    text = (out / "tables.md").read_text()
+    assert "## cifar_resnet-20_3ep" in text and "## cifar_resnet-8_3ep" in text
+    assert "| none warmup | 2048 | 1.6 | diverged | 0 |" in text  # the depth-20 run is not mixed into it
