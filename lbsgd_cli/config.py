@@ -109,7 +109,10 @@ class DataConfig:
     train_subset: int = 0  # use only this many training images (stratified); 0 = all
     val_fraction: float = 0.2  # digits only: held-out share
     val_subset: int = 0  # imagefolder: evaluate on this many val images (stratified, fixed); 0 = all
-    num_workers: int = no_effect(2)  # streaming loaders only
+    # streaming loaders only: DataLoader worker processes, or "auto" = the CPUs this process may use (its
+    # affinity, or SLURM's CPUs per task shared by the ranks of one task) less one for training
+    # (lbsgd_cli.data.resolve_num_workers). Any, not int, so that "auto" and 8 both parse
+    num_workers: Any = no_effect("auto")
     cache_dir: Optional[str] = no_effect(None)  # decoded in-memory sets are cached here; None = ~/.cache/lbsgd
     mean: Optional[list[float]] = None  # None = computed from the training set (in memory) or ImageNet's
     std: Optional[list[float]] = None
@@ -231,7 +234,7 @@ class EvalDataConfig:
 
     root: Optional[str] = None
     cache_dir: Optional[str] = no_effect(None)
-    num_workers: Optional[int] = no_effect(None)
+    num_workers: Any = no_effect(None)  # "auto" or an int >= 0
 
 
 @dataclass
@@ -321,6 +324,7 @@ def validate(cfg: DictConfig | Any) -> None:
     for key, value in at_least_0:
         if value < 0:
             _fail(key, f"must be >= 0, got {value}")
+    check_num_workers(d.num_workers)
     if not 0 <= o.momentum < 1:
         _fail("optim.momentum", f"must be in [0, 1), got {o.momentum}")
     if o.nesterov and o.momentum == 0:
@@ -402,8 +406,18 @@ def validate_eval(cfg: DictConfig | Any) -> None:
         _fail("eval.bn_recompute", f"must be >= 0 training minibatches (0 = off), got {cfg.eval.bn_recompute}")
     if cfg.eval.batch < 0:
         _fail("eval.batch", f"must be >= 0 (0 = the checkpoint's batch.eval_batch), got {cfg.eval.batch}")
-    if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
-        _fail("data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.num_workers is not None:
+        check_num_workers(cfg.data.num_workers)
+
+
+def check_num_workers(value: Any) -> None:
+    """``data.num_workers``: "auto" or an integer >= 0 (a digit string from the command line counts)."""
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+        _fail("data.num_workers", f'must be "auto" or an integer >= 0, got {value!r}')
+    if int(value) < 0:
+        _fail("data.num_workers", f"must be >= 0, got {value}")
 
 
 def as_list(value: Any) -> list[Any]:
