@@ -390,16 +390,18 @@ class RandomResizedCropDecode:
         self._log_ratio = torch.log(torch.tensor(ratio))
 
     def box(self, height: int, width: int, g: torch.Generator | None) -> tuple[int, int, int, int]:
-        """``(top, left, h, w)``: torchvision's ``RandomResizedCrop.make_params``, draw for draw."""
+        """``(top, left, h, w)``: torchvision's ``RandomResizedCrop.make_params``, draw for draw (the same
+        kernels on the same generator: ``randint`` is ``random_``; one-element buffers are reused)."""
         area, lr = height * width, self._log_ratio
+        u, e, r = torch.empty(1), torch.empty(1), torch.empty(1, dtype=torch.int64)
         for _ in range(10):
-            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1], generator=g).item()
-            aspect = torch.exp(torch.empty(1).uniform_(lr[0], lr[1], generator=g)).item()  # type: ignore[arg-type]
+            target_area = area * u.uniform_(self.scale[0], self.scale[1], generator=g).item()
+            aspect = torch.exp(u.uniform_(lr[0], lr[1], generator=g), out=e).item()  # type: ignore[arg-type]
             w = int(round(math.sqrt(target_area * aspect)))
             h = int(round(math.sqrt(target_area / aspect)))
             if 0 < w <= width and 0 < h <= height:
-                i = torch.randint(0, height - h + 1, size=(1,), generator=g).item()
-                j = torch.randint(0, width - w + 1, size=(1,), generator=g).item()
+                i = r.random_(0, height - h + 1, generator=g).item()
+                j = r.random_(0, width - w + 1, generator=g).item()
                 return int(i), int(j), h, w
         in_ratio = float(width) / float(height)  # fallback: central crop
         if in_ratio < min(self.ratio):
@@ -636,17 +638,23 @@ def device_batches(batches, device: torch.device, mean: torch.Tensor, std: torch
     the training stream waits for that stream before it takes the batch, and the batch's memory is marked
     as used by the training stream (``record_stream``) so the allocator does not reuse it too early. On
     other devices the DataLoader's own prefetching (its workers) is all there is."""
+    scale, shift = 1.0 / (255.0 * std), mean / std  # (x/255 - mean)/std as x*scale - shift: two passes
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return x.float().mul_(scale).sub_(shift)
+
     if device.type != "cuda":
         for x, y in batches:
-            yield normalise(x.to(device), mean, std), y.to(device)
+            yield norm(x.to(device)), y.to(device)
         return
     side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))  # scale and shift are made on the current stream
 
     def load(batch):
         x, y = batch
         with torch.cuda.stream(side):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            return normalise(x, mean, std), y
+            return norm(x), y
 
     it = iter(batches)
     ahead = next(it, None)
