@@ -612,6 +612,12 @@ class TrainLoader:
         return normalise(x, self._mean, self._std), y.to(self.device, non_blocking=True)
 
     def _streaming_epoch(self, epoch: int, start_iter: int, perm: torch.Tensor):
+        yield from device_batches(self.host_batches(epoch, start_iter, perm), self.device, self._mean, self._std)
+
+    def host_batches(self, epoch: int, start_iter: int = 0, perm: torch.Tensor | None = None):
+        """The streaming path's uint8 ``(x, y)`` batches as the workers deliver them (before the device)."""
+        if perm is None:
+            perm = epoch_permutation(self.data.train_size, self.seed, epoch)
         batches = []
         for it in range(start_iter, self.iters):
             base = it * self.kn
@@ -621,7 +627,7 @@ class TrainLoader:
         if self._loader is None:  # one loader, persistent workers; the sampler is re-filled per epoch
             self._loader = _loader(self._dataset, self._batches, self.data.num_workers, self.device.type == "cuda")
         self._batches.batches = batches
-        yield from device_batches(self._loader, self.device, self._mean, self._std)
+        yield from self._loader
 
 
 def _loader(dataset, batch_sampler, workers: int, pin: bool) -> torch.utils.data.DataLoader:

@@ -168,6 +168,7 @@ class Side:
             self.loader = former_loader(ds, _Batches(self), workers)
         elif split == "train":
             self.loader = TrainLoader(data, 1, kn, seed=0, device="cpu")
+        self.uint8 = kind == "new-uint8"
 
     def run(self) -> float:
         self.epoch += 1
@@ -176,7 +177,9 @@ class Side:
                 self.batches = epoch_keys(self.data, self.kn, 0, self.epoch)
             return rate(self.loader)
         if self.split == "train":
-            return rate(self.loader.epoch(self.epoch))
+            return rate(self.loader.host_batches(self.epoch) if self.uint8 else self.loader.epoch(self.epoch))
+        if self.uint8:
+            return rate(self.data.val_loader(0, self.data.val_size, self.kn, False))
         return rate(val_batches(self.data, 0, 1, self.kn, torch.device("cpu")))
 
 
@@ -240,31 +243,32 @@ def main() -> None:
         if folder != root:
             label += ", 800-1200 px"
         for split in splits:
-            former, new = Side("former", split, data, workers, args.batch), Side("new", split, data, workers, args.batch)
-            rf, rn, ratios = [], [], []
+            sides = [Side(kind, split, data, workers, args.batch) for kind in ("former", "new", "new-uint8")]
+            times: list[list[float]] = [[], [], []]
             for r in range(args.rounds):
-                if r % 2:
-                    b, a = new.run(), former.run()
-                else:
-                    a, b = former.run(), new.run()
-                rf.append(a)
-                rn.append(b)
-                ratios.append(b / a)
-            row = (split, label, statistics.median(rf), statistics.median(rn),
-                   statistics.median(ratios), min(ratios), max(ratios))
+                order = [0, 1, 2] if r % 2 == 0 else [2, 1, 0]
+                got = {i: sides[i].run() for i in order}
+                for i in range(3):
+                    times[i].append(got[i])
+            ratios = [b / a for a, b in zip(times[0], times[1])]
+            ratios8 = [b / a for a, b in zip(times[0], times[2])]
+            row = (split, label, *(statistics.median(t) for t in times), statistics.median(ratios),
+                   statistics.median(ratios8), min(ratios), max(ratios))
             rows.append(row)
-            print(f"{row[0]:5s} {row[1]:24s} former {row[2]:7.1f} img/s  new {row[3]:7.1f} img/s  "
-                  f"new/former {row[4]:.2f} (rounds {row[5]:.2f}-{row[6]:.2f})", flush=True)
-            del former, new
+            print(f"{split:5s} {label:24s} former {row[2]:6.1f}  new {row[3]:6.1f}  new uint8 {row[4]:6.1f} img/s  "
+                  f"new/former {row[5]:.2f} (rounds {row[7]:.2f}-{row[8]:.2f})  uint8/former {row[6]:.2f}",
+                  flush=True)
+            del sides
             gc.collect()  # their workers are gone before the next loader forks its own
         if workers == 0:
             share = draft_share(data, data.dcfg.crop_size)
             print(f"training crops decoded at reduced size in {folder} (crop {data.dcfg.crop_size}): {share:.1%}",
                   flush=True)
-    print("\n| split | mode | former img/s | new img/s | new / former (median of rounds) | range |")
-    print("|---|---|---:|---:|---:|---|")
-    for split, mode, f, n, ratio, lo, hi in rows:
-        print(f"| {split} | {mode} | {f:.0f} | {n:.0f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} |")
+    print("\n| split | mode | former img/s | new img/s | new, uint8 out img/s | new / former | range | "
+          "uint8 out / former |")
+    print("|---|---|---:|---:|---:|---:|---|---:|")
+    for split, mode, f, n, n8, ratio, ratio8, lo, hi in rows:
+        print(f"| {split} | {mode} | {f:.0f} | {n:.0f} | {n8:.0f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} | {ratio8:.2f} |")
 
 
 if __name__ == "__main__":
