@@ -6,9 +6,12 @@ global minibatch of ``k*n``):
 - **in memory** (small images, e.g. CIFAR-10, digits): every image is decoded once
   into a uint8 tensor (cached on disk) and augmented on the device as a batch
   (pad-and-crop, flip, normalise);
-- **streaming** (ImageNet-sized images): files decoded by DataLoader workers with the
-  paper's augmentation (scale and aspect-ratio crop, flip, normalise), pinned memory,
-  persistent workers.
+- **streaming** (ImageNet-sized images): files decoded by DataLoader workers (persistent, as
+  many as ``data.num_workers``, ``auto``: :func:`resolve_num_workers`) with the paper's
+  augmentation (scale and aspect-ratio crop, a JPEG decoded at reduced size where the crop
+  allows, flip) into uint8 batches, which are copied to the device (pinned memory; on CUDA the
+  next batch on a side stream) and normalised there (:func:`device_batches`); one persistent
+  val loader per run.
 
 Remark 4 (§3): one random permutation of the training set per epoch, cut into
 minibatches of ``k*n``, each divided among the ``k`` workers ``n`` at a time; the last
