@@ -652,7 +652,7 @@ def device_batches(batches, device: torch.device, mean: torch.Tensor, std: torch
     def norm(x: torch.Tensor) -> torch.Tensor:
         return x.float().mul_(scale).sub_(shift)
 
-    if device.type != "cuda":
+    if not _side_stream_prefetch(device):
         for x, y in batches:
             yield norm(x.to(device)), y.to(device)
         return
@@ -677,6 +677,11 @@ def device_batches(batches, device: torch.device, mean: torch.Tensor, std: torch
         nxt = next(it, None)
         ahead = load(nxt) if nxt is not None else None  # issued before batch i is handed over
         yield x, y
+
+
+def _side_stream_prefetch(device: torch.device) -> bool:
+    """Whether :func:`device_batches` prefetches on a CUDA side stream (CUDA devices only)."""
+    return device.type == "cuda"
 
 
 def resolve_num_workers(value, environ=None, affinity: int | None = None) -> int:

@@ -340,3 +340,55 @@ def test_num_workers_is_auto_or_a_count(value, ok):
     else:
         with pytest.raises(UserError, match="data.num_workers"):
             check_num_workers(value)
+
+
+def test_device_batches_prefetch_on_a_side_stream_with_cuda_stubbed(monkeypatch):
+    """The CUDA path's order on the CPU: batch i+1 is issued on the side stream before batch i is handed
+    over; the training stream waits for the side stream and records each batch it takes."""
+    import contextlib
+
+    import lbsgd_cli.data as D
+
+    events = []
+
+    class FakeStream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+    main = FakeStream("main")
+    current = [main]
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(D, "_side_stream_prefetch", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: events.append(f"record {stream.name}"),
+                        raising=False)
+    batches = [(torch.full((2, 3, 4, 4), 10 * i, dtype=torch.uint8), torch.tensor([i, i])) for i in range(3)]
+
+    def source():
+        for i, b in enumerate(batches):
+            events.append(f"load {i} on {current[-1].name}")
+            yield b
+
+    mean, std = _mean_std()
+    got = []
+    for x, y in D.device_batches(source(), torch.device("cpu"), mean, std):
+        events.append(f"train {int(y[0])}")
+        got.append((x, y))
+    assert events == ["side waits main", "load 0 on main",
+                      "main waits side", "record main", "record main", "load 1 on main", "train 0",
+                      "main waits side", "record main", "record main", "load 2 on main", "train 1",
+                      "main waits side", "record main", "record main", "train 2"]
+    for (x, y), (xu, yu) in zip(got, batches):
+        torch.testing.assert_close(x, normalise(xu, mean, std), rtol=0, atol=1e-5)
+        assert torch.equal(y, yu)
