@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .choices import (Backend, CommHook, DataName, Device, Granularity, LRRule, MomentumForm, OffloadMode, Optimizer,
-                      Precision, Progress, RangeMethod, Warmup)
+from .choices import (Backend, CommHook, DataName, Decode, Device, Granularity, LRRule, MomentumForm, OffloadMode,
+                      Optimizer, Precision, Progress, RangeMethod, Warmup)
 from .errors import UserError
 
 # Field metadata of a key whose value does not change the result (weights, metrics): it does not name
@@ -114,6 +114,9 @@ class DataConfig:
     # (lbsgd_cli.data.resolve_num_workers). Any, not int, so that "auto" and 8 both parse
     num_workers: Any = no_effect("auto")
     cache_dir: Optional[str] = no_effect(None)  # decoded in-memory sets are cached here; None = ~/.cache/lbsgd
+    # streaming loaders only: cpu (PIL in the workers) | gpu (decode_jpeg on the device, roi_align crops:
+    # the same crop boxes, other resampling, so it names the run)
+    decode: Decode = Decode.cpu
     mean: Optional[list[float]] = None  # None = computed from the training set (in memory) or ImageNet's
     std: Optional[list[float]] = None
 

@@ -468,14 +468,85 @@ class ResizeCenterCropDecode:
         return x[:, top : top + self.crop, left : left + self.crop].contiguous()
 
 
+class RawCrop:
+    """``data.decode=gpu``, the worker side: the file's bytes (a JPEG; any other file is decoded here into
+    uint8 CHW), its crop box in original pixels ``(x0, y0, x1, y1)`` and the flip. The box and flip are
+    drawn as :class:`RandomResizedCropDecode` draws them (train) or are :class:`ResizeCenterCropDecode`'s
+    centre crop mapped back to the original image (val); :func:`decode_on_device` does the rest."""
+
+    def __init__(self, train: RandomResizedCropDecode | None = None, val: ResizeCenterCropDecode | None = None):
+        self.train, self.val = train, val
+
+    def box(self, width: int, height: int, g: torch.Generator | None) -> tuple[tuple[float, ...], bool]:
+        if self.train is not None:
+            top, left, h, w = self.train.box(height, width, g)
+            flip = self.train.flip and torch.rand(1, generator=g).item() < 0.5
+            return (left, top, left + w, top + h), flip
+        v = self.val
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = v.resize, int(v.resize * long / short)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        top, left = int(round((new_h - v.crop) / 2.0)), int(round((new_w - v.crop) / 2.0))
+        sx, sy = width / new_w, height / new_h
+        return (left * sx, top * sy, (left + v.crop) * sx, (top + v.crop) * sy), False
+
+    def __call__(self, im, g: torch.Generator | None):
+        box, flip = self.box(*im.size, g)
+        if getattr(im, "format", None) == "JPEG":
+            with open(im.filename, "rb") as f:
+                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        else:
+            data = _pil_to_uint8(im).contiguous()
+        return data, torch.tensor(box, dtype=torch.float32), flip
+
+
+def collate_raw(items):
+    """Batches of :class:`RawCrop` samples: ``((list of bytes or images, boxes (B, 4), flips (B,)), labels)``."""
+    return ([it[0][0] for it in items], torch.stack([it[0][1] for it in items]),
+            torch.tensor([it[0][2] for it in items])), torch.tensor([it[1] for it in items])
+
+
+def decode_on_device(raw, size: int, device: torch.device) -> torch.Tensor:
+    """``data.decode=gpu``: decode a batch of JPEGs on ``device`` (``torchvision.io.decode_jpeg``, nvJPEG on
+    CUDA) and crop each box to ``size`` x ``size`` by ``roi_align`` (bilinear, ``ceil(box / size)`` samples
+    per output pixel and axis: an area average when shrinking), flip; float32 in [0, 255]."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.ops import roi_align
+
+    datas, boxes, flips = raw
+    jpeg = [i for i, d in enumerate(datas) if d.dim() == 1]
+    images = [d.to(device, non_blocking=True) if d.dim() == 3 else None for d in datas]
+    if jpeg:
+        try:
+            decoded = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as exc:
+            raise UserError(f"data.decode=gpu: cannot decode a JPEG of this batch: {first_line(exc)}") from None
+        for i, img in zip(jpeg, decoded):
+            images[i] = img
+    out = torch.empty(len(images), 3, size, size, device=device)
+    rois = torch.cat([torch.zeros(len(images), 1), boxes], 1).to(device, non_blocking=True)  # image 0 of 1 each
+    for i, (img, b) in enumerate(zip(images, boxes.tolist())):  # the host copy of the boxes: no device sync
+        ratio = max(1, math.ceil(max(b[2] - b[0], b[3] - b[1]) / size))
+        out[i] = roi_align(img[None].float(), rois[i : i + 1], (size, size), 1.0, ratio, aligned=True)[0]
+    flips = flips.to(device, non_blocking=True).view(-1, 1, 1, 1)
+    return torch.where(flips, out.flip(3), out)
+
+
+def _gpu_decode(dcfg) -> bool:
+    return str(getattr(dcfg, "decode", "cpu")) == "gpu"
+
+
 def train_transform(dcfg):
-    """§5.1 augmentation: scale and aspect-ratio crop (``crop_size``), flip; uint8 out (the device normalises)."""
-    return RandomResizedCropDecode(dcfg.crop_size, dcfg.flip)
+    """§5.1 augmentation: scale and aspect-ratio crop (``crop_size``), flip; uint8 out (the device normalises),
+    or the raw file and its box with ``data.decode=gpu``."""
+    crop = RandomResizedCropDecode(dcfg.crop_size, dcfg.flip)
+    return RawCrop(train=crop) if _gpu_decode(dcfg) else crop
 
 
-def val_transform(dcfg):
-    """Resize the shorter side to ``val_resize``, centre crop ``crop_size``; uint8 out."""
-    return ResizeCenterCropDecode(dcfg.val_resize, dcfg.crop_size)
+def val_transform(dcfg, raw: bool | None = None):
+    """Resize the shorter side to ``val_resize``, centre crop ``crop_size``; uint8 out (or raw, as above)."""
+    crop = ResizeCenterCropDecode(dcfg.val_resize, dcfg.crop_size)
+    return RawCrop(val=crop) if (_gpu_decode(dcfg) if raw is None else raw) else crop
 
 
 @dataclass
@@ -517,7 +588,7 @@ class StreamingData:
         self.val_loaders.clear()
 
     def train_images(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
-        ds = StreamingImages(self.train, val_transform(self.dcfg))
+        ds = StreamingImages(self.train, val_transform(self.dcfg, raw=False))
         mean, std = mean_std(self, device)
         return normalise(torch.stack([ds[(int(i), -1)][0] for i in indices]).to(device), mean, std)
 
@@ -615,7 +686,8 @@ class TrainLoader:
         return normalise(x, self._mean, self._std), y.to(self.device, non_blocking=True)
 
     def _streaming_epoch(self, epoch: int, start_iter: int, perm: torch.Tensor):
-        yield from device_batches(self.host_batches(epoch, start_iter, perm), self.device, self._mean, self._std)
+        yield from device_batches(self.host_batches(epoch, start_iter, perm), self.device, self._mean, self._std,
+                                  self.data.dcfg.crop_size if _gpu_decode(self.data.dcfg) else 0)
 
     def host_batches(self, epoch: int, start_iter: int = 0, perm: torch.Tensor | None = None):
         """The streaming path's uint8 ``(x, y)`` batches as the workers deliver them (before the device)."""
@@ -634,27 +706,32 @@ class TrainLoader:
 
 
 def _loader(dataset, batch_sampler, workers: int, pin: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader of uint8 batches: persistent workers, pinned memory on CUDA."""
+    """A DataLoader of uint8 batches (or raw ones: :class:`RawCrop`): persistent workers, pinned memory on CUDA."""
+    raw = isinstance(dataset.transform, RawCrop)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
-                                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                                       collate_fn=collate_raw if raw else None)
 
 
-def device_batches(batches, device: torch.device, mean: torch.Tensor, std: torch.Tensor):
+def device_batches(batches, device: torch.device, mean: torch.Tensor, std: torch.Tensor, decode_size: int = 0):
     """uint8 ``(x, y)`` batches as normalised float32 batches on ``device``, the next one prefetched.
 
     The copy and the normalisation run on the device, for the whole batch. On CUDA, batch ``i+1`` is
     copied (from pinned memory, ``non_blocking``) and normalised on a side stream while batch ``i`` trains;
     the training stream waits for that stream before it takes the batch, and the batch's memory is marked
     as used by the training stream (``record_stream``) so the allocator does not reuse it too early. On
-    other devices the DataLoader's own prefetching (its workers) is all there is."""
+    other devices the DataLoader's own prefetching (its workers) is all there is. With ``decode_size``
+    the batches are raw (``data.decode=gpu``) and :func:`decode_on_device` makes them images first."""
     scale, shift = 1.0 / (255.0 * std), mean / std  # (x/255 - mean)/std as x*scale - shift: two passes
 
-    def norm(x: torch.Tensor) -> torch.Tensor:
+    def norm(x) -> torch.Tensor:
+        if decode_size:
+            return decode_on_device(x, decode_size, device).mul_(scale).sub_(shift)
         return x.float().mul_(scale).sub_(shift)
 
     if not _side_stream_prefetch(device):
         for x, y in batches:
-            yield norm(x.to(device)), y.to(device)
+            yield norm(x if decode_size else x.to(device)), y.to(device)
         return
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))  # scale and shift are made on the current stream
@@ -662,8 +739,8 @@ def device_batches(batches, device: torch.device, mean: torch.Tensor, std: torch
     def load(batch):
         x, y = batch
         with torch.cuda.stream(side):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            return norm(x), y
+            x = x if decode_size else x.to(device, non_blocking=True)
+            return norm(x), y.to(device, non_blocking=True)
 
     it = iter(batches)
     ahead = next(it, None)
@@ -760,4 +837,5 @@ def val_batches(data: DataSource, rank: int, world: int, batch_size: int, device
             x = data.val.x[s:e].to(device, non_blocking=True)
             yield normalise(x, mean, std), data.val.y[s:e].to(device, non_blocking=True)
         return
-    yield from device_batches(data.val_loader(lo, hi, batch_size, device.type == "cuda"), device, mean, std)
+    yield from device_batches(data.val_loader(lo, hi, batch_size, device.type == "cuda"), device, mean, std,
+                              data.dcfg.crop_size if _gpu_decode(data.dcfg) else 0)

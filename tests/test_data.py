@@ -392,3 +392,42 @@ def test_device_batches_prefetch_on_a_side_stream_with_cuda_stubbed(monkeypatch)
     for (x, y), (xu, yu) in zip(got, batches):
         torch.testing.assert_close(x, normalise(xu, mean, std), rtol=0, atol=1e-5)
         assert torch.equal(y, yu)
+
+
+def test_decode_on_the_device_matches_the_worker_decode_with_the_cpu_as_device(tmp_path):
+    """data.decode=gpu tested with the CPU as the device: the same boxes and flips, other resampling."""
+    from lbsgd_cli.data import RawCrop
+
+    root = make_image_tree(tmp_path / "d", size=80, per_class=4, val_per_class=2)
+    common = dict(root=str(root), crop_size=64, val_resize=72, num_workers=0)
+    cpu, gpu = load_data(dcfg(**common)), load_data(dcfg(decode="gpu", **common))
+    a = list(TrainLoader(cpu, 2, 2, 0, 1, seed=1).epoch(0))
+    b = list(TrainLoader(gpu, 2, 2, 0, 1, seed=1).epoch(0))
+    assert len(a) == len(b) == 3
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert xb.shape == xa.shape and xb.dtype == torch.float32 and torch.equal(ya, yb)
+        assert (xa - xb).abs().mean() < 0.1  # ~5/255 after normalisation: resampling differences only
+    va = torch.cat([x for x, _ in val_batches(cpu, 0, 1, 4, torch.device("cpu"))])
+    vb = torch.cat([x for x, _ in val_batches(gpu, 0, 1, 4, torch.device("cpu"))])
+    assert va.shape == vb.shape and (va - vb).abs().mean() < 0.1
+    # on a smooth photo-like JPEG the two decodes agree closely (a box off by 8 px differs by ~6 of 255)
+    from PIL import Image
+
+    from lbsgd_cli.data import collate_raw, decode_on_device
+
+    path = tmp_path / "smooth.jpg"
+    Image.fromarray(_smooth_image(375, 500).numpy()).save(path, quality=92)
+    full = RandomResizedCropDecode(224, draft=False)
+    for seed in range(10):
+        with Image.open(path) as im:
+            ref = full(im, torch.Generator().manual_seed(seed)).float()
+        with Image.open(path) as im:
+            raw = RawCrop(train=full)(im, torch.Generator().manual_seed(seed))
+        got = decode_on_device(collate_raw([(raw, 0)])[0], 224, torch.device("cpu"))[0]
+        assert (ref - got).abs().mean() < 1.0
+    crop = RandomResizedCropDecode(64)
+    for seed in range(50):
+        box, flip = RawCrop(train=crop).box(80, 60, torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
+        top, left, h, w = crop.box(60, 80, g)
+        assert box == (left, top, left + w, top + h) and flip == (torch.rand(1, generator=g).item() < 0.5)
