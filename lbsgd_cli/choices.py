@@ -30,6 +30,15 @@ class Warmup(Choice):
     none = "none"
 
 
+class Decode(Choice):
+    """Where the streaming loader decodes images: ``cpu`` (PIL in the loader workers, reduced-size JPEG
+    decoding) or ``gpu`` (the workers send the files' bytes and crop boxes; ``torchvision.io.decode_jpeg``
+    on the run's device, crops by ``torchvision.ops.roi_align``)."""
+
+    cpu = "cpu"
+    gpu = "gpu"
+
+
 class LRRule(Choice):
     """How the peak rate follows ``k*n`` (§2.1, Table 2a)."""
 

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .choices import (Backend, CommHook, DataName, Device, Granularity, LRRule, MomentumForm, OffloadMode, Optimizer,
-                      Precision, Progress, RangeMethod, Warmup)
+from .choices import (Backend, CommHook, DataName, Decode, Device, Granularity, LRRule, MomentumForm, OffloadMode,
+                      Optimizer, Precision, Progress, RangeMethod, Warmup)
 from .errors import UserError
 
 # Field metadata of a key whose value does not change the result (weights, metrics): it does not name
@@ -111,8 +111,14 @@ class DataConfig:
     train_subset: int = 0  # use only this many training images (stratified); 0 = all
     val_fraction: float = 0.2  # digits only: held-out share
     val_subset: int = 0  # imagefolder: evaluate on this many val images (stratified, fixed); 0 = all
-    num_workers: int = no_effect(2)  # streaming loaders only
+    # streaming loaders only: DataLoader worker processes, or "auto" = the CPUs this process may use (its
+    # affinity, or SLURM's CPUs per task shared by the ranks of one task) less one for training
+    # (lbsgd_cli.data.resolve_num_workers). Any, not int, so that "auto" and 8 both parse
+    num_workers: Any = no_effect("auto")
     cache_dir: Optional[str] = no_effect(None)  # decoded in-memory sets are cached here; None = ~/.cache/lbsgd
+    # streaming loaders only: cpu (PIL in the workers) | gpu (decode_jpeg on the device, roi_align crops:
+    # the same crop boxes, other resampling, so it names the run)
+    decode: Decode = Decode.cpu
     mean: Optional[list[float]] = None  # None = computed from the training set (in memory) or ImageNet's
     std: Optional[list[float]] = None
 
@@ -233,7 +239,7 @@ class EvalDataConfig:
 
     root: Optional[str] = None
     cache_dir: Optional[str] = no_effect(None)
-    num_workers: Optional[int] = no_effect(None)
+    num_workers: Any = no_effect(None)  # "auto" or an int >= 0
 
 
 @dataclass
@@ -326,6 +332,7 @@ def validate(cfg: DictConfig | Any) -> None:
     for key, value in at_least_0:
         if value < 0:
             _fail(key, f"must be >= 0, got {value}")
+    check_num_workers(d.num_workers)
     if not 0 <= o.momentum < 1:
         _fail("optim.momentum", f"must be in [0, 1), got {o.momentum}")
     if o.nesterov and o.momentum == 0:
@@ -407,8 +414,18 @@ def validate_eval(cfg: DictConfig | Any) -> None:
         _fail("eval.bn_recompute", f"must be >= 0 training minibatches (0 = off), got {cfg.eval.bn_recompute}")
     if cfg.eval.batch < 0:
         _fail("eval.batch", f"must be >= 0 (0 = the checkpoint's batch.eval_batch), got {cfg.eval.batch}")
-    if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
-        _fail("data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.num_workers is not None:
+        check_num_workers(cfg.data.num_workers)
+
+
+def check_num_workers(value: Any) -> None:
+    """``data.num_workers``: "auto" or an integer >= 0 (a digit string from the command line counts)."""
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+        _fail("data.num_workers", f'must be "auto" or an integer >= 0, got {value!r}')
+    if int(value) < 0:
+        _fail("data.num_workers", f"must be >= 0, got {value}")
 
 
 def as_list(value: Any) -> list[Any]:
