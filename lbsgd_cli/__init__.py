@@ -4,7 +4,9 @@ Modules, one concern each:
   rules        the paper's rules as pure functions (linear scaling, warmup, schedule, Remarks)
   choices      the values of every choice key as Enums (no Hydra: rules and optim import them)
   config       the structured config schema, the keys that do not change the result, validation
-  data         embedded digits, ImageFolder trees, the per-epoch shuffle split among workers
+  source       the DataSource protocol, ImageFolder trees, stratified subsets, normalisation
+  data         load_data, embedded digits and small images in memory, the per-epoch shuffle split among workers
+  streaming    ImageNet-sized files decoded by workers (reduced-size JPEGs, data.decode=gpu), device prefetch
   models       networks and the paper's initialisation
   ghost_bn     BatchNorm over n samples per worker
   optim        parameter groups, PyTorch's SGD, the paper's eq. (10) form, LARS

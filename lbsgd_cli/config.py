@@ -113,7 +113,7 @@ class DataConfig:
     val_subset: int = 0  # imagefolder: evaluate on this many val images (stratified, fixed); 0 = all
     # streaming loaders only: DataLoader worker processes, or "auto" = the CPUs this process may use (its
     # affinity, or SLURM's CPUs per task shared by the ranks of one task) less one for training
-    # (lbsgd_cli.data.resolve_num_workers). Any, not int, so that "auto" and 8 both parse
+    # (lbsgd_cli.streaming.resolve_num_workers). Any, not int, so that "auto" and 8 both parse
     num_workers: Any = no_effect("auto")
     cache_dir: Optional[str] = no_effect(None)  # decoded in-memory sets are cached here; None = ~/.cache/lbsgd
     # streaming loaders only: cpu (PIL in the workers) | gpu (decode_jpeg on the device, roi_align crops:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import FORMAT as TRAIN_FORMAT
 from .checkpoint import load_model_state, read_checkpoint, training_checkpoint
 from .config import TrainConfig, as_list, validate_quantize
-from .data import DataSource, load_data, val_batches
+from .data import load_data, val_batches
 from .distributed import pick_device
 from .engine import evaluate
 from .errors import UserError, first_line
@@ -42,6 +42,7 @@ from .quantize import (
     save_quantized,
     state_bytes,
 )
+from .source import DataSource
 
 TABLE_COLUMNS = ["bits", "granularity", "symmetric", "method", "activations", "act_bits", "fp32_top1_err",
                  "quant_top1_err", "delta", "fp32_bytes", "quant_bytes", "compression", "path"]

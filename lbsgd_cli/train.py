@@ -26,7 +26,7 @@ from . import distributed as D
 from .checkpoint import unwrap
 from .choices import LRRule, Warmup
 from .config import validate
-from .data import DataSource, TrainLoader, load_data
+from .data import TrainLoader, load_data
 from .engine import StepPlan, evaluate, pass_workers, train_step
 from .errors import Preempted, UserError
 from .memory import enable_stage_checkpointing
@@ -36,6 +36,7 @@ from .optim import build_optimizer, set_lr
 from .parallel import Parallel, make_parallel
 from .rules import iters_per_epoch, loss_normaliser, lr_at, peak_lr
 from .rundir import RunDir, RunState, print_summary, zero_sums
+from .source import DataSource
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

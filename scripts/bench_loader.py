@@ -38,8 +38,9 @@ import torch
 from omegaconf import OmegaConf
 
 from lbsgd_cli.config import DataConfig
-from lbsgd_cli.data import (IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropDecode, StreamingData, TrainLoader,
-                            _mix, epoch_permutation, load_data, val_batches)
+from lbsgd_cli.data import TrainLoader, _mix, epoch_permutation, load_data, val_batches
+from lbsgd_cli.source import IMAGENET_MEAN, IMAGENET_STD
+from lbsgd_cli.streaming import RandomResizedCropDecode, StreamingData
 from lbsgd_cli.errors import UserError
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",

@@ -1,0 +1,310 @@
+"""Streaming: the paper's augmentation decoded by workers (reduced-size JPEGs), torchvision's draws, the
+former float pipeline's samples, persistent loaders, worker counts, device prefetch and data.decode=gpu."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lbsgd_cli.config import DataConfig, check_num_workers
+from lbsgd_cli.data import TrainLoader, _mix, epoch_permutation, load_data, val_batches
+from lbsgd_cli.errors import UserError
+from lbsgd_cli.source import IMAGENET_MEAN, IMAGENET_STD, normalise
+from lbsgd_cli.streaming import (
+    RandomResizedCropDecode,
+    ResizeCenterCropDecode,
+    StreamingData,
+    resolve_num_workers,
+)
+
+from .conftest import make_image_tree
+
+
+def dcfg(**kw):
+    return OmegaConf.structured(DataConfig(**{"name": "imagefolder", **kw}))
+
+
+def test_large_imagefolder_streams_with_paper_augmentation(tmp_path):
+    root = make_image_tree(tmp_path / "d", size=80, per_class=4, val_per_class=2)
+    cfg = dcfg(root=str(root), crop_size=64, val_resize=72, num_workers=0)
+    data = load_data(cfg)
+    assert isinstance(data, StreamingData)
+    loader = TrainLoader(data, 2, 2, 0, 1, seed=0, device=torch.device("cpu"))
+    batches = list(loader.epoch(0))
+    assert len(batches) == 3 and batches[0][0].shape == (4, 3, 64, 64)
+    again = list(TrainLoader(data, 2, 2, 0, 1, seed=0, device=torch.device("cpu")).epoch(0))
+    assert torch.equal(batches[1][0], again[1][0])  # augmentation seeded per sample
+    xv, _ = next(val_batches(data, 0, 1, 6, torch.device("cpu")))
+    assert xv.shape == (6, 3, 64, 64)
+
+
+def _former_train_transform(size, flip=True):
+    """The streaming training transform before issue 13 (float32 per image in the workers)."""
+    from torchvision.transforms import v2
+
+    steps = [v2.PILToTensor(), v2.RandomResizedCrop(size, antialias=True)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _former_val_transform(resize, crop):
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.PILToTensor(), v2.Resize(resize, antialias=True), v2.CenterCrop(crop),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _former(path, transform, seed=-1):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        img = im.convert("RGB")
+    if seed >= 0:
+        torch.manual_seed(seed)
+    return transform(img)
+
+
+def _mean_std():
+    return torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("height,width", [(375, 500), (500, 353), (80, 80), (40, 400), (400, 40), (224, 224)])
+def test_crop_boxes_and_flips_are_torchvisions_draw_for_draw(height, width):
+    from torchvision.transforms import v2
+
+    ours, theirs = RandomResizedCropDecode(224), v2.RandomResizedCrop(224, antialias=True)
+    probe = torch.zeros(3, height, width, dtype=torch.uint8)
+    for seed in range(300):
+        torch.manual_seed(_mix(7, seed))
+        p = theirs.make_params([probe])
+        flip_then = torch.rand(1).item() < 0.5  # v2.RandomHorizontalFlip's draw comes after the crop's
+        g = torch.Generator().manual_seed(_mix(7, seed))
+        assert ours.box(height, width, g) == (p["top"], p["left"], p["height"], p["width"])
+        assert (torch.rand(1, generator=g).item() < 0.5) == flip_then
+
+
+def test_training_and_val_samples_equal_the_former_float_pipeline(tmp_path):
+    """uint8 from the workers, normalised per batch on the device == the former per-image float32 path."""
+    root = make_image_tree(tmp_path / "d", size=80, per_class=4, val_per_class=2)
+    data = load_data(dcfg(root=str(root), crop_size=64, val_resize=72, num_workers=0))
+    loader = TrainLoader(data, 2, 2, 0, 1, seed=5, device=torch.device("cpu"))
+    former = _former_train_transform(64)
+    mean, std = _mean_std()
+    for epoch in (0, 1):
+        perm = epoch_permutation(data.train_size, 5, epoch)
+        for it, (x, _) in enumerate(loader.epoch(epoch)):
+            idx = loader.batch_indices(epoch, it, perm).tolist()
+            ref = torch.stack([_former(data.train.paths[i], former, _mix(5, epoch, it * 4 + p))
+                               for p, i in enumerate(idx)])
+            assert x.dtype == torch.float32
+            torch.testing.assert_close(x, ref, rtol=0, atol=1e-5)
+    xv, _ = next(val_batches(data, 0, 1, 6, torch.device("cpu")))
+    ref = torch.stack([_former(p, _former_val_transform(72, 64)) for p in data.val.paths[:6]])
+    torch.testing.assert_close(xv, ref, rtol=0, atol=1e-5)
+    # the file-level transforms, on a larger JPEG, with reduced decoding off: the same pixels exactly
+    from PIL import Image
+
+    big = tmp_path / "big.jpg"
+    Image.fromarray(_smooth_image(375, 500).numpy()).save(big, quality=90)
+    train_former = _former_train_transform(224)
+    for seed in range(20):
+        with Image.open(big) as im:
+            ours = RandomResizedCropDecode(224, draft=False)(im, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(normalise(ours[None], mean, std)[0], _former(big, train_former, seed),
+                                   rtol=0, atol=1e-5)
+    with Image.open(big) as im:
+        ours = ResizeCenterCropDecode(256, 224, draft=False)(im)
+    torch.testing.assert_close(normalise(ours[None], mean, std)[0], _former(big, _former_val_transform(256, 224)),
+                               rtol=0, atol=1e-5)
+
+
+def _smooth_image(height, width):
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    img = torch.stack([xx, yy, (torch.sin(6 * xx) * torch.cos(5 * yy) + 1) / 2], dim=-1)
+    return (img * 255).round().to(torch.uint8)
+
+
+def test_reduced_jpeg_decoding_only_where_the_crop_stays_at_least_the_output_size(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "big.jpg"
+    Image.fromarray(_smooth_image(900, 1200).numpy()).save(path, quality=92)
+    used = {1: 0, 2: 0, 4: 0, 8: 0}
+    for size in (224, 64):
+        crop = RandomResizedCropDecode(size)
+        for seed in range(60):
+            g = torch.Generator().manual_seed(seed)
+            with Image.open(path) as im:
+                top, left, h, w = box = crop.box(900, 1200, g)
+                s = crop.draft_scale(im, box)
+                used[s] += 1
+                assert min(w, h) / s >= size  # the box decoded at 1/s is still at least the output size
+                assert s == 8 or min(w, h) / (2 * s) < size  # and it is the largest such scale
+                x = crop(im, torch.Generator().manual_seed(seed))
+                decoded = im.size
+            assert decoded == ((1200 + s - 1) // s, (900 + s - 1) // s)  # PIL's draft decoded at 1/s
+            with Image.open(path) as im:
+                full = RandomResizedCropDecode(size, draft=False)(im, torch.Generator().manual_seed(seed))
+            assert x.shape == full.shape == (3, size, size) and x.dtype == torch.uint8
+            # the same region of the photo: reduced decoding differs by resampling error only
+            assert (x.float() - full.float()).abs().mean() < 4, seed
+    assert all(used.values()), used  # every scale occurs
+    # a PNG is never reduced
+    png = tmp_path / "big.png"
+    Image.fromarray(_smooth_image(1200, 1600).numpy()).save(png)
+    with Image.open(png) as im:
+        assert crop.draft_scale(im, (0, 0, 1200, 1600)) == 1
+
+
+def test_val_decoding_is_reduced_only_while_the_shorter_side_stays_at_least_val_resize(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "big.jpg"
+    Image.fromarray(_smooth_image(600, 900).numpy()).save(path, quality=92)
+    for resize, scale in ((256, 2), (150, 4), (300, 2), (301, 1)):
+        with Image.open(path) as im:
+            x = ResizeCenterCropDecode(resize, 128)(im)
+            assert im.size[1] == 600 // scale
+        with Image.open(path) as im:
+            full = ResizeCenterCropDecode(resize, 128, draft=False)(im)
+        assert x.shape == (3, 128, 128) and (x.float() - full.float()).abs().mean() < 3
+
+
+def test_the_val_loader_is_built_once_per_run(tmp_path):
+    root = make_image_tree(tmp_path / "d", size=80, per_class=2, val_per_class=3)
+    data = load_data(dcfg(root=str(root), crop_size=64, val_resize=72, num_workers=1))
+    first = [x for x, _ in val_batches(data, 0, 1, 4, torch.device("cpu"))]
+    loader = next(iter(data.val_loaders.values()))
+    workers = loader._iterator._workers
+    second = [x for x, _ in val_batches(data, 0, 1, 4, torch.device("cpu"))]
+    assert len(data.val_loaders) == 1 and next(iter(data.val_loaders.values())) is loader
+    assert loader.persistent_workers and loader._iterator._workers is workers  # the same worker processes
+    assert all(torch.equal(a, b) for a, b in zip(first, second)) and [len(x) for x in first] == [4, 4, 1]
+
+
+@pytest.mark.parametrize("env,affinity,workers", [
+    ({}, 16, 15),  # this process's CPUs, less one for training
+    ({}, 2, 1),
+    ({}, 1, 0),  # a single CPU: the training process decodes
+    ({"LOCAL_WORLD_SIZE": "4"}, 16, 3),  # torchrun: local ranks share the affinity
+    ({"SLURM_CPUS_PER_TASK": "10", "SLURM_NTASKS_PER_NODE": "8"}, 80, 9),  # srun: a task per rank
+    ({"SLURM_CPUS_PER_TASK": "80", "SLURM_NTASKS_PER_NODE": "1", "LOCAL_WORLD_SIZE": "8"}, 80, 9),  # torchrun in srun
+    ({"SLURM_CPUS_PER_TASK": "10"}, 4, 3),  # never more than the affinity
+    ({"SLURM_CPUS_PER_TASK": "2", "LOCAL_WORLD_SIZE": "2"}, 64, 0),
+])
+def test_num_workers_auto_counts_this_process_cpus(env, affinity, workers):
+    assert resolve_num_workers("auto", env, affinity) == workers
+    assert resolve_num_workers(3, env, affinity) == 3 and resolve_num_workers("5", env, affinity) == 5
+
+
+def test_num_workers_auto_reads_the_affinity(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    for key in ("SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    assert resolve_num_workers("auto") == 4
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert resolve_num_workers("auto") == 2
+    assert DataConfig(name="imagefolder").num_workers == "auto"
+
+
+@pytest.mark.parametrize("value,ok", [("auto", True), (0, True), (8, True), ("8", True), (-1, False),
+                                      ("many", False), (True, False), (1.5, False)])
+def test_num_workers_is_auto_or_a_count(value, ok):
+    if ok:
+        check_num_workers(value)
+    else:
+        with pytest.raises(UserError, match="data.num_workers"):
+            check_num_workers(value)
+
+
+def test_device_batches_prefetch_on_a_side_stream_with_cuda_stubbed(monkeypatch):
+    """The CUDA path's order on the CPU: batch i+1 is issued on the side stream before batch i is handed
+    over; the training stream waits for the side stream and records each batch it takes."""
+    import contextlib
+
+    import lbsgd_cli.streaming as S
+
+    events = []
+
+    class FakeStream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+    main = FakeStream("main")
+    current = [main]
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(S, "_side_stream_prefetch", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: events.append(f"record {stream.name}"),
+                        raising=False)
+    batches = [(torch.full((2, 3, 4, 4), 10 * i, dtype=torch.uint8), torch.tensor([i, i])) for i in range(3)]
+
+    def source():
+        for i, b in enumerate(batches):
+            events.append(f"load {i} on {current[-1].name}")
+            yield b
+
+    mean, std = _mean_std()
+    got = []
+    for x, y in S.device_batches(source(), torch.device("cpu"), mean, std):
+        events.append(f"train {int(y[0])}")
+        got.append((x, y))
+    assert events == ["side waits main", "load 0 on main",
+                      "main waits side", "record main", "record main", "load 1 on main", "train 0",
+                      "main waits side", "record main", "record main", "load 2 on main", "train 1",
+                      "main waits side", "record main", "record main", "train 2"]
+    for (x, y), (xu, yu) in zip(got, batches):
+        torch.testing.assert_close(x, normalise(xu, mean, std), rtol=0, atol=1e-5)
+        assert torch.equal(y, yu)
+
+
+def test_decode_on_the_device_matches_the_worker_decode_with_the_cpu_as_device(tmp_path):
+    """data.decode=gpu tested with the CPU as the device: the same boxes and flips, other resampling."""
+    from lbsgd_cli.streaming import RawCrop
+
+    root = make_image_tree(tmp_path / "d", size=80, per_class=4, val_per_class=2)
+    common = dict(root=str(root), crop_size=64, val_resize=72, num_workers=0)
+    cpu, gpu = load_data(dcfg(**common)), load_data(dcfg(decode="gpu", **common))
+    a = list(TrainLoader(cpu, 2, 2, 0, 1, seed=1).epoch(0))
+    b = list(TrainLoader(gpu, 2, 2, 0, 1, seed=1).epoch(0))
+    assert len(a) == len(b) == 3
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert xb.shape == xa.shape and xb.dtype == torch.float32 and torch.equal(ya, yb)
+        assert (xa - xb).abs().mean() < 0.1  # ~5/255 after normalisation: resampling differences only
+    va = torch.cat([x for x, _ in val_batches(cpu, 0, 1, 4, torch.device("cpu"))])
+    vb = torch.cat([x for x, _ in val_batches(gpu, 0, 1, 4, torch.device("cpu"))])
+    assert va.shape == vb.shape and (va - vb).abs().mean() < 0.1
+    # on a smooth photo-like JPEG the two decodes agree closely (a box off by 8 px differs by ~6 of 255)
+    from PIL import Image
+
+    from lbsgd_cli.streaming import collate_raw, decode_on_device
+
+    path = tmp_path / "smooth.jpg"
+    Image.fromarray(_smooth_image(375, 500).numpy()).save(path, quality=92)
+    full = RandomResizedCropDecode(224, draft=False)
+    for seed in range(10):
+        with Image.open(path) as im:
+            ref = full(im, torch.Generator().manual_seed(seed)).float()
+        with Image.open(path) as im:
+            raw = RawCrop(train=full)(im, torch.Generator().manual_seed(seed))
+        got = decode_on_device(collate_raw([(raw, 0)])[0], 224, torch.device("cpu"))[0]
+        assert (ref - got).abs().mean() < 1.0
+    crop = RandomResizedCropDecode(64)
+    for seed in range(50):
+        box, flip = RawCrop(train=crop).box(80, 60, torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
+        top, left, h, w = crop.box(60, 80, g)
+        assert box == (left, top, left + w, top + h) and flip == (torch.rand(1, generator=g).item() < 0.5)
