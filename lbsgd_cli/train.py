@@ -252,6 +252,7 @@ def end_epoch(loop: Loop, state: RunState, last_val: dict[str, float], images_pe
         f"val err {record['val/err']:.4f}  {record['images_per_sec']:.0f} img/s{skipped}"
     )
     state.epoch_sums = zero_sums()
+    loop.load_sums(state)  # the device sums start the next epoch at zero too
     _save(loop, state)
 
 

@@ -353,3 +353,23 @@ def test_slurm_launcher_without_the_plugin_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(cli, "_has_module", lambda name: False)
     with pytest.raises(UserError, match=r"pip install 'lbsgd\[slurm\]'"):
         cli.preflight("train", ["-m", "hydra/launcher=slurm", "batch.k=4,8"])
+
+
+@pytest.mark.slow
+def test_w2_equals_w1_in_bf16(tmp_path):
+    """precision=bf16 keeps the W-invariance: 2 gloo processes (torchrun) end with the weights of one process
+    making the same passes, bit for bit, and with the same val errors (issue 13 item 1)."""
+    args = [*CFG, "precision=bf16"]
+    ref, run = tmp_path / "ref", tmp_path / "w2"
+    ref_proc = subprocess.run([sys.executable, "-m", "lbsgd_cli", "train", f"hydra.run.dir={ref}", *args], cwd=ROOT,
+                              env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert ref_proc.returncode == 0, ref_proc.stderr
+    w2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                         f"--master_port={_free_port()}", "-m", "lbsgd_cli", "train", f"hydra.run.dir={run}", *args],
+                        cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert w2.returncode == 0, w2.stderr
+    w_ref, w_run = _weights(ref), _weights(run)
+    assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
+    epochs = [[json.loads(x)["val/err"] for x in (d / "metrics.jsonl").read_text().splitlines() if "val/err" in x]
+              for d in (ref, run)]
+    assert epochs[0] == epochs[1] and len(epochs[0]) == 3
