@@ -189,6 +189,10 @@ class TrainConfig:
     # autocast precision of forward and loss: fp32 | bf16 | fp16 (fp16 with a GradScaler; weights, gradients,
     # optimizer state and BN statistics stay fp32). Changes the result in the last bits, so it names the run.
     precision: Precision = Precision.fp32
+    # torch.compile of the model (nn.Module.compile: in place, checkpoints unchanged), before DDP/FSDP2 wrap it;
+    # fused kernels sum in another order, so the result differs from eager in the last bits and the key names
+    # the run (measured: not bit-equal on CPU)
+    compile: bool = False
 
 
 @dataclass

@@ -112,6 +112,8 @@ def _build_model(cfg: DictConfig, data: DataSource, device: torch.device) -> tor
         model = model.to(memory_format=torch.channels_last)
     if cfg.memory.checkpointing:  # same result, less activation memory (lbsgd_cli/memory.py)
         enable_stage_checkpointing(model)
+    if cfg.compile:  # torch.compile in place (state dict keys unchanged), before DDP/FSDP2 wrap it, as torch advises
+        model.compile()
     return model
 
 
@@ -153,6 +155,7 @@ class Loop:
         self.watch = DivergenceWatch(self.parallel.device)
         self.saved_at = self.resumed_at  # the iteration of the checkpoint on disk (None: none yet)
         self.sums: dict[str, torch.Tensor] = {}  # the running epoch's loss and hit sums, on the device
+        self.compiled_note = False  # compile=true: the first step's time (compilation included) was printed
 
     def load_sums(self, state: RunState) -> None:
         """Move the running epoch's partial sums (floats in the state) onto the device."""
@@ -184,7 +187,10 @@ def train_one_epoch(loop: Loop, state: RunState) -> tuple[int, float]:
     for x, y in batches:
         lr = loop.rate(state.iteration)
         set_lr(loop.optimizer, lr)
+        t_step = time.monotonic()
         step = train_step(loop.model, loop.optimizer, (x, y), loop.plan, loop.scaler)
+        if loop.cfg.compile and not loop.compiled_note:
+            _note_compile(loop, time.monotonic() - t_step)
         loop.watch.update(step.loss, state.iteration)
         _accumulate(loop, step)
         state.iteration += 1
@@ -205,6 +211,13 @@ def train_one_epoch(loop: Loop, state: RunState) -> tuple[int, float]:
     loop.watch.check(loop.rate, loop.saved_at)
     loop.store_sums(state)
     return images, time.monotonic() - t_epoch
+
+
+def _note_compile(loop: Loop, seconds: float) -> None:
+    """Once per start: torch.compile compiles lazily, in the first step; say how long that step took."""
+    loop.compiled_note = True
+    if loop.parallel.is_main:
+        print(f"compile: the first step took {seconds:.1f} s, torch.compile's compilation included", flush=True)
 
 
 def _accumulate(loop: Loop, step: StepResult) -> None:
