@@ -373,3 +373,35 @@ def test_w2_equals_w1_in_bf16(tmp_path):
     epochs = [[json.loads(x)["val/err"] for x in (d / "metrics.jsonl").read_text().splitlines() if "val/err" in x]
               for d in (ref, run)]
     assert epochs[0] == epochs[1] and len(epochs[0]) == 3
+
+
+def test_preemption_is_agreed_every_n_iterations_and_at_checkpoints(tmp_path):
+    """With a process group the host flag is allreduced only every checkpoint.preempt_check_every iterations
+    (or when a scheduled checkpoint forces it); without one it is read at every iteration."""
+    assert not D.dist.is_initialized()
+    flag = PreemptionFlag([], check_every=10)
+    flag.raised = "SIGUSR2"
+    assert flag.agreed(torch.device("cpu"), iteration=3)  # one process: every iteration
+    D.dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert not flag.agreed(torch.device("cpu"), iteration=3)
+        assert flag.agreed(torch.device("cpu"), iteration=3, force=True)
+        assert flag.agreed(torch.device("cpu"), iteration=20)
+    finally:
+        D.dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_divergence_on_two_processes_stops_both_at_one_iteration(tmp_path):
+    """Both ranks stop with exit 5 and the same line; the checkpoint is the one from before."""
+    run = tmp_path / "run"
+    args = [f"hydra.run.dir={run}", "experiment=debug", "optim.base_lr=1e8", "schedule.warmup=none",
+            "checkpoint.every_iters=2", "log.progress=none", "log.tensorboard=false"]
+    procs = srun_like(args, tmp_path)
+    codes = [p.wait(timeout=120) for p in procs]
+    errs = [(tmp_path / f"rank{r}.err").read_text().strip() for r in (0, 1)]
+    assert codes == [5, 5], errs
+    assert errs[0] == errs[1] and errs[0].startswith("lbsgd: diverged: non-finite") and "\n" not in errs[0]
+    summary = json.loads((run / "summary.json").read_text())
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert summary["diverged"] and ckpt["iteration"] <= summary["diverged_at_iteration"]
