@@ -78,3 +78,27 @@ def test_evaluate_counts_labelled_batches_and_reduces_once():
     assert plain["top1_err"] == pytest.approx(1 - (logits.argmax(1) == y).float().mean().item())
     assert plain["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
     assert not net.training  # evaluation leaves the mode it found
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_step_reads_nothing_back_from_the_device(monkeypatch, precision):
+    """A proxy on CPU for "no host sync per step": train_step and the loop's per-step bookkeeping (the
+    divergence flag) never turn a tensor into a Python number or truth value. (fp16's GradScaler.step
+    reads its inf flag once per step: torch's own sync.)"""
+    from lbsgd_cli.divergence import DivergenceWatch
+
+    x, y = _batch()
+    net = _net()
+    opt = build_optimizer(net, OmegaConf.structured(OptimConfig()), lr=0.1)
+    plan = StepPlan(per_process=4, per_pass=2, n=4, loss_scale=1 / 16, precision=precision)
+    watch = DivergenceWatch(torch.device("cpu"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    res = train_step(net, opt, (x, y), plan)
+    watch.update(res.loss, 0)
+    monkeypatch.undo()
+    assert res.loss_sum > 0 and 0 <= res.correct <= 16
