@@ -253,7 +253,6 @@ class RunDir:
             self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
-
     def finish_diverged(self, last_val: dict[str, float], wall: float, iteration: int | None,
                         lr: float | None) -> dict[str, Any]:
         """The summary of a run stopped by a non-finite loss: ``diverged`` and where; the val figures are the

@@ -28,7 +28,8 @@ def test_watch_keeps_the_first_bad_iteration_and_names_it():
     try:
         watch.check(lambda i: 0.1 * i, 6)
     except Diverged as exc:
-        assert exc.iteration == 7 and str(exc) == "non-finite loss at iteration 7 (lr 0.7); checkpoint kept from iteration 6"
+        assert exc.iteration == 7
+        assert str(exc) == "non-finite loss at iteration 7 (lr 0.7); checkpoint kept from iteration 6"
     else:
         raise AssertionError("no Diverged")
 
