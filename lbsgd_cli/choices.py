@@ -97,10 +97,11 @@ class CommHook(Choice):
 
 
 class Precision(Choice):
-    """Autocast of forward and loss in training; evaluation is always fp32."""
+    """Autocast of forward and loss in training (fp16 with a gradient scaler); evaluation is always fp32."""
 
     fp32 = "fp32"
     bf16 = "bf16"
+    fp16 = "fp16"
 
 
 class OffloadMode(Choice):

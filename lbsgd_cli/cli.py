@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import PeerFailure, Preempted, UserError, first_line
+from .errors import Diverged, PeerFailure, Preempted, UserError, first_line
+
+# Jobs of this call's sweep that diverged: a `-m` sweep goes on to the next job and exits 5 at its end.
+_DIVERGED_JOBS: list[str] = []
 
 USAGE = """usage: lbsgd <command> [overrides...] [hydra flags]
 
@@ -208,6 +211,14 @@ def _task(command: str) -> Callable:
         except Preempted as exc:
             print(f"lbsgd: preempted: {exc}", file=sys.stderr, flush=True)
             _leave(D, Preempted.exit_code)
+        except Diverged as exc:
+            print(f"lbsgd: diverged: {exc}", file=sys.stderr, flush=True)
+            from hydra.types import RunMode
+
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                _leave(D, Diverged.exit_code)
+            _DIVERGED_JOBS.append(str(run_dir))  # the sweep's next job still runs
+            return None
         except PeerFailure as exc:
             print(f"lbsgd: error: {exc}", file=sys.stderr, flush=True)
             sys.stdout.flush()
@@ -263,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
 
     app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_task(command))
     sys.argv = [f"lbsgd {command}", *rest]
+    _DIVERGED_JOBS.clear()
     app()
+    if _DIVERGED_JOBS:  # a sweep in which some jobs diverged: each said so in its line; the sweep fails
+        print(f"lbsgd: diverged: {len(_DIVERGED_JOBS)} job(s) of this sweep diverged", file=sys.stderr, flush=True)
+        return Diverged.exit_code
     return 0
 
 

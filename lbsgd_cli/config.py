@@ -137,6 +137,9 @@ class LogConfig:
 class CheckpointConfig:
     every_iters: int = 0  # extra checkpoints within an epoch; 0 = end of epoch only
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR2"])  # checkpoint and exit 3
+    # several processes agree on a signal every this many iterations (and at every scheduled checkpoint):
+    # the preemption checkpoint is written within this many iterations of the signal; one process: every one
+    preempt_check_every: int = 10
 
 
 @dataclass
@@ -191,9 +194,13 @@ class TrainConfig:
     device: Device = no_effect(Device.auto)  # auto | cpu | cuda
     threads: int = no_effect(0)  # torch intra-op threads; 0 = torch's default
     deterministic: bool = True
-    # autocast precision of forward and loss: fp32 | bf16 (weights, gradients, optimizer state and BN
-    # statistics stay fp32). Changes the result in the last bits, so it names the run.
+    # autocast precision of forward and loss: fp32 | bf16 | fp16 (fp16 with a GradScaler; weights, gradients,
+    # optimizer state and BN statistics stay fp32). Changes the result in the last bits, so it names the run.
     precision: Precision = Precision.fp32
+    # torch.compile of the model (nn.Module.compile: in place, checkpoints unchanged), before DDP/FSDP2 wrap it;
+    # fused kernels sum in another order, so the result differs from eager in the last bits and the key names
+    # the run (measured: not bit-equal on CPU)
+    compile: bool = False
 
 
 @dataclass
@@ -319,7 +326,8 @@ def validate(cfg: DictConfig | Any) -> None:
     positive = (("batch.k", b.k, "a positive number of workers"), ("batch.n", b.n, "a positive per-worker batch"),
                 ("batch.eval_batch", b.eval_batch, "positive"), ("optim.base_lr", o.base_lr, "positive"),
                 ("optim.ref_batch", o.ref_batch, "positive"), ("schedule.epochs", s.epochs, "positive"),
-                ("log.every", cfg.log.every, "positive"))
+                ("log.every", cfg.log.every, "positive"),
+                ("checkpoint.preempt_check_every", cfg.checkpoint.preempt_check_every, "positive"))
     for key, value, what in positive:
         if value <= 0:
             _fail(key, f"must be {what}, got {value}")

@@ -55,7 +55,7 @@ class StepPlan:
     per_pass: int  # workers per forward pass (:func:`pass_workers` of batch.workers_per_pass)
     n: int  # samples per worker, the BN batch
     loss_scale: float  # multiplies the summed loss: W/(k*n) (Remark 3)
-    precision: Precision = Precision.fp32  # bf16: autocast of forward and loss
+    precision: Precision = Precision.fp32  # bf16/fp16: autocast of forward and loss (fp16: with a GradScaler)
     channels_last: bool = False  # model.channels_last: each pass's input in NHWC, like the model's weights
     parallel: Parallel | None = field(default=None, compare=False)  # None: one process
 
@@ -66,27 +66,55 @@ class StepPlan:
 
 @dataclass
 class StepResult:
-    loss_sum: float  # summed (unscaled) cross-entropy over this process's samples
-    correct: int  # top-1 hits among them
+    """One step's figures as device tensors: nothing in :func:`train_step` waits for the device.
+
+    ``loss_sum``/``correct`` read them (a host sync): callers do so only every ``log.every`` steps."""
+
+    loss: torch.Tensor  # 0-dim float64: summed (unscaled) cross-entropy over this process's samples
+    hits: torch.Tensor  # 0-dim int64: top-1 hits among them
+    skipped: torch.Tensor | None = None  # fp16: 0-dim bool, the scaler skipped this step (inf/nan gradients)
+
+    @property
+    def loss_sum(self) -> float:
+        return float(self.loss)
+
+    @property
+    def correct(self) -> int:
+        return int(self.hits)
 
 
 def autocast(precision: Precision | str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision of ``precision``: bf16 autocast of forward passes and losses; fp32 does nothing.
+    """Mixed precision of ``precision``: bf16 or fp16 autocast of forward passes and losses; fp32 does nothing.
 
     Backward runs outside the context as autocast prescribes; parameters, gradients, the optimizer
-    and BN running statistics stay fp32."""
+    and BN running statistics stay fp32 (ghost BN computes its statistics in fp32 from low-precision
+    inputs, lbsgd_cli/ghost_bn.py)."""
     if precision == Precision.fp32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    dtype = torch.float16 if precision == Precision.fp16 else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_grad_scaler(precision: Precision | str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16's loss scaler (``torch.amp.GradScaler`` of the device's type); None in fp32 and bf16, whose
+    exponent range is fp32's."""
+    if precision != Precision.fp16:
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
-               plan: StepPlan) -> StepResult:
-    """One SGD step on this process's share ``batch = (x, y)`` of the global minibatch (§2, §2.3, §3)."""
+               plan: StepPlan, scaler: torch.amp.GradScaler | None = None) -> StepResult:
+    """One SGD step on this process's share ``batch = (x, y)`` of the global minibatch (§2, §2.3, §3).
+
+    With ``scaler`` (fp16) each pass's loss is scaled before backward and the global step ends in one
+    ``scaler.step``/``scaler.update``: a step whose gradients hold inf/nan is skipped (the caller still
+    advances the iteration, so the rate schedule is unchanged) and reported in ``StepResult.skipped``."""
     x, y = batch
     parallel = plan.parallel or _SINGLE
     passes, chunk = plan.passes, (plan.per_pass or plan.per_process) * plan.n
-    loss_total, correct = 0.0, 0
+    loss_total = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
     optimizer.zero_grad(set_to_none=True)
     with deferred_running_stats(unwrap(model)) as bn_layers:
         for p in range(passes):
@@ -97,12 +125,25 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[
                 with autocast(plan.precision, xs.device):
                     out = model(xs)
                     loss = F.cross_entropy(out, ys, reduction="sum")
-                (loss * plan.loss_scale).backward()
-            loss_total += float(loss.detach())
-            correct += int((out.detach().argmax(1) == ys).sum())
-    optimizer.step()
+                scaled = loss * plan.loss_scale
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_total += loss.detach()  # on the device: no host sync per pass
+            correct += (out.detach().argmax(1) == ys).sum()
+    skipped = _optimizer_step(optimizer, scaler)
     flush_running_stats(bn_layers, reduce=parallel.reduce_buffers)
-    return StepResult(loss_total, correct)
+    return StepResult(loss_total, correct, skipped)
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
+    """The step, through the scaler in fp16; then whether the scaler skipped it (its scale backs off
+    exactly when it found inf/nan gradients), as a device tensor."""
+    if scaler is None:
+        optimizer.step()
+        return None
+    before = scaler._scale.clone() if scaler._scale is not None else None  # set by the first scaler.scale
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler._scale < before if before is not None else None
 
 
 def _no_reduce(sums: dict[str, float]) -> dict[str, float]:

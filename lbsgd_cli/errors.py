@@ -34,6 +34,20 @@ class PeerFailure(Exception):
     exit_code = 4
 
 
+class Diverged(Exception):
+    """The loss became non-finite (a rate too large for the network, e.g. no warmup at a large ``kn``, §2.2).
+
+    Raised before anything is written after the non-finite loss: the last checkpoint stays the one from
+    before it, and ``summary.json`` says ``"diverged": true``. Exits with status 5 (in a ``-m`` sweep the
+    next job still runs and ``lbsgd`` exits 5 at the sweep's end)."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, iteration: int | None = None, lr: float | None = None) -> None:
+        super().__init__(message)
+        self.iteration, self.lr = iteration, lr
+
+
 def first_line(exc: BaseException | str) -> str:
     """The first non-empty line of an exception's message (its type's name when it has none)."""
     text = str(exc).strip()

@@ -106,6 +106,13 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
+        return self._train_forward(x)
+
+    # torch.compile (compile=true) cannot trace the custom autograd.Function, which writes each group's
+    # statistics into scratch buffers (AOTAutograd rejects the mutation): it runs eagerly, the convolutions
+    # around it are compiled.
+    @torch.compiler.disable
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[0], x.shape[1]
         n = self.group_size
         if b % n:

@@ -28,13 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 from . import distributed as D
 from .checkpoint import FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig, no_effect_keys
-from .errors import UserError
+from .errors import Diverged, UserError
 from .metrics import read_metrics
 from .parallel import Parallel
 
 
 def zero_sums() -> dict[str, float]:
-    return {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    return {"loss": 0.0, "correct": 0.0, "count": 0.0, "skipped": 0.0}
 
 
 @dataclass
@@ -47,13 +47,14 @@ class RunState:
     epoch_sums: dict[str, float] = field(default_factory=zero_sums)  # the running epoch's partial sums
     last_val: dict[str, float] = field(default_factory=dict)  # the last evaluation's results
     elapsed_s: float = 0.0  # wall time of the run so far, over all its starts
+    scaler: dict[str, Any] = field(default_factory=dict)  # fp16: the GradScaler's state (scale, growth tracker)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], is_main: bool) -> RunState:
         """The state a checkpoint holds; only rank 0 carries the (already reduced) partial sums on."""
-        return cls(ckpt["iteration"], ckpt["epoch"], ckpt["iter_in_epoch"],
-                   (ckpt.get("epoch_sums") if is_main else None) or zero_sums(), ckpt.get("last_val") or {},
-                   float(ckpt.get("elapsed_s", 0.0)))
+        sums = (ckpt.get("epoch_sums") if is_main else None) or zero_sums()  # "skipped": absent before fp16
+        return cls(ckpt["iteration"], ckpt["epoch"], ckpt["iter_in_epoch"], sums, ckpt.get("last_val") or {},
+                   float(ckpt.get("elapsed_s", 0.0)), ckpt.get("scaler") or {})
 
 
 # --------------------------------------------------------------------------- config difference
@@ -156,7 +157,12 @@ class RunDir:
         self._lock.release()
 
     def resume_or_start(self, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
-        """The state of the run in this directory (weights, optimizer and RNG loaded), or a fresh start."""
+        """The state of the run in this directory (weights, optimizer and RNG loaded), or a fresh start.
+
+        A run that diverged is not retrained over: its checkpoint would diverge again at the same step."""
+        diverged = D.broadcast_object(self._diverged() if self.parallel.is_main else None)
+        if diverged:
+            raise Diverged(diverged)
         exists = self.ckpt_path.exists()
         if D.broadcast_object(exists) != exists:  # rank 0 decides whether to resume
             raise UserError(f"rank {self.parallel.rank} does not see {self.ckpt_path} as rank 0 does; "
@@ -173,6 +179,16 @@ class RunDir:
             self._append_run_info(cfg.seed, resumed_from=None)
         D.barrier()
         return RunState()
+
+    def _diverged(self) -> str | None:
+        """The one-line refusal for a run directory whose summary says the run diverged, else None."""
+        if not self.summary_path.exists():
+            return None
+        s = json.loads(self.summary_path.read_text())
+        if not s.get("diverged"):
+            return None
+        return (f"run directory {self.path} holds a run that diverged at iteration {s.get('diverged_at_iteration')} "
+                f"(lr {s.get('lr')}); nothing was run: choose another hydra.run.dir or a smaller rate")
 
     def _resume(self, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
         p = self.parallel
@@ -237,6 +253,16 @@ class RunDir:
             self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
+    def finish_diverged(self, last_val: dict[str, float], wall: float, iteration: int | None,
+                        lr: float | None) -> dict[str, Any]:
+        """The summary of a run stopped by a non-finite loss: ``diverged`` and where; the val figures are the
+        last finite evaluation's (None before the first epoch's end)."""
+        summary = {**summarize(self.path, last_val, wall), "diverged": True, "diverged_at_iteration": iteration,
+                   "lr": lr}
+        if self.parallel.is_main:
+            self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
 
 def git_commit() -> str:
     here = Path(__file__).resolve().parent
@@ -268,6 +294,7 @@ def summarize(run_dir: Path, last_val: dict[str, float], wall: float) -> dict[st
         "wall_time_s": round(wall, 2),
         "images_per_sec": round(sum(ips) / len(ips), 1) if ips else None,
         "run_dir": str(run_dir),
+        "diverged": False,
     }
 
 

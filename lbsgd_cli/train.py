@@ -27,8 +27,9 @@ from .checkpoint import unwrap
 from .choices import LRRule, Warmup
 from .config import validate
 from .data import TrainLoader, load_data
-from .engine import StepPlan, evaluate, pass_workers, train_step
-from .errors import Preempted, UserError
+from .divergence import DivergenceWatch
+from .engine import StepPlan, StepResult, evaluate, make_grad_scaler, pass_workers, train_step
+from .errors import Diverged, Preempted, UserError
 from .memory import enable_stage_checkpointing
 from .metrics import MetricsLogger, Progress
 from .models import build_model
@@ -49,8 +50,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise UserError(f"batch.k: {k} workers cannot be split evenly over {W} processes")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    # deterministic: cuDNN's fixed algorithms (bit-exact resume and 1-vs-W); else benchmark picks the fastest
+    torch.backends.cudnn.deterministic = bool(cfg.deterministic)
+    torch.backends.cudnn.benchmark = not cfg.deterministic
     parallel = make_parallel(dist, cfg.memory, cfg.dist)
 
     # ---- data (Remark 4: one shuffle per epoch, divided among the k workers)
@@ -77,6 +79,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         already_complete = state.iteration >= ipe * cfg.schedule.epochs
         loop = Loop(cfg=cfg, parallel=parallel, rundir=rundir, model=model, optimizer=optimizer, loader=loader,
                     plan=plan, rate=rate, ipe=ipe, t_start=t_start, resumed_at=state.iteration or None)
+        if loop.scaler is not None and state.scaler:  # fp16: the loss scale and its growth tracker resume
+            loop.scaler.load_state_dict(state.scaler)
         if parallel.is_main:
             _print_header(loop, data, peak, state, already_complete)
         try:
@@ -86,6 +90,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                     parallel.val_batches(data, cfg.batch.eval_batch), parallel.reduce_sums,
                                     channels_last=cfg.model.channels_last)
                 end_epoch(loop, state, last_val, images / max(seconds, 1e-9), data.num_classes)
+        except Diverged as exc:  # nothing was written after the non-finite loss; the summary says so
+            rundir.finish_diverged(state.last_val, time.monotonic() - loop.t_start, exc.iteration, exc.lr)
+            raise
         except RuntimeError as exc:  # a rank died or hangs: a one-line PeerFailure, not a traceback
             failure = D.peer_failure(exc, dist, state.iteration)
             if failure is None:
@@ -107,6 +114,8 @@ def _build_model(cfg: DictConfig, data: DataSource, device: torch.device) -> tor
         model = model.to(memory_format=torch.channels_last)
     if cfg.memory.checkpointing:  # same result, less activation memory (lbsgd_cli/memory.py)
         enable_stage_checkpointing(model)
+    if cfg.compile:  # torch.compile in place (state dict keys unchanged), before DDP/FSDP2 wrap it, as torch advises
+        model.compile()
     return model
 
 
@@ -142,8 +151,24 @@ class Loop:
         cfg, main, total = self.cfg, self.parallel.is_main, self.ipe * self.cfg.schedule.epochs
         self.logger = MetricsLogger(self.rundir.path, main, cfg.log.tensorboard, resume_iteration=self.resumed_at)
         self.progress = Progress(cfg.log.progress, main, total, cfg.log.every)
-        self.stopper = PreemptionFlag(cfg.checkpoint.preempt_signals)
+        self.stopper = PreemptionFlag(cfg.checkpoint.preempt_signals, cfg.checkpoint.preempt_check_every)
         self.noise = noise_probe(cfg, self.model, self.optimizer, self.plan, self.parallel.world_size)
+        self.scaler = make_grad_scaler(self.plan.precision, self.parallel.device)  # fp16 only
+        self.watch = DivergenceWatch(self.parallel.device)
+        self.saved_at = self.resumed_at  # the iteration of the checkpoint on disk (None: none yet)
+        self.sums: dict[str, torch.Tensor] = {}  # the running epoch's loss and hit sums, on the device
+        self.compiled_note = False  # compile=true: the first step's time (compilation included) was printed
+
+    def load_sums(self, state: RunState) -> None:
+        """Move the running epoch's partial sums (floats in the state) onto the device."""
+        device = self.parallel.device
+        self.sums = {key: torch.tensor(float(state.epoch_sums.get(key, 0.0)), dtype=torch.float64, device=device)
+                     for key in ("loss", "correct", "skipped")}
+
+    def store_sums(self, state: RunState) -> None:
+        """Read the device sums back into the state (a host sync: at checkpoints and epoch ends only)."""
+        for key, value in self.sums.items():
+            state.epoch_sums[key] = float(value)
 
     def close(self) -> None:
         self.progress.close()
@@ -152,34 +177,67 @@ class Loop:
 
 
 def train_one_epoch(loop: Loop, state: RunState) -> tuple[int, float]:
-    """The steps of ``state.epoch`` from ``state.iter_in_epoch`` on; returns images seen and seconds taken."""
-    cfg, p, k, n = loop.cfg, loop.parallel, loop.cfg.batch.k, loop.cfg.batch.n
+    """The steps of ``state.epoch`` from ``state.iter_in_epoch`` on; returns images seen and seconds taken.
+
+    Nothing in a step waits for the device: loss and hit sums stay device tensors, read every
+    ``log.every`` steps, before a checkpoint and at the epoch's end; so does the divergence flag."""
+    cfg, p = loop.cfg, loop.parallel
     loop.model.train()
+    loop.load_sums(state)
     t_epoch, images = time.monotonic(), 0
     batches = D.inject_faults(loop.loader.epoch(state.epoch, state.iter_in_epoch), p.rank, state.iteration)
     for x, y in batches:
         lr = loop.rate(state.iteration)
         set_lr(loop.optimizer, lr)
-        step = train_step(loop.model, loop.optimizer, (x, y), loop.plan)
+        t_step = time.monotonic()
+        step = train_step(loop.model, loop.optimizer, (x, y), loop.plan, loop.scaler)
+        if loop.cfg.compile and not loop.compiled_note:
+            _note_compile(loop, time.monotonic() - t_step)
+        loop.watch.update(step.loss, state.iteration)
+        _accumulate(loop, step)
         state.iteration += 1
         state.iter_in_epoch += 1
-        images += k * n
-        state.epoch_sums["loss"] += step.loss_sum
-        state.epoch_sums["correct"] += step.correct
+        images += cfg.batch.k * cfg.batch.n
         state.epoch_sums["count"] += x.shape[0]
         loop.progress.tick(state.iteration, state.epoch)
+        if loop.watch.every_step:
+            loop.watch.check(loop.rate, loop.saved_at)
         if state.iteration % cfg.log.every == 0:
-            loss = p.reduce_sums({"loss": step.loss_sum})["loss"] / (k * n)
-            noise = loop.noise.result(functools.partial(_mean_over_ranks, p)) if loop.noise else {}
-            loop.logger.log({"step": state.iteration, "iter": state.iteration, "epoch": state.iteration / loop.ipe,
-                             "lr": lr, "train/loss": loss, **noise})
-            loop.progress.update(state.iteration, state.epoch, loss, lr, images / max(time.monotonic() - t_epoch, 1e-9))
+            _log_step(loop, state, step, lr, images / max(time.monotonic() - t_epoch, 1e-9))
         every = cfg.checkpoint.every_iters
-        if loop.stopper.agreed(p.device) or (every and state.iteration % every == 0):
+        due = bool(every) and state.iteration % every == 0
+        if loop.stopper.agreed(p.device, state.iteration, force=due) or due:
             _save(loop, state)
             if loop.stopper.raised:
                 _leave_preempted(loop, state.iteration)
+    loop.watch.check(loop.rate, loop.saved_at)
+    loop.store_sums(state)
     return images, time.monotonic() - t_epoch
+
+
+def _note_compile(loop: Loop, seconds: float) -> None:
+    """Once per start: torch.compile compiles lazily, in the first step; say how long that step took."""
+    loop.compiled_note = True
+    if loop.parallel.is_main:
+        print(f"compile: the first step took {seconds:.1f} s, torch.compile's compilation included", flush=True)
+
+
+def _accumulate(loop: Loop, step: StepResult) -> None:
+    loop.sums["loss"] += step.loss
+    loop.sums["correct"] += step.hits
+    if step.skipped is not None:
+        loop.sums["skipped"] += step.skipped
+
+
+def _log_step(loop: Loop, state: RunState, step: StepResult, lr: float, images_per_sec: float) -> None:
+    """The per-iteration record: the last step's mean loss over all ranks (the only read of it)."""
+    loop.watch.check(loop.rate, loop.saved_at)  # a diverged run logs no non-finite loss
+    k, n, p = loop.cfg.batch.k, loop.cfg.batch.n, loop.parallel
+    loss = p.reduce_sums({"loss": step.loss_sum})["loss"] / (k * n)
+    noise = loop.noise.result(functools.partial(_mean_over_ranks, p)) if loop.noise else {}
+    loop.logger.log({"step": state.iteration, "iter": state.iteration, "epoch": state.iteration / loop.ipe,
+                     "lr": lr, "train/loss": loss, **noise})
+    loop.progress.update(state.iteration, state.epoch, loss, lr, images_per_sec)
 
 
 def end_epoch(loop: Loop, state: RunState, last_val: dict[str, float], images_per_sec: float,
@@ -199,18 +257,30 @@ def end_epoch(loop: Loop, state: RunState, last_val: dict[str, float], images_pe
     }
     if num_classes > 5:
         record["val/top5_err"] = last_val["top5_err"]
+    skipped = ""
+    if loop.scaler is not None:  # fp16: steps the scaler skipped (inf/nan gradients); the same on every rank
+        record["train/skipped_steps"] = round(sums.get("skipped", 0.0) / loop.parallel.world_size)
+        skipped = f"  skipped steps {record['train/skipped_steps']}"
     loop.logger.log(record)
     loop.progress.epoch_line(
         f"epoch {state.epoch}/{loop.cfg.schedule.epochs}  train err {record['train/err']:.4f}  "
-        f"val err {record['val/err']:.4f}  {record['images_per_sec']:.0f} img/s"
+        f"val err {record['val/err']:.4f}  {record['images_per_sec']:.0f} img/s{skipped}"
     )
     state.epoch_sums = zero_sums()
+    loop.load_sums(state)  # the device sums start the next epoch at zero too
     _save(loop, state)
 
 
 def _save(loop: Loop, state: RunState) -> None:
+    """A checkpoint of ``state``; never after a non-finite loss (the one on disk is kept)."""
+    loop.watch.check(loop.rate, loop.saved_at)
+    loop.watch.check_state(unwrap(loop.model), state.iteration - 1, loop.rate, loop.saved_at)
+    if loop.sums:
+        loop.store_sums(state)
     state.elapsed_s = time.monotonic() - loop.t_start
+    state.scaler = loop.scaler.state_dict() if loop.scaler is not None else {}
     loop.rundir.save(loop.cfg, loop.model, loop.optimizer, state)
+    loop.saved_at = state.iteration
 
 
 def _leave_preempted(loop: Loop, iteration: int) -> None:
@@ -224,10 +294,16 @@ def _leave_preempted(loop: Loop, iteration: int) -> None:
 
 
 class PreemptionFlag:
-    """Turns the configured signals into a checkpoint at the next iteration boundary."""
+    """Turns the configured signals into a checkpoint at an iteration boundary.
 
-    def __init__(self, names: list[str]) -> None:
+    One process reads its flag at every iteration. Several processes agree by an allreduce of the flag,
+    which is a host value, so only every ``check_every`` iterations and at every scheduled checkpoint:
+    the preemption checkpoint is written within ``check_every`` iterations of the signal, by all ranks
+    at the same iteration."""
+
+    def __init__(self, names: list[str], check_every: int = 1) -> None:
         self.raised: str | None = None
+        self.check_every = max(1, check_every)
         self._old: dict[int, Any] = {}
         for name in names:
             sig = getattr(signal, name, None)
@@ -241,9 +317,12 @@ class PreemptionFlag:
     def _handler(self, signum, frame) -> None:
         self.raised = signal.Signals(signum).name
 
-    def agreed(self, device) -> bool:
-        """True on every rank when any rank got a signal (one tiny allreduce with several processes)."""
+    def agreed(self, device, iteration: int | None = None, force: bool = False) -> bool:
+        """True on every rank when any rank got a signal (one tiny allreduce with several processes, at
+        iterations that are multiples of ``check_every``, when ``force``d, or when no iteration is given)."""
         if D.dist.is_available() and D.dist.is_initialized():
+            if not force and iteration is not None and iteration % self.check_every:
+                return False
             t = torch.tensor([1.0 if self.raised else 0.0], device=device)
             D.dist.all_reduce(t, op=D.dist.ReduceOp.MAX)
             if t.item() and not self.raised:

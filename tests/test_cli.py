@@ -37,7 +37,7 @@ def _one_line_exit_2(proc, needle: str) -> None:
     (["schedule.gamma=-inf"], "schedule.gamma: must be a finite number"),
     (["optim.momentum=nan"], "optim.momentum: must be a finite number"),
     (["dist.timeout_s=nan"], "dist.timeout_s: must be a finite number"),
-    (["precision=fp16"], "precision"),
+    (["precision=fp8"], "precision"),
     (["dist.comm_hook=int8"], "dist.comm_hook"),
     (["device=tpu"], "device"),
     (["log.progress=fancy"], "log.progress"),

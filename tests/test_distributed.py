@@ -353,3 +353,55 @@ def test_slurm_launcher_without_the_plugin_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(cli, "_has_module", lambda name: False)
     with pytest.raises(UserError, match=r"pip install 'lbsgd\[slurm\]'"):
         cli.preflight("train", ["-m", "hydra/launcher=slurm", "batch.k=4,8"])
+
+
+@pytest.mark.slow
+def test_w2_equals_w1_in_bf16(tmp_path):
+    """precision=bf16 keeps the W-invariance: 2 gloo processes (torchrun) end with the weights of one process
+    making the same passes, bit for bit, and with the same val errors (issue 13 item 1)."""
+    args = [*CFG, "precision=bf16"]
+    ref, run = tmp_path / "ref", tmp_path / "w2"
+    ref_proc = subprocess.run([sys.executable, "-m", "lbsgd_cli", "train", f"hydra.run.dir={ref}", *args], cwd=ROOT,
+                              env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert ref_proc.returncode == 0, ref_proc.stderr
+    w2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                         f"--master_port={_free_port()}", "-m", "lbsgd_cli", "train", f"hydra.run.dir={run}", *args],
+                        cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert w2.returncode == 0, w2.stderr
+    w_ref, w_run = _weights(ref), _weights(run)
+    assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
+    epochs = [[json.loads(x)["val/err"] for x in (d / "metrics.jsonl").read_text().splitlines() if "val/err" in x]
+              for d in (ref, run)]
+    assert epochs[0] == epochs[1] and len(epochs[0]) == 3
+
+
+def test_preemption_is_agreed_every_n_iterations_and_at_checkpoints(tmp_path):
+    """With a process group the host flag is allreduced only every checkpoint.preempt_check_every iterations
+    (or when a scheduled checkpoint forces it); without one it is read at every iteration."""
+    assert not D.dist.is_initialized()
+    flag = PreemptionFlag([], check_every=10)
+    flag.raised = "SIGUSR2"
+    assert flag.agreed(torch.device("cpu"), iteration=3)  # one process: every iteration
+    D.dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert not flag.agreed(torch.device("cpu"), iteration=3)
+        assert flag.agreed(torch.device("cpu"), iteration=3, force=True)
+        assert flag.agreed(torch.device("cpu"), iteration=20)
+    finally:
+        D.dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_divergence_on_two_processes_stops_both_at_one_iteration(tmp_path):
+    """Both ranks stop with exit 5 and the same line; the checkpoint is the one from before."""
+    run = tmp_path / "run"
+    args = [f"hydra.run.dir={run}", "experiment=debug", "optim.base_lr=1e8", "schedule.warmup=none",
+            "checkpoint.every_iters=2", "log.progress=none", "log.tensorboard=false"]
+    procs = srun_like(args, tmp_path)
+    codes = [p.wait(timeout=120) for p in procs]
+    errs = [(tmp_path / f"rank{r}.err").read_text().strip() for r in (0, 1)]
+    assert codes == [5, 5], errs
+    assert errs[0] == errs[1] and errs[0].startswith("lbsgd: diverged: non-finite") and "\n" not in errs[0]
+    summary = json.loads((run / "summary.json").read_text())
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert summary["diverged"] and ckpt["iteration"] <= summary["diverged_at_iteration"]

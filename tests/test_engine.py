@@ -116,3 +116,27 @@ def test_auto_passes_give_the_weights_of_one_pass_within_float_roundoff():
     worst = max(float((states[0][k].double() - states[1][k].double()).abs().max()) for k in states[0]
                 if states[0][k].is_floating_point())
     assert 0 < worst < 1e-6  # float32 roundoff of gradient sums; the step itself moves weights by ~1e-2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_step_reads_nothing_back_from_the_device(monkeypatch, precision):
+    """A proxy on CPU for "no host sync per step": train_step and the loop's per-step bookkeeping (the
+    divergence flag) never turn a tensor into a Python number or truth value. (fp16's GradScaler.step
+    reads its inf flag once per step: torch's own sync.)"""
+    from lbsgd_cli.divergence import DivergenceWatch
+
+    x, y = _batch()
+    net = _net()
+    opt = build_optimizer(net, OmegaConf.structured(OptimConfig()), lr=0.1)
+    plan = StepPlan(per_process=4, per_pass=2, n=4, loss_scale=1 / 16, precision=precision)
+    watch = DivergenceWatch(torch.device("cpu"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    res = train_step(net, opt, (x, y), plan)
+    watch.update(res.loss, 0)
+    monkeypatch.undo()
+    assert res.loss_sum > 0 and 0 <= res.correct <= 16
