@@ -14,6 +14,7 @@ Modules, one concern each:
   parallel     one process, DDP or FSDP2 behind one interface (wrapping, gradient sync, state dicts)
   distributed  torchrun / SLURM process groups, reductions, peer failures, SLURM requeue
   train        the training loop (lbsgd train)
+  divergence   the first non-finite loss, found without a per-step host sync
   rundir       the run directory: lock, resume or start, checkpoints, run info, summary
   checkpoint   atomic checkpoints and reading them back
   metrics      metrics.jsonl, TensorBoard, progress
@@ -24,6 +25,7 @@ Modules, one concern each:
   quantize     b-bit affine quantization and integer checkpoints
   quantize_run lbsgd quantize: the table of settings
   int8         real int8 kernels (torchao pt2e + inductor)
+  plot         lbsgd plot: the paper's tables and figures from run directories
   errors       one-line user errors and exit statuses
   cli          the `lbsgd` command
 """
