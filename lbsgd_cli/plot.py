@@ -236,6 +236,30 @@ def write_summary(runs: list[Run], path: Path) -> None:
 # --------------------------------------------------------------------------- figures
 
 
+def curve(ax: Any, run: Run, key: str, **kw: Any) -> None:
+    """One run's per-epoch ``key`` (an error) in percent against epochs."""
+    ax.plot([e["epoch"] for e in run.epochs], [100 * e[key] for e in run.epochs], **kw)
+
+
+def label(run: Run) -> str:
+    x = run.row
+    return f"kn={x['kn']}, lr={x['lr']:.3g}" + (", diverged" if run.diverged else "")
+
+
+def ladder_points(ladder: dict[int, list[Run]]) -> tuple[list[int], list[float], list[float], list[int]]:
+    """Figure 1's points: kn, mean and std of the val error (%) over seeds, and the kn where a run diverged."""
+    kns, means, stds, div = [], [], [], []
+    for kn, rs in ladder.items():
+        vals = [100 * r.row["val_err"] for r in rs if not r.diverged]
+        if vals:
+            kns.append(kn)
+            means.append(statistics.mean(vals))
+            stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        if any(r.diverged for r in rs):
+            div.append(kn)
+    return kns, means, stds, div
+
+
 def figures(study: Study, out: Path) -> list[Path]:
     """Figures 1-4 of the paper as PNGs (needs matplotlib)."""
     try:
@@ -249,13 +273,6 @@ def figures(study: Study, out: Path) -> list[Path]:
     base = [r for r in study.baseline() if not r.diverged]
     first = min(r.row["seed"] for r in study.runs)
 
-    def curve(ax, run: Run, key: str, **kw: Any) -> None:
-        ax.plot([e["epoch"] for e in run.epochs], [100 * e[key] for e in run.epochs], **kw)
-
-    def label(run: Run) -> str:
-        x = run.row
-        return f"kn={x['kn']}, lr={x['lr']:.3g}" + (", diverged" if run.diverged else "")
-
     def save(fig, name: str) -> None:
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
@@ -265,15 +282,7 @@ def figures(study: Study, out: Path) -> list[Path]:
     ladder = study.ladder()
     if len(ladder) > 1:  # Figure 1
         fig, ax = plt.subplots(figsize=(6, 4))
-        kns, means, stds, div = [], [], [], []
-        for kn, rs in ladder.items():
-            vals = [100 * r.row["val_err"] for r in rs if not r.diverged]
-            if vals:
-                kns.append(kn)
-                means.append(statistics.mean(vals))
-                stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
-            if any(r.diverged for r in rs):
-                div.append(kn)
+        kns, means, stds, div = ladder_points(ladder)
         ax.errorbar(kns, means, yerr=stds, fmt="o-", capsize=3)
         for kn in div:
             ax.annotate("diverged", (kn, max(means or [100])), rotation=90, ha="center", fontsize=8)
