@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from . import rules
+from .choices import LRRule
 from .errors import UserError
 from .metrics import read_metrics
 
@@ -58,10 +60,9 @@ class Run:
 
 
 def peak_lr(cfg: dict[str, Any]) -> float:
-    """§2.1 rule of the run's config (the same formula as ``rules.peak_lr``, from the YAML alone)."""
+    """The run's rate after warmup: :func:`rules.peak_lr` (§2.1) of its saved config."""
     o, b = cfg["optim"], cfg["batch"]
-    ratio = b["k"] * b["n"] / o["ref_batch"]
-    return o["base_lr"] * {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[o["lr_rule"]]
+    return rules.peak_lr(o["base_lr"], b["k"], b["n"], o["ref_batch"], LRRule(o["lr_rule"]))
 
 
 def find_runs(paths: list[Path]) -> list[Run]:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from lbsgd_cli.config import ModelConfig
 from lbsgd_cli.ghost_bn import GhostBatchNorm2d
 from lbsgd_cli.models import build_model
 
@@ -93,8 +94,7 @@ class Variant:
 
 
 def resnet20_variants(batch: int) -> list[Variant]:
-    mcfg = OmegaConf.create({"arch": "cifar_resnet", "depth": 20, "width": 32, "zero_init_residual": True,
-                             "bn_momentum": 0.1, "bn_eps": 1e-5, "fc_init_std": 0.01})
+    mcfg = OmegaConf.structured(ModelConfig(arch="cifar_resnet", depth=20))
     torch.manual_seed(0)
     x0, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     out = []
@@ -115,8 +115,7 @@ def resnet20_variants(batch: int) -> list[Variant]:
 
 
 def resnet50_variants(batch: int) -> list[Variant]:
-    mcfg = OmegaConf.create({"arch": "resnet50", "depth": 0, "width": 0, "zero_init_residual": True,
-                             "bn_momentum": 0.1, "bn_eps": 1e-5, "fc_init_std": 0.01})
+    mcfg = OmegaConf.structured(ModelConfig(arch="resnet50"))
     torch.manual_seed(0)
     x0, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
     out = []
