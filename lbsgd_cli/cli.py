@@ -223,7 +223,7 @@ def _task(command: str) -> Callable:
             print(f"lbsgd: error: {exc}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(PeerFailure.exit_code)  # a broken process group may abort() in its destructor at exit
-        if D.dist.is_available() and D.dist.is_initialized():
+        if D.initialized():
             from hydra.types import RunMode
 
             if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's next job still needs the group
@@ -239,7 +239,7 @@ def _leave(D, code: int) -> None:
     teardown: under gloo (FSDP2 especially) the destructors of torch's communication threads can
     ``abort()`` at exit ("terminate called without an active exception") after a run that finished
     well. A single process exits normally."""
-    if not (D.dist.is_available() and D.dist.is_initialized()):
+    if not D.initialized():
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -250,9 +250,14 @@ def requeue_slurm_job(environ: dict[str, str] | None = None, runner=subprocess.r
     return f"requeued with `{' '.join(cmd)}`"
 
 
+def initialized() -> bool:
+    """Whether a process group is up (torchrun / srun with a group initialised by :func:`init_distributed`)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     """In-place sum over processes of a list of tensors, as one flat message."""
-    if not (dist.is_available() and dist.is_initialized()) or not tensors:
+    if not initialized() or not tensors:
         return
     flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
     dist.all_reduce(flat)
@@ -264,7 +269,7 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
 
 def reduce_scalars(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Sum a dict of floats over processes (identity on one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
@@ -273,7 +278,7 @@ def reduce_scalars(values: dict[str, float], device: torch.device) -> dict[str, 
 
 
 def broadcast_object(obj, src: int = 0):
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -281,12 +286,12 @@ def broadcast_object(obj, src: int = 0):
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         dist.barrier()
 
 
 def destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         dist.destroy_process_group()
 
 

@@ -27,7 +27,7 @@ class DivergenceWatch:
 
     def __init__(self, device: torch.device) -> None:
         self.first_bad = torch.full((), _NONE, dtype=torch.int64, device=device)
-        self.every_step = device.type == "cpu" and not _distributed()  # reading is free: check each step
+        self.every_step = device.type == "cpu" and not D.initialized()  # reading is free: check each step
 
     def update(self, loss: torch.Tensor, iteration: int) -> None:
         """Note step ``iteration``'s loss (a device op, no sync)."""
@@ -37,7 +37,7 @@ class DivergenceWatch:
     def check(self, rate: Callable[[int], float], checkpoint_iteration: int | None) -> None:
         """Raise :class:`Diverged` if any rank saw a non-finite loss (a collective with several processes)."""
         first = self.first_bad.clone()
-        if _distributed():
+        if D.initialized():
             D.dist.all_reduce(first, op=D.dist.ReduceOp.MIN)
         at = int(first)
         if at == _NONE:
@@ -53,7 +53,7 @@ class DivergenceWatch:
         ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(torch.int32) if tensors else \
             torch.ones((), dtype=torch.int32, device=self.first_bad.device)
         ok = ok.to(self.first_bad.device)
-        if _distributed():
+        if D.initialized():
             D.dist.all_reduce(ok, op=D.dist.ReduceOp.MIN)
         if not int(ok):
             raise _diverged("weights or BN statistics", last_step, rate, checkpoint_iteration)
@@ -65,6 +65,3 @@ def _diverged(what: str, at: int, rate: Callable[[int], float], checkpoint_itera
         f"checkpoint kept from iteration {checkpoint_iteration}"
     return Diverged(f"non-finite {what} at iteration {at} (lr {lr:.4g}); {kept}", iteration=at, lr=lr)
 
-
-def _distributed() -> bool:
-    return D.dist.is_available() and D.dist.is_initialized()

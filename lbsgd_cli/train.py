@@ -320,7 +320,7 @@ class PreemptionFlag:
     def agreed(self, device, iteration: int | None = None, force: bool = False) -> bool:
         """True on every rank when any rank got a signal (one tiny allreduce with several processes, at
         iterations that are multiples of ``check_every``, when ``force``d, or when no iteration is given)."""
-        if D.dist.is_available() and D.dist.is_initialized():
+        if D.initialized():
             if not force and iteration is not None and iteration % self.check_every:
                 return False
             t = torch.tensor([1.0 if self.raised else 0.0], device=device)
