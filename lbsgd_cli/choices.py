@@ -96,6 +96,15 @@ class CommHook(Choice):
     powersgd = "powersgd"
 
 
+class BNKernel(Choice):
+    """How training-mode BN is computed (``lbsgd_cli.ghost_bn``): ``native`` (PyTorch's batch-norm kernel,
+    one call per worker's slice) or ``fused`` (one torch.compile-generated kernel for all the pass's
+    workers: C++ on CPUs, Triton on GPUs)."""
+
+    native = "native"
+    fused = "fused"
+
+
 class Precision(Choice):
     """Autocast of forward and loss in training (fp16 with a gradient scaler); evaluation is always fp32."""
 

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .choices import (Backend, CommHook, DataName, Decode, Device, Granularity, LRRule, MomentumForm, OffloadMode,
-                      Optimizer, Precision, Progress, RangeMethod, Warmup)
+from .choices import (Backend, BNKernel, CommHook, DataName, Decode, Device, Granularity, LRRule, MomentumForm,
+                      OffloadMode, Optimizer, Precision, Progress, RangeMethod, Warmup)
 from .errors import UserError
 
 # Field metadata of a key whose value does not change the result (weights, metrics): it does not name
@@ -92,6 +92,11 @@ class ModelConfig:
     # and oneDNN CPUs; conv kernels then sum in another order, so results differ in the last bits and the
     # key names the run like any other
     channels_last: bool = False
+    # training-mode BN (ghost BN over n, §2.3): native (PyTorch's kernel, one call per worker's slice) |
+    # fused (one torch.compile-generated kernel for all workers of a pass, statistics in fp32; needs
+    # torch.compile's C++ compiler on a CPU). Sums in another order, so results differ in the last bits and
+    # the key names the run. Measured in results/performance.md.
+    bn_kernel: BNKernel = BNKernel.native
 
 
 @dataclass

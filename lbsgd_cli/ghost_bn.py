@@ -12,12 +12,20 @@ channels_last, and with bf16/fp16 inputs the statistics are taken and kept in fp
 by the kernel itself (output in the input's dtype). ``g = 1`` is plain
 :func:`torch.nn.functional.batch_norm`.
 
-Why per-slice native kernels (measured on the CPU, one thread): prototypes that reduce over
-a ``(g, n, C, H, W)`` view and normalise by broadcasting, with autograd's backward or a
-hand-written one, were 1.3-9x slower per BN layer (forward + backward) than the native
-kernel; the per-slice native calls make ResNet-20 training steps 1.2-1.5x faster than the
-former ``(g*n, C) -> (n, g*C)`` transpose in channels_last and about as fast in NCHW
-(``scripts/bench_ghost_bn.py``, ``results/performance.md``).
+Why per-slice native kernels by default (measured on the CPU, one thread): run eagerly, formulas
+that reduce over a ``(g, n, C, H, W)`` view and normalise by broadcasting were 1.3-9x slower per BN
+layer (forward + backward) than the native kernel; the per-slice native calls make ResNet-20
+training steps 1.2-1.5x faster than the former ``(g*n, C) -> (n, g*C)`` transpose in channels_last
+and about as fast in NCHW (``scripts/bench_ghost_bn.py``, ``results/performance.md``). Compiled, the
+same formulas beat both (below); they are opt-in because every new shape compiles first and
+needs torch.compile's toolchain.
+
+With ``kernel="fused"`` (``model.bn_kernel=fused``) the whole pass is instead normalised by one kernel
+that torch.compile generates (C++ on a CPU, Triton on a GPU) from the formula written over a
+``(g, n, C, H, W)`` view: statistics reduced in fp32 (float64 stays float64), the affine applied in the
+same kernel, and a hand-written backward (two reductions and one elementwise pass). One kernel per layer
+for any ``g``, in either memory format; on this project's CPU it is faster than both the per-slice calls
+and PyTorch's plain batch norm (``results/performance.md``). Its first call per shape compiles (seconds).
 
 Running statistics follow the paper's workers: every worker updates its own
 running average with its own batch statistics; since the update is linear, the
@@ -40,6 +48,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import UserError
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -91,17 +101,114 @@ class _GhostBatchNormFn(torch.autograd.Function):
                 db.sum(0).to(w.dtype) if need_b else None, None, None, None, None)
 
 
+def _group_sum(t: torch.Tensor) -> torch.Tensor:
+    """``(g, n, C, H*W)`` summed to ``(g, C)``: over each sample's pixels first (a contiguous run in NCHW),
+    then over the group's samples; two simple reductions that compile to vectorised loops."""
+    return t.sum(3).sum(1)
+
+
+def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n: int, eps: float):
+    """Each group of ``n`` samples normalised by its own statistics: ``y``, group mean and biased var, invstd."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g, c = x.shape[0] // n, x.shape[1]
+    xg = x.reshape(g, n, c, -1).to(acc)        # a view: the batch dimension is outermost, H and W merge
+    count = n * xg.shape[3]
+    # two passes (mean, then the mean squared deviation), like PyTorch's CPU kernel
+    mean = _group_sum(xg) / count                                            # (g, C)
+    var = _group_sum((xg - mean[:, None, :, None]).square()) / count
+    invstd = torch.rsqrt(var + eps)
+    scale = weight.to(acc) * invstd
+    shift = bias.to(acc) - mean * scale
+    y = (x.to(acc) * _per_sample(scale, n, x) + _per_sample(shift, n, x)).to(x.dtype)  # x's shape: not a view
+    return y, mean, var, invstd
+
+
+def _per_sample(t: torch.Tensor, n: int, x: torch.Tensor) -> torch.Tensor:
+    """A ``(g, C)`` per-group value as ``(g*n, C, 1, 1)``, broadcasting over ``x`` (an index in the kernel)."""
+    g, c = t.shape
+    return t[:, None].expand(g, n, c).reshape(g * n, c, *([1] * (x.dim() - 2)))
+
+
+def _fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                    invstd: torch.Tensor, n: int):
+    """BN's input gradient per group, and the weight and bias gradients summed over groups."""
+    acc = mean.dtype
+    g, c = x.shape[0] // n, x.shape[1]
+    xg, dyg = x.reshape(g, n, c, -1).to(acc), dy.reshape(g, n, c, -1).to(acc)
+    count = n * xg.shape[3]
+    sum_dy = _group_sum(dyg)
+    sum_dy_xhat = _group_sum(dyg * (xg - mean[:, None, :, None])) * invstd
+    # dx = w*invstd * (dy - mean(dy) - xhat * mean(dy*xhat)), per group, computed in x's shape
+    xhat = (x.to(acc) - _per_sample(mean, n, x)) * _per_sample(invstd, n, x)
+    dx = _per_sample(weight.to(acc) * invstd, n, x) * (
+        dy.to(acc) - _per_sample(sum_dy / count, n, x) - xhat * _per_sample(sum_dy_xhat / count, n, x))
+    return dx.to(x.dtype), sum_dy_xhat.sum(0), sum_dy.sum(0)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(name: str):
+    """The fused forward or backward under torch.compile, built on first use (one compile per shape)."""
+    if name not in _COMPILED:
+        import torch._dynamo
+
+        # Every layer shape, dtype and memory format is one compiled entry of the same function; a
+        # ResNet-50 has more than dynamo's default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        fn = _fused_forward if name == "forward" else _fused_backward
+        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[name]
+
+
+def _call_compiled(name: str, *args):
+    try:
+        with torch.autocast(args[0].device.type, enabled=False):
+            return _compiled(name)(*args)
+    except Exception as e:  # noqa: BLE001 - inductor reports a missing compiler in many exception types
+        msg = str(e).strip().splitlines()
+        raise UserError(f"model.bn_kernel=fused: torch.compile failed ({type(e).__name__}: "
+                        f"{msg[0] if msg else ''}); use model.bn_kernel=native") from e
+
+
+class _FusedGhostBatchNormFn(torch.autograd.Function):
+    """Ghost BN over all ``g`` groups of a pass in one compiled kernel (forward) and one backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, n, eps, mean_buf, var_buf):  # noqa: D102
+        y, mean, var, invstd = _call_compiled("forward", x, weight, bias, n, eps)
+        if mean_buf is not None:  # the native kernel's momentum-1 update: this batch's mean and unbiased var
+            count = x.numel() // (mean.shape[0] * x.shape[1])
+            mean_buf.copy_(mean)
+            var_buf.copy_(var * (count / max(count - 1, 1)))
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.n = n
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):  # noqa: D102
+        x, weight, mean, invstd = ctx.saved_tensors
+        dx, dw, db = _call_compiled("backward", dy, x, weight, mean, invstd, ctx.n)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
+                db.to(weight.dtype) if need_b else None, None, None, None, None)
+
+
 class GhostBatchNorm2d(nn.BatchNorm2d):
     """``BatchNorm2d`` whose training statistics are taken over groups of ``group_size`` samples."""
 
-    def __init__(self, num_features: int, group_size: int, **kwargs) -> None:
+    def __init__(self, num_features: int, group_size: int, kernel: str = "native", **kwargs) -> None:
         super().__init__(num_features, **kwargs)
+        if kernel not in ("native", "fused"):
+            raise ValueError(f"GhostBatchNorm2d: kernel must be native or fused, not {kernel!r}")
         self.group_size = group_size
+        self.kernel = kernel
         self.defer = False
         self._pending: list[torch.Tensor] | None = None  # [sum of means, sum of vars, groups]
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        return super().extra_repr() + f", group_size={self.group_size}, kernel={self.kernel}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -123,7 +230,14 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         stat_dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
         mean_buf = torch.zeros(g, c, device=x.device, dtype=stat_dtype) if track else None
         var_buf = torch.ones(g, c, device=x.device, dtype=stat_dtype) if track else None
-        if g == 1:
+        if self.kernel == "fused":
+            if n * math.prod(x.shape[2:]) == 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got {n} sample(s) of "
+                                 f"size {tuple(x.shape[2:])} per group")
+            weight = self.weight if self.weight is not None else torch.ones(c, device=x.device)
+            bias = self.bias if self.bias is not None else torch.zeros(c, device=x.device)
+            y = _FusedGhostBatchNormFn.apply(x, weight, bias, n, self.eps, mean_buf, var_buf)
+        elif g == 1:
             y = F.batch_norm(x, mean_buf.view(c) if track else None, var_buf.view(c) if track else None,
                              self.weight, self.bias, True, 1.0, self.eps)
         else:
@@ -211,13 +325,14 @@ def flush_running_stats(layers: list[GhostBatchNorm2d], reduce=None) -> None:
         m.flush()
 
 
-def convert_to_ghost_bn(module: nn.Module, group_size: int) -> nn.Module:
+def convert_to_ghost_bn(module: nn.Module, group_size: int, kernel: str = "native") -> nn.Module:
     """Replace every ``BatchNorm2d`` by a :class:`GhostBatchNorm2d` with the same state."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GhostBatchNorm2d):
             new = GhostBatchNorm2d(
                 child.num_features,
                 group_size,
+                kernel,
                 eps=child.eps,
                 momentum=child.momentum,
                 affine=child.affine,
@@ -227,5 +342,5 @@ def convert_to_ghost_bn(module: nn.Module, group_size: int) -> nn.Module:
             new.to(device=next(iter(child.buffers()), torch.empty(0)).device)
             setattr(module, name, new)
         else:
-            convert_to_ghost_bn(child, group_size)
+            convert_to_ghost_bn(child, group_size, kernel)
     return module

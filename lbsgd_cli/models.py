@@ -157,5 +157,5 @@ def build_model(mcfg, num_classes: int, in_channels: int, bn_group: int | None) 
         if isinstance(mod, nn.BatchNorm2d):
             mod.momentum, mod.eps = mcfg.bn_momentum, mcfg.bn_eps
     if bn_group is not None:
-        convert_to_ghost_bn(model, bn_group)
+        convert_to_ghost_bn(model, bn_group, str(mcfg.get("bn_kernel", "native")))
     return model

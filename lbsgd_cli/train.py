@@ -191,7 +191,7 @@ def train_one_epoch(loop: Loop, state: RunState) -> tuple[int, float]:
         set_lr(loop.optimizer, lr)
         t_step = time.monotonic()
         step = train_step(loop.model, loop.optimizer, (x, y), loop.plan, loop.scaler)
-        if loop.cfg.compile and not loop.compiled_note:
+        if (loop.cfg.compile or loop.cfg.model.bn_kernel == "fused") and not loop.compiled_note:
             _note_compile(loop, time.monotonic() - t_step)
         loop.watch.update(step.loss, state.iteration)
         _accumulate(loop, step)
@@ -216,7 +216,8 @@ def train_one_epoch(loop: Loop, state: RunState) -> tuple[int, float]:
 
 
 def _note_compile(loop: Loop, seconds: float) -> None:
-    """Once per start: torch.compile compiles lazily, in the first step; say how long that step took."""
+    """Once per start: torch.compile (compile=true, model.bn_kernel=fused) compiles lazily, in the first
+    step; say how long that step took."""
     loop.compiled_note = True
     if loop.parallel.is_main:
         print(f"compile: the first step took {seconds:.1f} s, torch.compile's compilation included", flush=True)
@@ -368,7 +369,8 @@ def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, co
         f"lbsgd train: {cfg.model.arch} on {cfg.data.name} ({data.train_size} train / {data.val_size} val), "
         f"kn = {k}x{n} = {k * n} on {W} process(es), peak lr {peak:.4g}, {loop.ipe} iters/epoch x "
         f"{cfg.schedule.epochs} epochs{resumed}\n{loop.plan.passes} forward pass(es) of {loop.plan.per_pass} "
-        f"worker(s) per step and process (batch.workers_per_pass={cfg.batch.workers_per_pass})\n"
+        f"worker(s) per step and process (batch.workers_per_pass={cfg.batch.workers_per_pass}), "
+        f"ghost BN over n = {n} (model.bn_kernel={cfg.model.bn_kernel})\n"
         f"run dir: {loop.rundir.path}",
         flush=True,
     )

@@ -6,17 +6,21 @@ ResNet-20 (CIFAR, ``model.arch=cifar_resnet``, depth 20) at batch 128, one train
 - ``plain``: ``nn.BatchNorm2d`` over the whole batch (no ghost BN),
 - ``former``: the ghost BN before issue 13 (the batch transposed ``(g*n, C) -> (n, g*C)``,
   one ``batch_norm`` call, transposed back), kept here for this comparison only,
-- ``copy-free``: :class:`lbsgd_cli.ghost_bn.GhostBatchNorm2d` (one native BN call per
-  worker's slice, a view),
+- ``copy-free``: :class:`lbsgd_cli.ghost_bn.GhostBatchNorm2d` with ``model.bn_kernel=native`` (one
+  native BN call per worker's slice, a view),
+- ``fused``: the same with ``model.bn_kernel=fused`` (one torch.compile-generated kernel per layer for
+  all the pass's workers; compiled in the warm-up steps, which are not timed),
 
-at g = 1, 4 and 32 workers per pass (n = 128/g), in NCHW and channels_last, fp32 and bf16
-autocast. Optionally torchvision's ResNet-50 at 224x224, fp32 against bf16.
+at g = 1, 4 and 32 workers per pass, in NCHW and channels_last, fp32 and bf16 autocast: either at a
+fixed batch (``--batch 128``: n = 128/g, down to n = 4) or at the paper's fixed per-worker BN size
+(``--n 32``: batch g*32, up to 1,024, plain BN over the same batch). Optionally torchvision's
+ResNet-50 at 224x224, fp32 against bf16.
 
 The machine is shared and noisy: one thread, every variant runs one step per round, the
 order of the variants reverses every round, and each ratio is the median over rounds of the
 ratio within a round. Usage::
 
-    PYTHONPATH=. python scripts/bench_ghost_bn.py [--rounds 9] [--r50-rounds 3] [--no-r50]
+    PYTHONPATH=. python scripts/bench_ghost_bn.py [--rounds 9] [--batch 128 | --n 32] [--r50-rounds 3] [--no-r50]
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class Variant:
         self.key, self.model, self.x, self.y, self.precision = key, model, x, y, precision
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.times: list[float] = []
+        self.shared = False  # True: another variant's measurement under a second key (not stepped)
 
     def step(self) -> float:
         t = time.perf_counter()
@@ -93,24 +98,37 @@ class Variant:
         return time.perf_counter() - t
 
 
-def resnet20_variants(batch: int) -> list[Variant]:
+def resnet20_variants(batches: dict[int, int]) -> list[Variant]:
+    """Variants keyed (format, precision, side, g); ``batches[g]`` is the batch at g workers per pass."""
     mcfg = OmegaConf.structured(ModelConfig(arch="cifar_resnet", depth=20))
     torch.manual_seed(0)
-    x0, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    x0, y0 = torch.randn(max(batches.values()), 3, 32, 32), torch.randint(0, 10, (max(batches.values()),))
     out = []
     for fmt in ("nchw", "channels_last"):
         mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-        x = x0.contiguous(memory_format=mf)
         for precision in ("fp32", "bf16"):
-            torch.manual_seed(0)
-            plain = build_model(mcfg, 10, 3, bn_group=None)
-            out.append(Variant((fmt, precision, "plain", 0), plain.to(memory_format=mf), x, y, precision))
-            for g in (1, 4, 32):
+            plains: dict[int, Variant] = {}  # one plain BN per distinct batch
+            for g, batch in batches.items():
+                x, y = x0[:batch].contiguous(memory_format=mf), y0[:batch]
+                if batch not in plains:
+                    torch.manual_seed(0)
+                    plain = build_model(mcfg, 10, 3, bn_group=None)
+                    plains[batch] = Variant((fmt, precision, "plain", g), plain.to(memory_format=mf), x, y, precision)
+                    out.append(plains[batch])
+                else:
+                    out.append(Variant((fmt, precision, "plain", g), plains[batch].model, x, y, precision))
+                    out[-1].times = plains[batch].times  # the same measurement, listed under this g
+                    out[-1].shared = True
                 torch.manual_seed(0)
                 new = build_model(mcfg, 10, 3, bn_group=batch // g)
                 old = to_former(copy.deepcopy(new))
+                fused = copy.deepcopy(new)
+                for m in fused.modules():
+                    if isinstance(m, GhostBatchNorm2d):
+                        m.kernel = "fused"
                 out.append(Variant((fmt, precision, "former", g), old.to(memory_format=mf), x, y, precision))
                 out.append(Variant((fmt, precision, "copy-free", g), new.to(memory_format=mf), x, y, precision))
+                out.append(Variant((fmt, precision, "fused", g), fused.to(memory_format=mf), x, y, precision))
     return out
 
 
@@ -128,6 +146,7 @@ def resnet50_variants(batch: int) -> list[Variant]:
 
 
 def run_rounds(variants: list[Variant], rounds: int, warmup: int = 2) -> None:
+    variants = [v for v in variants if not v.shared]
     for v in variants:
         for _ in range(warmup):
             v.step()
@@ -143,7 +162,9 @@ def paired_ratio(a: Variant, b: Variant) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=128)
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--batch", type=int, default=128, help="fixed batch per pass: n = batch / g")
+    size.add_argument("--n", type=int, help="fixed per-worker BN size: batch = g * n")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--r50-batch", type=int, default=16)
     ap.add_argument("--r50-rounds", type=int, default=3)
@@ -154,25 +175,30 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
-    vs = resnet20_variants(args.batch)
+    batches = {g: g * args.n if args.n else args.batch for g in (1, 4, 32)}
+    vs = resnet20_variants(batches)
     run_rounds(vs, args.rounds)
     by = {v.key: v for v in vs}
 
     def ips(v: Variant) -> float:
-        return args.batch / statistics.median(v.times)
+        return v.x.shape[0] / statistics.median(v.times)
 
-    print(f"\nResNet-20 (CIFAR), batch {args.batch}, training step (forward, loss, backward, SGD); "
+    size = f"n = {args.n} per worker, batch g*{args.n}" if args.n else f"batch {args.batch}"
+    print(f"\nResNet-20 (CIFAR), {size}, training step (forward, loss, backward, SGD); "
           f"img/s = batch / median step time over {args.rounds} rounds; ratios: median of per-round ratios\n")
-    print("| format | precision | workers/pass g | n | plain BN img/s | former ghost BN img/s | copy-free img/s "
-          "| copy-free / former | copy-free / plain |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| format | precision | workers/pass g | n | batch | plain BN img/s | former ghost BN img/s "
+          "| copy-free img/s | fused img/s | copy-free / former | copy-free / plain | fused / former | fused / plain |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for fmt in ("nchw", "channels_last"):
         for precision in ("fp32", "bf16"):
-            plain = by[(fmt, precision, "plain", 0)]
-            for g in (1, 4, 32):
+            for g, batch in batches.items():
+                plain = by[(fmt, precision, "plain", g)]
                 old, new = by[(fmt, precision, "former", g)], by[(fmt, precision, "copy-free", g)]
-                print(f"| {fmt} | {precision} | {g} | {args.batch // g} | {ips(plain):.0f} | {ips(old):.0f} | "
-                      f"{ips(new):.0f} | {paired_ratio(new, old):.2f} | {paired_ratio(new, plain):.2f} |")
+                fused = by[(fmt, precision, "fused", g)]
+                print(f"| {fmt} | {precision} | {g} | {batch // g} | {batch} | {ips(plain):.0f} | {ips(old):.0f} | "
+                      f"{ips(new):.0f} | {ips(fused):.0f} | {paired_ratio(new, old):.2f} | "
+                      f"{paired_ratio(new, plain):.2f} | {paired_ratio(fused, old):.2f} | "
+                      f"{paired_ratio(fused, plain):.2f} |")
     print("\nbf16 autocast against fp32, same format and BN (copy-free ghost BN):\n")
     print("| format | g | fp32 img/s | bf16 img/s | bf16 / fp32 | channels_last / NCHW (bf16) |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -10,7 +10,9 @@ Sides, all CIFAR ResNet-20 on one batch of 128 random 32x32 images:
 - ``lbsgd n=128``: what ``lbsgd train`` runs per iteration (``set_lr``, :func:`engine.train_step` with a
   :class:`StepPlan`, the divergence flag and the device-side loss/hit sums of the loop) with one worker of
   128 (BN over the whole batch, as in ``bare``): the engine's own overhead;
-- ``lbsgd n=32``: the same with the paper's ghost BN over n = 32 (4 workers in one pass): the whole step.
+- ``lbsgd n=32``: the same with the paper's ghost BN over n = 32 (4 workers in one pass): the whole step;
+- ``lbsgd n=32 fused``: the same with ``model.bn_kernel=fused`` (one compiled BN kernel per layer for
+  the 4 workers; compiled in the untimed warm-up steps).
 
 Every round times ``--iters`` steps of each side, the order of the sides reversing every round; a ratio
 is the median over rounds of the ratio within a round (the machine is shared and noisy).
@@ -36,9 +38,9 @@ from lbsgd_cli.optim import build_optimizer, set_lr
 VARIANTS = (("fp32", False), ("bf16", False), ("bf16", True))  # (precision, channels_last)
 
 
-def _model(n: int | None, channels_last: bool, device: torch.device) -> torch.nn.Module:
+def _model(n: int | None, channels_last: bool, device: torch.device, bn_kernel: str = "native") -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = OmegaConf.structured(ModelConfig(arch="cifar_resnet", depth=20))
+    cfg = OmegaConf.structured(ModelConfig(arch="cifar_resnet", depth=20, bn_kernel=bn_kernel))
     model = build_model(cfg, 10, 3, bn_group=n).to(device).train()
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -61,9 +63,10 @@ def bare_step(precision: str, channels_last: bool, x: torch.Tensor, y: torch.Ten
     return step
 
 
-def lbsgd_step(precision: str, channels_last: bool, n: int, x: torch.Tensor, y: torch.Tensor):
+def lbsgd_step(precision: str, channels_last: bool, n: int, x: torch.Tensor, y: torch.Tensor,
+               bn_kernel: str = "native"):
     """What ``lbsgd train`` does per iteration (train.train_one_epoch), without logging and checkpoints."""
-    model = _model(n, channels_last, x.device)
+    model = _model(n, channels_last, x.device, bn_kernel)
     opt = build_optimizer(model, OmegaConf.structured(OptimConfig()), 0.1)
     k = x.shape[0] // n
     plan = StepPlan(per_process=k, per_pass=k, n=n, loss_scale=1.0 / x.shape[0], precision=precision,
@@ -118,17 +121,21 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
-    print("| precision | format | bare img/s | lbsgd n=128 img/s | lbsgd n=32 img/s | lbsgd n=128 / bare "
-          "| lbsgd n=32 / bare |\n|---|---|---:|---:|---:|---:|---:|")
+    print("| precision | format | bare img/s | lbsgd n=128 img/s | lbsgd n=32 img/s | lbsgd n=32 fused img/s "
+          "| lbsgd n=128 / bare | lbsgd n=32 / bare | lbsgd n=32 fused / bare |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for precision, cl in VARIANTS:
         sides = {"bare": bare_step(precision, cl, x, y),
                  "whole": lbsgd_step(precision, cl, args.batch, x, y),
-                 "ghost": lbsgd_step(precision, cl, args.n, x, y)}
+                 "ghost": lbsgd_step(precision, cl, args.n, x, y),
+                 "fused": lbsgd_step(precision, cl, args.n, x, y, "fused")}
         t = measure(sides, args.rounds, args.iters)
         ips = {name: args.batch / statistics.median(v) for name, v in t.items()}
-        ratio = {name: statistics.median(b / s for b, s in zip(t["bare"], t[name])) for name in ("whole", "ghost")}
+        ratio = {name: statistics.median(b / s for b, s in zip(t["bare"], t[name]))
+                 for name in ("whole", "ghost", "fused")}
         print(f"| {precision} | {'channels_last' if cl else 'nchw'} | {ips['bare']:.0f} | {ips['whole']:.0f} | "
-              f"{ips['ghost']:.0f} | {ratio['whole']:.3f} | {ratio['ghost']:.3f} |", flush=True)
+              f"{ips['ghost']:.0f} | {ips['fused']:.0f} | {ratio['whole']:.3f} | {ratio['ghost']:.3f} | "
+              f"{ratio['fused']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def _one_line_exit_2(proc, needle: str) -> None:
     (["optim.momentum=nan"], "optim.momentum: must be a finite number"),
     (["dist.timeout_s=nan"], "dist.timeout_s: must be a finite number"),
     (["precision=fp8"], "precision"),
+    (["model.bn_kernel=cudnn"], "model.bn_kernel"),
     (["dist.comm_hook=int8"], "dist.comm_hook"),
     (["device=tpu"], "device"),
     (["log.progress=fancy"], "log.progress"),

@@ -14,13 +14,15 @@ from lbsgd_cli.models import build_model
 from lbsgd_cli.optim import build_optimizer
 
 
-def _net() -> torch.nn.Module:
+def _net(bn_kernel: str = "native") -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(OmegaConf.structured(ModelConfig(arch="small_cnn", width=8)), 10, 1, bn_group=4).train()
+    cfg = OmegaConf.structured(ModelConfig(arch="small_cnn", width=8, bn_kernel=bn_kernel))
+    return build_model(cfg, 10, 1, bn_group=4).train()
 
 
 @pytest.mark.slow
-def test_compiled_model_steps_like_eager():
+@pytest.mark.parametrize("bn_kernel", ["native", "fused"])
+def test_compiled_model_steps_like_eager(bn_kernel):
     """Two steps of the ghost-BN net over 2 passes of 2 workers, eager and compiled (in place: the same
     state dict keys): same weights and BN running statistics within float tolerance, same hits."""
     g = torch.Generator().manual_seed(1)
@@ -28,7 +30,7 @@ def test_compiled_model_steps_like_eager():
     plan = StepPlan(per_process=4, per_pass=2, n=4, loss_scale=1 / 16)
     results = []
     for compiled in (False, True):
-        net = _net()
+        net = _net(bn_kernel)
         if compiled:
             net.compile()
         opt = build_optimizer(net, OmegaConf.structured(OptimConfig()), lr=0.1)

@@ -15,9 +15,10 @@ from lbsgd_cli.models import build_model
 from lbsgd_cli.optim import build_optimizer
 
 
-def _net(n: int = 4) -> torch.nn.Module:
+def _net(n: int = 4, bn_kernel: str = "native") -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(OmegaConf.structured(ModelConfig(arch="small_cnn", width=8)), 10, 1, bn_group=n).train()
+    cfg = OmegaConf.structured(ModelConfig(arch="small_cnn", width=8, bn_kernel=bn_kernel))
+    return build_model(cfg, 10, 1, bn_group=n).train()
 
 
 def _batch(count: int = 16):
@@ -118,18 +119,40 @@ def test_auto_passes_give_the_weights_of_one_pass_within_float_roundoff():
     assert 0 < worst < 1e-6  # float32 roundoff of gradient sums; the step itself moves weights by ~1e-2
 
 
+def test_fused_bn_kernel_gives_the_native_step_and_any_pass_split():
+    """model.bn_kernel=fused: two steps over 1 and 4 passes give the native kernel's weights and running
+    statistics within float32 roundoff, and the pass split does not change the fused result beyond it."""
+    x, y = _batch()
+    states = {}
+    for kernel in ("native", "fused"):
+        for per_pass in (4, 1):
+            net = _net(bn_kernel=kernel)
+            opt = build_optimizer(net, OmegaConf.structured(OptimConfig()), lr=0.1)
+            for _ in range(2):
+                train_step(net, opt, (x, y), StepPlan(per_process=4, per_pass=per_pass, n=4, loss_scale=1 / 16))
+            states[kernel, per_pass] = copy.deepcopy(net.state_dict())
+    ref = states["native", 4]
+    for key, state in states.items():
+        for k, v in state.items():
+            torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key} {k}: {m}")
+    assert not torch.equal(_net().state_dict()["fc.weight"], states["fused", 4]["fc.weight"])
+
+
+@pytest.mark.parametrize("bn_kernel", ["native", "fused"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_step_reads_nothing_back_from_the_device(monkeypatch, precision):
+def test_step_reads_nothing_back_from_the_device(monkeypatch, precision, bn_kernel):
     """A proxy on CPU for "no host sync per step": train_step and the loop's per-step bookkeeping (the
     divergence flag) never turn a tensor into a Python number or truth value. (fp16's GradScaler.step
     reads its inf flag once per step: torch's own sync.)"""
     from lbsgd_cli.divergence import DivergenceWatch
 
     x, y = _batch()
-    net = _net()
+    net = _net(bn_kernel=bn_kernel)
     opt = build_optimizer(net, OmegaConf.structured(OptimConfig()), lr=0.1)
     plan = StepPlan(per_process=4, per_pass=2, n=4, loss_scale=1 / 16, precision=precision)
     watch = DivergenceWatch(torch.device("cpu"))
+    if bn_kernel == "fused":  # compile first: torch.compile itself may read values while it traces
+        train_step(copy.deepcopy(net), copy.deepcopy(opt), (x, y), plan)
 
     def refuse(*args, **kwargs):
         raise AssertionError("host sync in the step")

@@ -158,9 +158,9 @@ class _ReferenceGhostBN(nn.BatchNorm2d):
         self._apply_update(p[0] / p[2].to(p[0].dtype), p[1] / p[2].to(p[0].dtype))
 
 
-def _new_and_reference(c, n, dtype=torch.float64, **kw):
+def _new_and_reference(c, n, dtype=torch.float64, kernel="native", **kw):
     torch.manual_seed(1)
-    new = GhostBatchNorm2d(c, n, **kw).to(dtype)
+    new = GhostBatchNorm2d(c, n, kernel, **kw).to(dtype)
     ref = _ReferenceGhostBN(c, n, **kw).to(dtype)
     with torch.no_grad():
         if new.affine:
@@ -197,12 +197,19 @@ def _run_both(new, ref, x, dy, mode="train"):
     return out
 
 
-@pytest.mark.parametrize("g", [1, 4, 32])
-@pytest.mark.parametrize("fmt", list(_FORMATS))
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_copy_free_equals_former_algorithm_float64(g, fmt, mode):
+KERNELS = ["native", "fused"]  # model.bn_kernel: one native call per worker's slice | one compiled kernel
+
+
+# the fused kernel at g = 1 and 4 in training (g = 32 is g = 4's code at another size, one more compile;
+# evaluation runs PyTorch's BN with either kernel)
+_CASES = [(g, fmt, mode, "native") for g in (1, 4, 32) for fmt in _FORMATS for mode in ("train", "eval")] + \
+         [(g, fmt, "train", "fused") for g in (1, 4) for fmt in _FORMATS]
+
+
+@pytest.mark.parametrize("g,fmt,mode,kernel", _CASES)
+def test_copy_free_equals_former_algorithm_float64(g, fmt, mode, kernel):
     c, n = 6, 3
-    new, ref = _new_and_reference(c, n)
+    new, ref = _new_and_reference(c, n, kernel=kernel)
     x = (torch.randn(g * n, c, 5, 4, dtype=torch.float64) * 3 + 1).contiguous(memory_format=_FORMATS[fmt])
     dy = torch.randn(g * n, c, 5, 4, dtype=torch.float64).contiguous(memory_format=_FORMATS[fmt])
     for _ in range(2):  # two steps: running statistics move twice
@@ -218,11 +225,12 @@ def test_copy_free_equals_former_algorithm_float64(g, fmt, mode):
         assert y.is_contiguous(memory_format=_FORMATS[fmt]) and dx.is_contiguous(memory_format=_FORMATS[fmt])
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("fmt", list(_FORMATS))
-def test_deferred_passes_and_cumulative_momentum_equal_former_algorithm(fmt):
+def test_deferred_passes_and_cumulative_momentum_equal_former_algorithm(fmt, kernel):
     """Several passes under deferred_running_stats, flushed once; momentum=None (cumulative average)."""
     for momentum in (0.1, None):
-        new, ref = _new_and_reference(4, 2, momentum=momentum)
+        new, ref = _new_and_reference(4, 2, kernel=kernel, momentum=momentum)
         for step in range(3):
             x = torch.randn(16, 4, 3, 3, dtype=torch.float64).contiguous(memory_format=_FORMATS[fmt])
             with deferred_running_stats(nn.Sequential(new)) as layers:
@@ -238,10 +246,11 @@ def test_deferred_passes_and_cumulative_momentum_equal_former_algorithm(fmt):
         assert int(new.num_batches_tracked) == 3
 
 
-def test_gradient_in_the_other_memory_format():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradient_in_the_other_memory_format(kernel):
     """Autograd may hand back an NCHW gradient for a channels_last output (and the reverse)."""
     for fmt, other in (("channels_last", "nchw"), ("nchw", "channels_last")):
-        new, ref = _new_and_reference(4, 2)
+        new, ref = _new_and_reference(4, 2, kernel=kernel)
         x = torch.randn(8, 4, 3, 5, dtype=torch.float64).contiguous(memory_format=_FORMATS[fmt])
         dy = torch.randn(8, 4, 3, 5, dtype=torch.float64).contiguous(memory_format=_FORMATS[other])
         (y, dx, grads), (y_ref, dx_ref, grads_ref) = _run_both(new, ref, x, dy)
@@ -249,23 +258,26 @@ def test_gradient_in_the_other_memory_format():
         _close("grad_weight", grads[0], grads_ref[0])
 
 
-def test_no_affine_no_tracking_and_frozen_input_equal_former_algorithm():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_no_affine_no_tracking_and_frozen_input_equal_former_algorithm(kernel):
     x = torch.randn(12, 3, 4, 4, dtype=torch.float64)
     dy = torch.randn_like(x)
     for kw in ({"affine": False}, {"track_running_stats": False}):
-        new, ref = _new_and_reference(3, 3, **kw)
+        new, ref = _new_and_reference(3, 3, kernel=kernel, **kw)
         (y, dx, _), (y_ref, dx_ref, _) = _run_both(new, ref, x, dy)
         _close("output", y, y_ref)
         _close("grad_input", dx, dx_ref)
-    new, ref = _new_and_reference(3, 3)
+    new, ref = _new_and_reference(3, 3, kernel=kernel)
     for m in (new, ref):  # input that needs no gradient: weight and bias gradients only
         m(x).mul(dy).sum().backward()
     _close("grad_weight", new.weight.grad, ref.weight.grad)
     _close("grad_bias", new.bias.grad, ref.bias.grad)
 
 
-def test_one_value_per_channel_is_still_an_error():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_one_value_per_channel_is_still_an_error(kernel):
     _, ghost = _pair(n=1)
+    ghost.kernel = kernel
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         ghost(torch.randn(4, 5, 1, 1))
 
@@ -285,10 +297,11 @@ def test_forward_makes_no_host_to_device_tensor(monkeypatch):
     assert int(ghost.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("fmt", list(_FORMATS))
-def test_bf16_autocast_keeps_fp32_statistics(fmt):
+def test_bf16_autocast_keeps_fp32_statistics(fmt, kernel):
     torch.manual_seed(0)
-    ghost = GhostBatchNorm2d(8, 4)
+    ghost = GhostBatchNorm2d(8, 4, kernel)
     fp32 = copy.deepcopy(ghost)
     x = (torch.randn(16, 8, 6, 6) * 2 + 0.5).contiguous(memory_format=_FORMATS[fmt])
     xb = x.to(torch.bfloat16).requires_grad_(True)
@@ -303,7 +316,74 @@ def test_bf16_autocast_keeps_fp32_statistics(fmt):
     torch.testing.assert_close(ghost.running_var, fp32.running_var, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fmt", list(_FORMATS))
+def test_fused_bf16_is_as_close_to_float64_as_native(fmt):
+    """bf16 input: the fused kernel's output and gradients are within the native kernel's distance of a
+    float64 computation from the same rounded input (both reduce in fp32, round the output to bf16)."""
+    torch.manual_seed(0)
+    x = (torch.randn(32, 6, 5, 5) * 3 + 1).to(torch.bfloat16).contiguous(memory_format=_FORMATS[fmt])
+    dy = torch.randn(32, 6, 5, 5).to(torch.bfloat16).contiguous(memory_format=_FORMATS[fmt])
+    base = GhostBatchNorm2d(6, 4)
+    with torch.no_grad():
+        base.weight.uniform_(0.5, 1.5)
+        base.bias.uniform_(-1, 1)
+    res = {}
+    for kernel, dtype in (("native", torch.bfloat16), ("fused", torch.bfloat16), ("float64", torch.float64)):
+        m = copy.deepcopy(base).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        m.kernel = "native" if kernel == "float64" else kernel
+        xi = x.detach().to(dtype).clone().requires_grad_(True)
+        y = m(xi)
+        y.backward(dy.to(dtype))
+        res[kernel] = [t.detach().double() for t in (y, xi.grad, m.weight.grad, m.bias.grad)]
+    for name, fused, native, exact in zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                                          res["fused"], res["native"], res["float64"]):
+        err_fused, err_native = float((fused - exact).abs().max()), float((native - exact).abs().max())
+        assert err_fused <= 1.5 * err_native + 1e-5, f"{name}: fused {err_fused:.2e}, native {err_native:.2e}"
+
+
+def test_fused_groups_are_bit_exact_across_pass_sizes():
+    """What 1-vs-W bit-exactness needs of a BN kernel: a worker's output and input gradient do not depend
+    on how many other workers share its pass (README "Guarantee"). The fused kernel reduces each group in
+    the same order whatever g is."""
+    torch.manual_seed(0)
+    m = GhostBatchNorm2d(6, 4, "fused")
+    x = torch.randn(16, 6, 5, 5) * 2 + 1
+    dy = torch.randn_like(x)
+    whole = x.clone().requires_grad_(True)
+    y = m(whole)
+    y.backward(dy)
+    for i in range(4):
+        part = x[4 * i: 4 * i + 4].clone().requires_grad_(True)
+        y_part = m(part)
+        y_part.backward(dy[4 * i: 4 * i + 4])
+        assert torch.equal(y_part, y[4 * i: 4 * i + 4]) and torch.equal(part.grad, whole.grad[4 * i: 4 * i + 4])
+
+
+def test_fused_compile_failure_is_one_user_error(monkeypatch):
+    """No C++ compiler (or any torch.compile failure): one line naming the key and the way out."""
+    from lbsgd_cli import ghost_bn
+    from lbsgd_cli.errors import UserError
+
+    def broken(name):
+        def fail(*a):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nlong details")
+        return fail
+
+    monkeypatch.setattr(ghost_bn, "_compiled", broken)
+    _, ghost = _pair(n=2)
+    ghost.kernel = "fused"
+    with pytest.raises(UserError, match=r"model.bn_kernel=fused: torch.compile failed .*No working C\+\+ compiler"
+                                        r".*use model.bn_kernel=native") as e:
+        ghost(torch.randn(4, 5, 2, 2))
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_kernel_is_an_error():
+    with pytest.raises(ValueError, match="native or fused"):
+        GhostBatchNorm2d(4, 2, "cudnn")
+
+
 def test_print_max_float64_differences():
     """Run last (-s shows it): the largest differences measured above."""
-    print("\nmax abs difference, copy-free vs former ghost BN (float64):",
+    print("\nmax abs difference, copy-free (native and fused) vs former ghost BN (float64):",
           ", ".join(f"{k} {v:.1e}" for k, v in sorted(MAX_DIFF.items())))

@@ -172,3 +172,19 @@ def test_channels_last_trains_the_same_network(tmp_path):
     assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4) for k in a)
     assert any(v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
                for v in b.values())  # the saved weights are NHWC: the model really was converted
+
+
+def test_fused_bn_kernel_trains_the_same_network(tmp_path):
+    """model.bn_kernel=fused through the CLI: the run says which kernel it uses and ends at the native
+    kernel's weights up to summation order (float roundoff amplified over one epoch)."""
+    args = [*SHORT, "schedule.epochs=1", "batch.k=2", "batch.n=32"]
+    ref, fused = tmp_path / "native", tmp_path / "fused"
+    assert run_cli("train", f"hydra.run.dir={ref}", *args).returncode == 0
+    proc = run_cli("train", f"hydra.run.dir={fused}", *args, "model.bn_kernel=fused")
+    assert proc.returncode == 0, proc.stderr
+    a, b = _weights(ref), _weights(fused)
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4) for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # really another kernel
+    assert "bn_kernel: fused" in (fused / "config.yaml").read_text()
+    assert "ghost BN over n = 32 (model.bn_kernel=fused)" in proc.stdout
+    assert "compile: the first step took" in proc.stdout
