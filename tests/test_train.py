@@ -161,30 +161,23 @@ def test_config_tree_ships_in_the_wheel(tmp_path):
     assert where.stdout.strip().startswith(str(site))
 
 
-def test_channels_last_trains_the_same_network(tmp_path):
-    """model.channels_last=true: NHWC model and inputs; the same run up to summation order (not bit-identical)."""
+def test_channels_last_and_fused_bn_kernel_train_the_same_network(tmp_path):
+    """model.channels_last=true (NHWC model and inputs) and model.bn_kernel=fused (one compiled ghost-BN
+    kernel per layer): each the same run as the default up to summation order (not bit-identical)."""
     args = [*SHORT, "schedule.epochs=1", "batch.k=2", "batch.n=32"]
-    ref, cl = tmp_path / "nchw", tmp_path / "nhwc"
-    assert run_cli("train", f"hydra.run.dir={ref}", *args).returncode == 0
-    proc = run_cli("train", f"hydra.run.dir={cl}", *args, "model.channels_last=true")
-    assert proc.returncode == 0, proc.stderr
-    a, b = _weights(ref), _weights(cl)
-    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4) for k in a)
+    runs = {"default": [], "nhwc": ["model.channels_last=true"], "fused": ["model.bn_kernel=fused"]}
+    out = {}
+    for name, extra in runs.items():
+        proc = run_cli("train", f"hydra.run.dir={tmp_path / name}", *args, *extra)
+        assert proc.returncode == 0, proc.stderr
+        out[name] = proc.stdout
+    ref = _weights(tmp_path / "default")
+    for name in ("nhwc", "fused"):
+        w = _weights(tmp_path / name)
+        assert all(torch.allclose(ref[k].float(), w[k].float(), rtol=1e-3, atol=1e-4) for k in ref), name
+        assert any(not torch.equal(ref[k], w[k]) for k in ref if ref[k].is_floating_point()), name
     assert any(v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
-               for v in b.values())  # the saved weights are NHWC: the model really was converted
-
-
-def test_fused_bn_kernel_trains_the_same_network(tmp_path):
-    """model.bn_kernel=fused through the CLI: the run says which kernel it uses and ends at the native
-    kernel's weights up to summation order (float roundoff amplified over one epoch)."""
-    args = [*SHORT, "schedule.epochs=1", "batch.k=2", "batch.n=32"]
-    ref, fused = tmp_path / "native", tmp_path / "fused"
-    assert run_cli("train", f"hydra.run.dir={ref}", *args).returncode == 0
-    proc = run_cli("train", f"hydra.run.dir={fused}", *args, "model.bn_kernel=fused")
-    assert proc.returncode == 0, proc.stderr
-    a, b = _weights(ref), _weights(fused)
-    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4) for k in a)
-    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # really another kernel
-    assert "bn_kernel: fused" in (fused / "config.yaml").read_text()
-    assert "ghost BN over n = 32 (model.bn_kernel=fused)" in proc.stdout
-    assert "compile: the first step took" in proc.stdout
+               for v in _weights(tmp_path / "nhwc").values())  # the saved weights are NHWC: really converted
+    assert "bn_kernel: fused" in (tmp_path / "fused" / "config.yaml").read_text()
+    assert "ghost BN over n = 32 (model.bn_kernel=fused)" in out["fused"]
+    assert "compile: the first step took" in out["fused"] and "compile:" not in out["default"]
