@@ -9,10 +9,11 @@ as one study (one network, data set and schedule); which run plays which part fo
 configs, as in the paper:
 
 - the **baseline** is the smallest ``kn`` (§5.2: ``kn = 256``);
-- the **large** ``kn`` of Table 1 is the largest ``kn`` run with more than one warmup mode (§5.2: 8k);
+- Table 1 and Figure 2 compare the warmups at every ``kn`` run with more than one warmup mode (the
+  paper's is 8k, §5.2); the largest of them is the **large** ``kn`` of Figure 4;
 - the **ladder** of Figures 1 and 3 is every ``kn`` under the default recipe (linear rule, gradual
   warmup, zero-gamma); Table 2a varies ``optim.lr_rule`` and Table 2b ``model.zero_init_residual``
-  at the large ``kn``.
+  at whichever ``kn`` they were run.
 
 Writes ``summary.csv`` (one row per run), ``tables.md`` and, with matplotlib (``pip install
 'lbsgd[plots]'``), ``fig1_err_vs_kn.png`` ... ``fig4_train_val.png``. A diverged run is shown as
@@ -129,7 +130,11 @@ class Study:
 
     runs: list[Run]
     base_kn: int
-    large_kn: int | None
+    warmup_kns: list[int]  # every kn with more than one warmup mode (Table 1, Figure 2), ascending
+
+    @property
+    def large_kn(self) -> int | None:
+        return self.warmup_kns[-1] if self.warmup_kns else None
 
     @classmethod
     def of(cls, runs: list[Run]) -> Study:
@@ -139,8 +144,7 @@ class Study:
         for r in default:
             if r.row["kn"] != base_kn:
                 modes[r.row["kn"]].add(r.row["warmup"])
-        multi = [kn for kn, m in modes.items() if len(m) > 1]
-        return cls(runs, base_kn, max(multi) if multi else None)
+        return cls(runs, base_kn, sorted(kn for kn, m in modes.items() if len(m) > 1))
 
     def select(self, **want: Any) -> list[Run]:
         return [r for r in self.runs if all(r.row[k] == v for k, v in want.items())]
@@ -196,14 +200,15 @@ def tables(study: Study) -> list[str]:
         out.append(f"| {kn} | {lr:.3g} | {warmup} | {rule} | {zg} | {ep} | {steps} | {cell(rs)} | {last(rs)} "
                    f"| {seeds(rs)} |")
     base = study.baseline()
-    if study.large_kn is not None:
+    if study.warmup_kns:
         out += ["", "Table 1: warmup at the large kn", "", "| setting | kn | lr | val error % | seeds |",
                 "|---|---|---|---|---|"]
         out.append(f"| baseline | {study.base_kn} | {base[0].row['lr']:.3g} | {cell(base)} | {seeds(base)} |")
-        for mode in ("none", "constant", "gradual"):
-            rs = study.select(kn=study.large_kn, warmup=mode, rule="linear", zero_gamma=True)
-            if rs:
-                out.append(f"| {mode} warmup | {study.large_kn} | {rs[0].row['lr']:.3g} | {cell(rs)} | {seeds(rs)} |")
+        for kn in study.warmup_kns:
+            for mode in ("none", "constant", "gradual"):
+                rs = study.select(kn=kn, warmup=mode, rule="linear", zero_gamma=True)
+                if rs:
+                    out.append(f"| {mode} warmup | {kn} | {rs[0].row['lr']:.3g} | {cell(rs)} | {seeds(rs)} |")
     ladder = study.ladder()
     if len(ladder) > 1:
         ref = [r.row["val_err"] for r in ladder[study.base_kn] if not r.diverged]
@@ -214,13 +219,13 @@ def tables(study: Study) -> list[str]:
             gap = f"{100 * (statistics.mean(vals) - statistics.mean(ref)):+.2f}" if vals and ref else "-"
             steps = max(r.row["steps"] for r in rs)
             out.append(f"| {kn} | {rs[0].row['lr']:.3g} | {steps} | {cell(rs)} | {gap} | {seeds(rs)} |")
-    if study.large_kn is not None:
-        for title, key, others in (("Table 2a: the rate rule at the large kn", "rule", {"zero_gamma": True}),
-                                   ("Table 2b: zero-gamma at the large kn", "zero_gamma", {"rule": "linear"})):
-            rs = study.select(kn=study.large_kn, warmup="gradual", **others)
+    for title, key, others in (("Table 2a: the rate rule", "rule", {"zero_gamma": True}),
+                               ("Table 2b: zero-gamma", "zero_gamma", {"rule": "linear"})):
+        for kn in sorted({r.row["kn"] for r in study.runs}):
+            rs = study.select(kn=kn, warmup="gradual", **others)
             values = sorted({str(r.row[key]) for r in rs})
             if len(values) > 1:
-                out += ["", title, "", f"| {key} | lr | val error % | seeds |", "|---|---|---|---|"]
+                out += ["", f"{title} at kn = {kn}", "", f"| {key} | lr | val error % | seeds |", "|---|---|---|---|"]
                 for v in values:
                     sub = [r for r in rs if str(r.row[key]) == v]
                     out.append(f"| {v} | {sub[0].row['lr']:.3g} | {cell(sub)} | {seeds(sub)} |")
@@ -305,16 +310,18 @@ def figures(study: Study, out: Path) -> list[Path]:
         fig.supxlabel("epochs")
         fig.supylabel("training error (%)")
         save(fig, "fig3_kn_curves.png")
-    if study.large_kn is not None:  # Figure 2
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
-        for ax, mode in zip(axes, ("none", "constant", "gradual")):
-            if base:
-                curve(ax, base[0], "train/err", color="black", lw=1.2, label=f"{label(base[0])} (baseline)")
-            for r in study.select(kn=study.large_kn, warmup=mode, rule="linear", zero_gamma=True, seed=first):
-                curve(ax, r, "train/err", label=f"{label(r)}, {mode} warmup")
-            ax.set(title=f"{mode} warmup", xlabel="epochs")
-            ax.legend(fontsize=8)
-        axes[0].set_ylabel("training error (%)")
+    if study.warmup_kns:  # Figure 2: a row of the three warmups per kn that has them
+        rows = len(study.warmup_kns)
+        fig, axes = plt.subplots(rows, 3, figsize=(15, 4 * rows), sharey=True, squeeze=False)
+        for row, kn in zip(axes, study.warmup_kns):
+            for ax, mode in zip(row, ("none", "constant", "gradual")):
+                if base:
+                    curve(ax, base[0], "train/err", color="black", lw=1.2, label=f"{label(base[0])} (baseline)")
+                for r in study.select(kn=kn, warmup=mode, rule="linear", zero_gamma=True, seed=first):
+                    curve(ax, r, "train/err", label=f"{label(r)}, {mode} warmup")
+                ax.set(title=f"kn = {kn}, {mode} warmup", xlabel="epochs")
+                ax.legend(fontsize=8)
+            row[0].set_ylabel("training error (%)")
         save(fig, "fig2_warmup.png")
         large = study.select(kn=study.large_kn, warmup="gradual", rule="linear", zero_gamma=True, seed=first)
         if base and large:  # Figure 4

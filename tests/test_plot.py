@@ -43,6 +43,7 @@ def study_dir(tmp_path: Path) -> Path:
         make_run(root, f"large-{mode}", 64, mode, 0, errs=(0.9, 0.30, 0.25) if mode == "gradual" else (0.9, 0.35, 0.3),
                  diverged=mode == "none")
     make_run(root, "ladder-16", 16, errs=(0.5, 0.3, 0.21))
+    make_run(root, "ladder-16-none", 16, "none", 0, errs=(0.5, 0.33, 0.23))  # a second kn with two warmups
     make_run(root, "sqrt", 64, rule="sqrt", errs=(0.6, 0.5, 0.35))
     make_run(root, "nozg", 64, zero_gamma=False, errs=(0.6, 0.5, 0.27))
     return root
@@ -50,7 +51,7 @@ def study_dir(tmp_path: Path) -> Path:
 
 def test_parts_are_found_from_the_configs(study_dir: Path) -> None:
     study = Study.of(find_runs([study_dir]))
-    assert study.base_kn == 128 and study.large_kn == 2048
+    assert study.base_kn == 128 and study.large_kn == 2048 and study.warmup_kns == [512, 2048]
     assert sorted(study.ladder()) == [128, 512, 2048]
     assert {r.row["seed"] for r in study.baseline()} == {0, 1}
 
@@ -60,15 +61,17 @@ def test_tables_show_divergence_as_diverged_and_means_over_seeds(study_dir: Path
     assert "| baseline | 128 | 0.1 | 22.00 ± 1.41 | 0,1 |" in text  # medians of the last (5, here 3) epochs
     assert "| none warmup | 2048 | 1.6 | diverged | 0 |" in text
     assert "| gradual warmup | 2048 | 1.6 | 30.00 | 0 |" in text
-    assert "Table 2a" in text and "| sqrt | 0.4 |" in text
-    assert "Table 2b" in text and "| False | 1.6 |" in text
+    assert "| none warmup | 512 | 0.4 | 33.00 | 0 |" in text and "| gradual warmup | 512 | 0.4 | 30.00 | 0 |" in text
+    assert text.index("| gradual warmup | 512 |") < text.index("| none warmup | 2048 |")  # ascending kn
+    assert "Table 2a: the rate rule at kn = 2048" in text and "| sqrt | 0.4 |" in text
+    assert "Table 2b: zero-gamma at kn = 2048" in text and "| False | 1.6 |" in text
 
 
 def test_cli_writes_summary_with_steps_and_diverged(study_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert main(["plot", str(study_dir), "--out", str(out), "--no-figures"]) == 0
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert list(rows[0]) == FIELDS and len(rows) == 8
+    assert list(rows[0]) == FIELDS and len(rows) == 9
     none = next(r for r in rows if r["run"] == "large-none")
     assert none["diverged"] == "True" and none["val_err"] == "" and none["steps"] == "7"
     assert next(r for r in rows if r["run"] == "base-s0")["steps"] == "30"
