@@ -11,13 +11,17 @@
 #   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked)
 #   RUNS   where the run directories go (default runs/results/cifar; the probe: $RUNS/../probe)
 #   SCALE  cpu (conf/scale/cpu.yaml: ResNet-8, 45 epochs, bf16) | full (the presets: ResNet-20, 160 epochs)
-#   LARGE_K  workers of Table 1's large kn (n = 32): 32 -> kn 1024, the largest kn of the flat region
+#   LARGE_K  workers of the large kn (n = 32) of Tables 2a/2b and the fp32 pair: 32 -> kn 1024, the edge
+#            of the flat region at 45 epochs
+#   TABLE1_K workers of each kn of Table 1 (default "32 64": kn 1024, where warmup hardly matters, and
+#            2048, the first rate at which no warmup suffers; results/README.md, the probe)
 # Then: lbsgd plot "$RUNS" --out results
 set -uo pipefail
 DATA=${DATA:?set DATA to the CIFAR-10 folder holding train/ and val/}
 RUNS=${RUNS:-runs/results/cifar}
 SCALE=${SCALE:-cpu}
 LARGE_K=${LARGE_K:-32}
+read -ra TABLE1_K <<< "${TABLE1_K:-32 64}"
 LBSGD=${LBSGD:-lbsgd}
 parts=() extra=()
 while (($#)); do
@@ -40,8 +44,8 @@ large() { run "kn$((32 * $1))-$2-s$3" experiment="cifar_large_$2" batch.k="$1" s
 for part in "${parts[@]}"; do
   case $part in
     ladder) base 0; for k in 32 64 128 256 16 8; do large "$k" gradual 0; done ;;   # kn 1024, 2048, ... 256
-    table1) large "$LARGE_K" none 0; large "$LARGE_K" constant 0 ;;
-    seeds)  base 1; for w in gradual none constant; do large "$LARGE_K" "$w" 1; done ;;
+    table1) for k in "${TABLE1_K[@]}"; do large "$k" none 0; large "$k" constant 0; done ;;
+    seeds)  base 1; for k in "${TABLE1_K[@]}"; do for w in gradual none constant; do large "$k" "$w" 1; done; done ;;
     rules)  for r in sqrt none; do run "kn$((32 * LARGE_K))-gradual-$r-s0" experiment=cifar_large_gradual \
               batch.k="$LARGE_K" optim.lr_rule="$r" seed=0; done
             run "kn$((32 * LARGE_K))-gradual-nozg-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" \
