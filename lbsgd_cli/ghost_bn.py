@@ -161,11 +161,20 @@ def _compiled(name: str):
     return _COMPILED[name]
 
 
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot build a kernel (no C++ compiler, no Triton, a failed build)."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    return (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InvalidCxxCompiler,
+            torch._inductor.exc.CppCompileError)
+
+
 def _call_compiled(name: str, *args):
     try:
         with torch.autocast(args[0].device.type, enabled=False):
             return _compiled(name)(*args)
-    except Exception as e:  # noqa: BLE001 - inductor reports a missing compiler in many exception types
+    except _compile_errors() as e:  # the toolchain, not the user's data: one line naming the key
         msg = str(e).strip().splitlines()
         raise UserError(f"model.bn_kernel=fused: torch.compile failed ({type(e).__name__}: "
                         f"{msg[0] if msg else ''}); use model.bn_kernel=native") from e

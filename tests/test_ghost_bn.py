@@ -364,18 +364,29 @@ def test_fused_compile_failure_is_one_user_error(monkeypatch):
     from lbsgd_cli import ghost_bn
     from lbsgd_cli.errors import UserError
 
+    import torch._inductor.exc
+
     def broken(name):
         def fail(*a):
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nlong details")
+            raise torch._inductor.exc.InvalidCxxCompiler()
         return fail
 
     monkeypatch.setattr(ghost_bn, "_compiled", broken)
     _, ghost = _pair(n=2)
     ghost.kernel = "fused"
-    with pytest.raises(UserError, match=r"model.bn_kernel=fused: torch.compile failed .*No working C\+\+ compiler"
-                                        r".*use model.bn_kernel=native") as e:
+    with pytest.raises(UserError, match=r"model.bn_kernel=fused: torch.compile failed \(InvalidCxxCompiler: No working "
+                                        r"C\+\+ compiler.*use model.bn_kernel=native") as e:
         ghost(torch.randn(4, 5, 2, 2))
     assert "\n" not in str(e.value)
+
+    def bug(name):  # anything else is not the toolchain: it propagates as it is
+        def fail(*a):
+            raise RuntimeError("a bug")
+        return fail
+
+    monkeypatch.setattr(ghost_bn, "_compiled", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        ghost(torch.randn(4, 5, 2, 2))
 
 
 def test_unknown_kernel_is_an_error():
