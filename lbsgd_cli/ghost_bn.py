@@ -239,10 +239,13 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         stat_dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
         mean_buf = torch.zeros(g, c, device=x.device, dtype=stat_dtype) if track else None
         var_buf = torch.ones(g, c, device=x.device, dtype=stat_dtype) if track else None
+        if g > 1 or self.kernel == "fused":  # F.batch_norm's checks (it makes them itself for one native group)
+            if n * math.prod(x.shape[2:]) == 1:  # as on the former (n, g*C, ...) input
+                raise ValueError("Expected more than 1 value per channel when training, "
+                                 f"got input size {torch.Size([n, g * c, *x.shape[2:]])}")
+            if self.eps <= 0.0:
+                raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         if self.kernel == "fused":
-            if n * math.prod(x.shape[2:]) == 1:
-                raise ValueError(f"Expected more than 1 value per channel when training, got {n} sample(s) of "
-                                 f"size {tuple(x.shape[2:])} per group")
             weight = self.weight if self.weight is not None else torch.ones(c, device=x.device)
             bias = self.bias if self.bias is not None else torch.zeros(c, device=x.device)
             y = _FusedGhostBatchNormFn.apply(x, weight, bias, n, self.eps, mean_buf, var_buf)
@@ -250,11 +253,6 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             y = F.batch_norm(x, mean_buf.view(c) if track else None, var_buf.view(c) if track else None,
                              self.weight, self.bias, True, 1.0, self.eps)
         else:
-            if n * math.prod(x.shape[2:]) == 1:  # F.batch_norm's check, on the former (n, g*C, ...) input
-                raise ValueError("Expected more than 1 value per channel when training, "
-                                 f"got input size {torch.Size([n, g * c, *x.shape[2:]])}")
-            if self.eps <= 0.0:
-                raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
             y = _GhostBatchNormFn.apply(x, self.weight, self.bias, n, self.eps, mean_buf, var_buf)
         if track:
             self._update_running(mean_buf, var_buf)

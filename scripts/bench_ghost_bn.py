@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import platform
 import statistics
 import time
@@ -85,7 +84,6 @@ class Variant:
         self.key, self.model, self.x, self.y, self.precision = key, model, x, y, precision
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.times: list[float] = []
-        self.shared = False  # True: another variant's measurement under a second key (not stepped)
 
     def step(self) -> float:
         t = time.perf_counter()
@@ -99,36 +97,31 @@ class Variant:
 
 
 def resnet20_variants(batches: dict[int, int]) -> list[Variant]:
-    """Variants keyed (format, precision, side, g); ``batches[g]`` is the batch at g workers per pass."""
-    mcfg = OmegaConf.structured(ModelConfig(arch="cifar_resnet", depth=20))
+    """Variants keyed (format, precision, side, g), plain BN (format, precision, "plain", batch);
+    ``batches[g]`` is the batch at g workers per pass."""
+    mcfg = {kernel: OmegaConf.structured(ModelConfig(arch="cifar_resnet", depth=20, bn_kernel=kernel))
+            for kernel in ("native", "fused")}
     torch.manual_seed(0)
     x0, y0 = torch.randn(max(batches.values()), 3, 32, 32), torch.randint(0, 10, (max(batches.values()),))
     out = []
+
+    def model(bn_group: int | None, kernel: str = "native") -> nn.Module:
+        torch.manual_seed(0)
+        return build_model(mcfg[kernel], 10, 3, bn_group=bn_group)
+
     for fmt in ("nchw", "channels_last"):
         mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
         for precision in ("fp32", "bf16"):
-            plains: dict[int, Variant] = {}  # one plain BN per distinct batch
+            for batch in sorted(set(batches.values())):  # one plain BN per distinct batch
+                x, y = x0[:batch].contiguous(memory_format=mf), y0[:batch]
+                out.append(Variant((fmt, precision, "plain", batch), model(None).to(memory_format=mf), x, y,
+                                   precision))
             for g, batch in batches.items():
                 x, y = x0[:batch].contiguous(memory_format=mf), y0[:batch]
-                if batch not in plains:
-                    torch.manual_seed(0)
-                    plain = build_model(mcfg, 10, 3, bn_group=None)
-                    plains[batch] = Variant((fmt, precision, "plain", g), plain.to(memory_format=mf), x, y, precision)
-                    out.append(plains[batch])
-                else:
-                    out.append(Variant((fmt, precision, "plain", g), plains[batch].model, x, y, precision))
-                    out[-1].times = plains[batch].times  # the same measurement, listed under this g
-                    out[-1].shared = True
-                torch.manual_seed(0)
-                new = build_model(mcfg, 10, 3, bn_group=batch // g)
-                old = to_former(copy.deepcopy(new))
-                fused = copy.deepcopy(new)
-                for m in fused.modules():
-                    if isinstance(m, GhostBatchNorm2d):
-                        m.kernel = "fused"
-                out.append(Variant((fmt, precision, "former", g), old.to(memory_format=mf), x, y, precision))
-                out.append(Variant((fmt, precision, "copy-free", g), new.to(memory_format=mf), x, y, precision))
-                out.append(Variant((fmt, precision, "fused", g), fused.to(memory_format=mf), x, y, precision))
+                sides = {"former": to_former(model(batch // g)), "copy-free": model(batch // g),
+                         "fused": model(batch // g, "fused")}
+                out += [Variant((fmt, precision, side, g), m.to(memory_format=mf), x, y, precision)
+                        for side, m in sides.items()]
     return out
 
 
@@ -146,7 +139,6 @@ def resnet50_variants(batch: int) -> list[Variant]:
 
 
 def run_rounds(variants: list[Variant], rounds: int, warmup: int = 2) -> None:
-    variants = [v for v in variants if not v.shared]
     for v in variants:
         for _ in range(warmup):
             v.step()
@@ -192,7 +184,7 @@ def main() -> None:
     for fmt in ("nchw", "channels_last"):
         for precision in ("fp32", "bf16"):
             for g, batch in batches.items():
-                plain = by[(fmt, precision, "plain", g)]
+                plain = by[(fmt, precision, "plain", batch)]
                 old, new = by[(fmt, precision, "former", g)], by[(fmt, precision, "copy-free", g)]
                 fused = by[(fmt, precision, "fused", g)]
                 print(f"| {fmt} | {precision} | {g} | {batch // g} | {batch} | {ips(plain):.0f} | {ips(old):.0f} | "
