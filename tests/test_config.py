@@ -19,6 +19,7 @@ from lbsgd_cli.rundir import config_difference
 from .conftest import ROOT, compose
 
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+SCALES = sorted(p.stem for p in (ROOT / "conf" / "scale").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -28,8 +29,16 @@ def test_every_experiment_preset_composes_and_validates(preset, tmp_path):
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     if preset.startswith(("cifar", "imagenet")):
         assert cfg.data.name == "imagefolder"
-    scaled = compose("train", [f"experiment={preset}", f"data.root={tmp_path}", "scale=cpu"])
-    validate(scaled)
+    for scale in SCALES:
+        validate(compose("train", [f"experiment={preset}", f"data.root={tmp_path}", f"scale={scale}"]))
+
+
+def test_cpu_scales_keep_the_papers_fractions_of_training():
+    """scale=cpu_90 is the paper's schedule (section 5.1: /10 at 30, 60, 80 of 90 epochs); scale=cpu is it halved."""
+    for scale, epochs, milestones in (("cpu_90", 90, [30, 60, 80]), ("cpu", 45, [15, 30, 40])):
+        cfg = compose("train", ["experiment=cifar_large_gradual", "data.root=/x", f"scale={scale}"])
+        assert (cfg.schedule.epochs, list(cfg.schedule.milestones), cfg.model.depth) == (epochs, milestones, 8)
+        assert (cfg.schedule.warmup_epochs, cfg.optim.ref_batch, cfg.precision) == (5, 128, "bf16")
 
 
 def test_paper_presets_have_the_papers_numbers():
@@ -104,10 +113,13 @@ def test_group_yaml_holds_only_what_differs_from_the_schema(path):
     values = yaml.safe_load(text) or {}
     group = "" if "@package _global_" in text else Path(path).parent.name
     schema = OmegaConf.structured(TrainConfig)
+    # a scale file overrides the CIFAR presets (schedule=cifar, ...), not the schema
+    below = compose("train", ["experiment=cifar_large_gradual", "data.root=/x"]) if path.startswith("scale/") \
+        else schema
     for key, value in _leaves({k: v for k, v in values.items() if k != "defaults"}):
         if value == "???":
             continue
-        assert _schema_default(schema, group, key) != value, f"{path}: {key} repeats the schema's default"
+        assert _schema_default(below, group, key) != value, f"{path}: {key} repeats what it overrides"
 
 
 def test_rules_and_optim_do_not_depend_on_the_config_layer():
