@@ -4,9 +4,9 @@
 
 Every folder below the given paths that holds a ``config.yaml`` and a ``metrics.jsonl`` (written by
 ``lbsgd train``) is one run; ``summary.json`` adds whether it diverged. Nothing else is read, so a
-user's own ImageNet sweep gets the same figures as the CIFAR runs of ``results/``. The runs are read
-as one study (one network, data set and schedule); which run plays which part follows from the
-configs, as in the paper:
+user's own ImageNet sweep gets the same figures as the CIFAR runs of ``results/``. The runs of one
+network and schedule are one study; which run plays which part follows from the configs, as in the
+paper:
 
 - the **baseline** is the smallest ``kn`` (§5.2: ``kn = 256``);
 - Table 1 and Figure 2 compare the warmups at every ``kn`` run with more than one warmup mode (the
@@ -14,6 +14,10 @@ configs, as in the paper:
 - the **ladder** of Figures 1 and 3 is every ``kn`` under the default recipe (linear rule, gradual
   warmup, zero-gamma); Table 2a varies ``optim.lr_rule`` and Table 2b ``model.zero_init_residual``
   at whichever ``kn`` they were run.
+
+Runs of different networks or planned epochs are separate studies, each with its own tables and
+figures (in a subfolder of ``--out`` named after it); where two or more studies have a ladder, Figure 1
+is also drawn and tabulated across them (does the flat region move with the number of steps?).
 
 Writes ``summary.csv`` (one row per run), ``tables.md`` and, with matplotlib (``pip install
 'lbsgd[plots]'``), ``fig1_err_vs_kn.png`` ... ``fig4_train_val.png``. A diverged run is shown as
@@ -186,6 +190,28 @@ def seeds(runs: list[Run]) -> str:
     return ",".join(str(s) for s in sorted({r.row["seed"] for r in runs}))
 
 
+def gap(study: Study, runs: list[Run]) -> str:
+    """The runs' mean val error minus the baseline's, in points (``-`` where either has no value)."""
+    ref = [r.row["val_err"] for r in study.baseline() if not r.diverged]
+    vals = [r.row["val_err"] for r in runs if not r.diverged]
+    return f"{100 * (statistics.mean(vals) - statistics.mean(ref)):+.2f}" if vals and ref else "-"
+
+
+def comparison(studies: dict[str, Study]) -> list[str]:
+    """Figure 1 of several studies side by side (e.g. one schedule at two lengths): does the flat region move?"""
+    ladders = {name: s.ladder() for name, s in studies.items()}
+    ladders = {name: lad for name, lad in ladders.items() if len(lad) > 1}
+    if len(ladders) < 2:
+        return []
+    out = ["## Figure 1 across studies: val error % (vs each study's baseline, points)", "",
+           "| kn | " + " | ".join(ladders) + " |", "|---|" + "---|" * len(ladders)]
+    for kn in sorted({kn for lad in ladders.values() for kn in lad}):
+        cells = [f"{cell(lad[kn])} ({gap(studies[name], lad[kn])})" if kn in lad else "-"
+                 for name, lad in ladders.items()]
+        out.append(f"| {kn} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def tables(study: Study) -> list[str]:
     """Markdown: every setting, Table 1, the kn ladder (Fig. 1), Tables 2a and 2b."""
     out = ["All runs (val error %, median of the last 5 epochs; mean ± std over seeds)", "",
@@ -211,14 +237,11 @@ def tables(study: Study) -> list[str]:
                     out.append(f"| {mode} warmup | {kn} | {rs[0].row['lr']:.3g} | {cell(rs)} | {seeds(rs)} |")
     ladder = study.ladder()
     if len(ladder) > 1:
-        ref = [r.row["val_err"] for r in ladder[study.base_kn] if not r.diverged]
         out += ["", "Figure 1: val error against kn (gradual warmup, linear rule)", "",
                 "| kn | lr | steps | val error % | vs baseline (points) | seeds |", "|---|---|---|---|---|---|"]
         for kn, rs in ladder.items():
-            vals = [r.row["val_err"] for r in rs if not r.diverged]
-            gap = f"{100 * (statistics.mean(vals) - statistics.mean(ref)):+.2f}" if vals and ref else "-"
             steps = max(r.row["steps"] for r in rs)
-            out.append(f"| {kn} | {rs[0].row['lr']:.3g} | {steps} | {cell(rs)} | {gap} | {seeds(rs)} |")
+            out.append(f"| {kn} | {rs[0].row['lr']:.3g} | {steps} | {cell(rs)} | {gap(study, rs)} | {seeds(rs)} |")
     for title, key, others in (("Table 2a: the rate rule", "rule", {"zero_gamma": True}),
                                ("Table 2b: zero-gamma", "zero_gamma", {"rule": "linear"})):
         for kn in sorted({r.row["kn"] for r in study.runs}):
@@ -266,14 +289,39 @@ def ladder_points(ladder: dict[int, list[Run]]) -> tuple[list[int], list[float],
     return kns, means, stds, div
 
 
-def figures(study: Study, out: Path) -> list[Path]:
-    """Figures 1-4 of the paper as PNGs (needs matplotlib)."""
+def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
         raise UserError("the figures need matplotlib: pip install 'lbsgd[plots]' (tables were written)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def comparison_figure(studies: dict[str, Study], out: Path) -> list[Path]:
+    """Figure 1 with one line per study (``fig1_err_vs_kn_studies.png``), where two or more have a ladder."""
+    ladders = {name: s.ladder() for name, s in studies.items()}
+    ladders = {name: lad for name, lad in ladders.items() if len(lad) > 1}
+    if len(ladders) < 2:
+        return []
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, lad in ladders.items():
+        kns, means, stds, _ = ladder_points(lad)
+        ax.errorbar(kns, means, yerr=stds, fmt="o-", capsize=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="minibatch size kn", ylabel="val error (%)", title="error vs minibatch size, per study")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "fig1_err_vs_kn_studies.png", dpi=110)
+    plt.close(fig)
+    return [out / "fig1_err_vs_kn_studies.png"]
+
+
+def figures(study: Study, out: Path) -> list[Path]:
+    """Figures 1-4 of the paper as PNGs (needs matplotlib)."""
+    plt = _pyplot()
 
     written = []
     base = [r for r in study.baseline() if not r.diverged]
@@ -346,21 +394,23 @@ def main(argv: list[str]) -> int:
     runs = find_runs(args.paths)
     args.out.mkdir(parents=True, exist_ok=True)
     write_summary(runs, args.out / "summary.csv")
-    studies = split_studies(runs)
-    lines: list[str] = []
-    for name, members in studies.items():
+    studies = {name: Study.of(members) for name, members in split_studies(runs).items()}
+    lines: list[str] = comparison(studies)
+    for name, study in studies.items():
         if len(studies) > 1:  # several networks or schedules: one set of tables and figures each
             lines += [f"## {name}", ""]
-        lines += tables(Study.of(members)) + [""]
+        lines += tables(study) + [""]
     (args.out / "tables.md").write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {args.out / 'summary.csv'} ({len(runs)} runs), {args.out / 'tables.md'}", file=sys.stderr)
     if not args.no_figures:
-        for name, members in studies.items():
+        written = comparison_figure(studies, args.out)
+        for name, study in studies.items():
             out = args.out / name if len(studies) > 1 else args.out
             out.mkdir(exist_ok=True)
-            for p in figures(Study.of(members), out):
-                print(f"wrote {p}", file=sys.stderr)
+            written += figures(study, out)
+        for p in written:
+            print(f"wrote {p}", file=sys.stderr)
     return 0
 
 

@@ -9,8 +9,10 @@
 #
 #   PART   ladder | table1 | seeds | rules | fp32 | probe (default: all but probe, in that order)
 #   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked)
-#   RUNS   where the run directories go (default runs/results/cifar; the probe: $RUNS/../probe)
-#   SCALE  cpu (conf/scale/cpu.yaml: ResNet-8, 45 epochs, bf16) | full (the presets: ResNet-20, 160 epochs)
+#   RUNS   where the run directories go (default runs/results/cifar, runs/results/cifar90 with SCALE=cpu_90;
+#          the probe: $RUNS/../probe)
+#   SCALE  cpu (conf/scale/cpu.yaml: ResNet-8, 45 epochs, bf16) | cpu_90 (the same at the paper's 90 epochs)
+#          | full (the presets: ResNet-20, 160 epochs)
 #   LARGE_K  workers of the large kn (n = 32) of Tables 2a/2b and the fp32 pair: 32 -> kn 1024, the edge
 #            of the flat region at 45 epochs
 #   TABLE1_K workers of each kn of Table 1 (default "32 64": kn 1024, where warmup hardly matters, and
@@ -18,8 +20,8 @@
 # Then: lbsgd plot "$RUNS" --out results
 set -uo pipefail
 DATA=${DATA:?set DATA to the CIFAR-10 folder holding train/ and val/}
-RUNS=${RUNS:-runs/results/cifar}
 SCALE=${SCALE:-cpu}
+if [[ $SCALE == cpu_90 ]]; then RUNS=${RUNS:-runs/results/cifar90}; else RUNS=${RUNS:-runs/results/cifar}; fi
 LARGE_K=${LARGE_K:-32}
 read -ra TABLE1_K <<< "${TABLE1_K:-32 64}"
 LBSGD=${LBSGD:-lbsgd}

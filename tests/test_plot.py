@@ -102,3 +102,23 @@ def test_runs_of_other_networks_are_another_study(study_dir: Path, tmp_path: Pat
     text = (out / "tables.md").read_text()
     assert "## cifar_resnet-20_3ep" in text and "## cifar_resnet-8_3ep" in text
     assert "| none warmup | 2048 | 1.6 | diverged | 0 |" in text  # the depth-20 run is not mixed into it
+
+
+def test_studies_of_two_lengths_get_figure_1_side_by_side(study_dir: Path, tmp_path: Path) -> None:
+    longer = tmp_path / "longer"
+    make_run(longer, "base", 4, "none", errs=(0.9, 0.2, 0.19))
+    make_run(longer, "large", 64, errs=(0.9, 0.205, 0.2))
+    for d in longer.iterdir():
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg["schedule"]["epochs"] = 6
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "both"
+    assert main(["plot", str(study_dir), str(longer), "--out", str(out), "--no-figures"]) == 0
+    text = (out / "tables.md").read_text()
+    assert "| kn | cifar_resnet-8_3ep | cifar_resnet-8_6ep |" in text
+    assert "| 2048 | 30.00 (+8.00) | 20.50 (+0.50) |" in text and "| 512 | 30.00 (+8.00) | - |" in text
+    assert len(list(csv.DictReader(open(out / "summary.csv")))) == 11  # every run of both
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(study_dir), str(longer), "--out", str(out)]) == 0
+    assert (out / "fig1_err_vs_kn_studies.png").stat().st_size > 1000
+    assert (out / "cifar_resnet-8_6ep" / "fig1_err_vs_kn.png").exists()
