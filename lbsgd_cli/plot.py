@@ -306,12 +306,25 @@ def comparison_figure(studies: dict[str, Study], out: Path) -> list[Path]:
     if len(ladders) < 2:
         return []
     plt = _pyplot()
+    top = 15.0  # points above the baseline; a run beyond is drawn at the edge with its value written
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, lad in ladders.items():
         kns, means, stds, _ = ladder_points(lad)
-        ax.errorbar(kns, means, yerr=stds, fmt="o-", capsize=3, label=name)
+        ref = means[0] if kns and kns[0] == studies[name].base_kn else None
+        if ref is None:
+            continue
+        gaps = [m - ref for m in means]
+        line = ax.errorbar(kns, [min(g, top) for g in gaps], yerr=stds, fmt="o-", capsize=3,
+                           label=f"{name} (baseline {ref:.2f} %)")
+        for kn, g in zip(kns, gaps):
+            if g > top:
+                ax.annotate(f"+{g:.1f}", (kn, top), textcoords="offset points", xytext=(0, -12), ha="center",
+                            fontsize=8, color=line[0].get_color())
+    ax.axhline(1.0, color="grey", ls="--", lw=0.8, label="1 point above the baseline")
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="minibatch size kn", ylabel="val error (%)", title="error vs minibatch size, per study")
+    ax.set_ylim(top=top + 0.5)
+    ax.set(xlabel="minibatch size kn", ylabel="val error - baseline's (points)",
+           title="error vs minibatch size, per study (Fig. 1)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "fig1_err_vs_kn_studies.png", dpi=110)
