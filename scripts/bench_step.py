@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """The whole lbsgd step against a bare hand-written loop, in each precision, as paired ratios in one run.
 
-    PYTHONPATH=. python scripts/bench_step.py [--rounds 7] [--iters 3] [--threads 1]
+    PYTHONPATH=. python scripts/bench_step.py [--rounds 7] [--iters 3] [--threads 1] [--depth 20] [--per-pass K]
 
-Sides, all CIFAR ResNet-20 on one batch of 128 random 32x32 images:
+Sides, all CIFAR ResNet-20 (``--depth``) on one batch of 128 (``--batch``) random 32x32 images:
 
 - ``bare``: the loop anyone would write: ``nn.BatchNorm2d`` over the whole batch, ``torch.optim.SGD``
   (momentum 0.9, weight decay 1e-4), autocast around forward and loss, ``zero_grad``/``backward``/``step``;
 - ``lbsgd n=128``: what ``lbsgd train`` runs per iteration (``set_lr``, :func:`engine.train_step` with a
   :class:`StepPlan`, the divergence flag and the device-side loss/hit sums of the loop) with one worker of
   128 (BN over the whole batch, as in ``bare``): the engine's own overhead;
-- ``lbsgd n=32``: the same with the paper's ghost BN over n = 32 (4 workers in one pass): the whole step;
+- ``lbsgd n=32``: the same with the paper's ghost BN over n = 32 (4 workers in one pass, or ``--per-pass``
+  workers per pass): the whole step;
 - ``lbsgd n=32 fused``: the same with ``model.bn_kernel=fused`` (one compiled BN kernel per layer for
   the 4 workers; compiled in the untimed warm-up steps).
 
@@ -38,9 +39,12 @@ from lbsgd_cli.optim import build_optimizer, set_lr
 VARIANTS = (("fp32", False), ("bf16", False), ("bf16", True))  # (precision, channels_last)
 
 
+DEPTH = 20  # --depth
+
+
 def _model(n: int | None, channels_last: bool, device: torch.device, bn_kernel: str = "native") -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = OmegaConf.structured(ModelConfig(arch="cifar_resnet", depth=20, bn_kernel=bn_kernel))
+    cfg = OmegaConf.structured(ModelConfig(arch="cifar_resnet", depth=DEPTH, bn_kernel=bn_kernel))
     model = build_model(cfg, 10, 3, bn_group=n).to(device).train()
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -64,12 +68,12 @@ def bare_step(precision: str, channels_last: bool, x: torch.Tensor, y: torch.Ten
 
 
 def lbsgd_step(precision: str, channels_last: bool, n: int, x: torch.Tensor, y: torch.Tensor,
-               bn_kernel: str = "native"):
+               bn_kernel: str = "native", per_pass: int | None = None):
     """What ``lbsgd train`` does per iteration (train.train_one_epoch), without logging and checkpoints."""
     model = _model(n, channels_last, x.device, bn_kernel)
     opt = build_optimizer(model, OmegaConf.structured(OptimConfig()), 0.1)
     k = x.shape[0] // n
-    plan = StepPlan(per_process=k, per_pass=k, n=n, loss_scale=1.0 / x.shape[0], precision=precision,
+    plan = StepPlan(per_process=k, per_pass=per_pass or k, n=n, loss_scale=1.0 / x.shape[0], precision=precision,
                     channels_last=channels_last)
     watch = DivergenceWatch(x.device)
     sums = [torch.zeros((), dtype=torch.float64, device=x.device) for _ in range(2)]
@@ -113,11 +117,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--depth", type=int, default=20, help="CIFAR ResNet depth (8: the results/ runs)")
+    ap.add_argument("--per-pass", type=int, default=None,
+                    help="workers per forward pass of the n-sides (default: all in one pass; 1: the results/ runs)")
     args = ap.parse_args()
+    global DEPTH
+    DEPTH = args.depth
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, ResNet-20, batch "
-          f"{args.batch}, {args.rounds} rounds x {args.iters} steps per side")
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, ResNet-{DEPTH}, batch "
+          f"{args.batch}, workers per pass {args.per_pass or 'all'}, {args.rounds} rounds x {args.iters} steps per side")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
@@ -127,8 +136,8 @@ def main() -> None:
     for precision, cl in VARIANTS:
         sides = {"bare": bare_step(precision, cl, x, y),
                  "whole": lbsgd_step(precision, cl, args.batch, x, y),
-                 "ghost": lbsgd_step(precision, cl, args.n, x, y),
-                 "fused": lbsgd_step(precision, cl, args.n, x, y, "fused")}
+                 "ghost": lbsgd_step(precision, cl, args.n, x, y, per_pass=args.per_pass),
+                 "fused": lbsgd_step(precision, cl, args.n, x, y, "fused", args.per_pass)}
         t = measure(sides, args.rounds, args.iters)
         ips = {name: args.batch / statistics.median(v) for name, v in t.items()}
         ratio = {name: statistics.median(b / s for b, s in zip(t["bare"], t[name]))
