@@ -197,11 +197,16 @@ def gap(study: Study, runs: list[Run]) -> str:
     return f"{100 * (statistics.mean(vals) - statistics.mean(ref)):+.2f}" if vals and ref else "-"
 
 
+def _ladders(studies: dict[str, Study]) -> dict[str, dict[int, list[Run]]]:
+    """Each study's Figure 1 ladder, where it has more than one kn; empty unless two or more studies have one."""
+    ladders = {name: lad for name, lad in ((n, s.ladder()) for n, s in studies.items()) if len(lad) > 1}
+    return ladders if len(ladders) > 1 else {}
+
+
 def comparison(studies: dict[str, Study]) -> list[str]:
     """Figure 1 of several studies side by side (e.g. one schedule at two lengths): does the flat region move?"""
-    ladders = {name: s.ladder() for name, s in studies.items()}
-    ladders = {name: lad for name, lad in ladders.items() if len(lad) > 1}
-    if len(ladders) < 2:
+    ladders = _ladders(studies)
+    if not ladders:
         return []
     out = ["## Figure 1 across studies: val error % (vs each study's baseline, points)", "",
            "| kn | " + " | ".join(ladders) + " |", "|---|" + "---|" * len(ladders)]
@@ -301,9 +306,8 @@ def _pyplot() -> Any:
 
 def comparison_figure(studies: dict[str, Study], out: Path) -> list[Path]:
     """Figure 1 with one line per study (``fig1_err_vs_kn_studies.png``), where two or more have a ladder."""
-    ladders = {name: s.ladder() for name, s in studies.items()}
-    ladders = {name: lad for name, lad in ladders.items() if len(lad) > 1}
-    if len(ladders) < 2:
+    ladders = _ladders(studies)
+    if not ladders:
         return []
     plt = _pyplot()
     top = 15.0  # points above the baseline; a run beyond is drawn at the edge with its value written

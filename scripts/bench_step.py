@@ -39,19 +39,17 @@ from lbsgd_cli.optim import build_optimizer, set_lr
 VARIANTS = (("fp32", False), ("bf16", False), ("bf16", True))  # (precision, channels_last)
 
 
-DEPTH = 20  # --depth
-
-
-def _model(n: int | None, channels_last: bool, device: torch.device, bn_kernel: str = "native") -> torch.nn.Module:
+def _model(n: int | None, channels_last: bool, device: torch.device, depth: int,
+           bn_kernel: str = "native") -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = OmegaConf.structured(ModelConfig(arch="cifar_resnet", depth=DEPTH, bn_kernel=bn_kernel))
+    cfg = OmegaConf.structured(ModelConfig(arch="cifar_resnet", depth=depth, bn_kernel=bn_kernel))
     model = build_model(cfg, 10, 3, bn_group=n).to(device).train()
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def bare_step(precision: str, channels_last: bool, x: torch.Tensor, y: torch.Tensor):
+def bare_step(precision: str, channels_last: bool, x: torch.Tensor, y: torch.Tensor, depth: int):
     """A hand-written training step: plain BN, torch's SGD, autocast of forward and loss."""
-    model = _model(None, channels_last, x.device)
+    model = _model(None, channels_last, x.device, depth)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     xs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     ctx = (lambda: torch.autocast(x.device.type, dtype=torch.bfloat16)) if precision == "bf16" \
@@ -67,10 +65,10 @@ def bare_step(precision: str, channels_last: bool, x: torch.Tensor, y: torch.Ten
     return step
 
 
-def lbsgd_step(precision: str, channels_last: bool, n: int, x: torch.Tensor, y: torch.Tensor,
+def lbsgd_step(precision: str, channels_last: bool, n: int, x: torch.Tensor, y: torch.Tensor, depth: int,
                bn_kernel: str = "native", per_pass: int | None = None):
     """What ``lbsgd train`` does per iteration (train.train_one_epoch), without logging and checkpoints."""
-    model = _model(n, channels_last, x.device, bn_kernel)
+    model = _model(n, channels_last, x.device, depth, bn_kernel)
     opt = build_optimizer(model, OmegaConf.structured(OptimConfig()), 0.1)
     k = x.shape[0] // n
     plan = StepPlan(per_process=k, per_pass=per_pass or k, n=n, loss_scale=1.0 / x.shape[0], precision=precision,
@@ -121,23 +119,22 @@ def main() -> None:
     ap.add_argument("--per-pass", type=int, default=None,
                     help="workers per forward pass of the n-sides (default: all in one pass; 1: the results/ runs)")
     args = ap.parse_args()
-    global DEPTH
-    DEPTH = args.depth
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, ResNet-{DEPTH}, batch "
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, ResNet-{args.depth}, batch "
           f"{args.batch}, workers per pass {args.per_pass or 'all'}, {args.rounds} rounds x {args.iters} steps per side")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
-    print("| precision | format | bare img/s | lbsgd n=128 img/s | lbsgd n=32 img/s | lbsgd n=32 fused img/s "
-          "| lbsgd n=128 / bare | lbsgd n=32 / bare | lbsgd n=32 fused / bare |\n"
+    whole, ghost = f"lbsgd n={args.batch}", f"lbsgd n={args.n}"
+    print(f"| precision | format | bare img/s | {whole} img/s | {ghost} img/s | {ghost} fused img/s "
+          f"| {whole} / bare | {ghost} / bare | {ghost} fused / bare |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for precision, cl in VARIANTS:
-        sides = {"bare": bare_step(precision, cl, x, y),
-                 "whole": lbsgd_step(precision, cl, args.batch, x, y),
-                 "ghost": lbsgd_step(precision, cl, args.n, x, y, per_pass=args.per_pass),
-                 "fused": lbsgd_step(precision, cl, args.n, x, y, "fused", args.per_pass)}
+        sides = {"bare": bare_step(precision, cl, x, y, args.depth),
+                 "whole": lbsgd_step(precision, cl, args.batch, x, y, args.depth),
+                 "ghost": lbsgd_step(precision, cl, args.n, x, y, args.depth, per_pass=args.per_pass),
+                 "fused": lbsgd_step(precision, cl, args.n, x, y, args.depth, "fused", args.per_pass)}
         t = measure(sides, args.rounds, args.iters)
         ips = {name: args.batch / statistics.median(v) for name, v in t.items()}
         ratio = {name: statistics.median(b / s for b, s in zip(t["bare"], t[name]))
