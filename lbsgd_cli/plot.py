@@ -15,7 +15,7 @@ paper:
   warmup, zero-gamma); Table 2a varies ``optim.lr_rule`` and Table 2b ``model.zero_init_residual``
   at whichever ``kn`` they were run.
 
-Runs of different networks or planned epochs are separate studies, each with its own tables and
+Runs of different networks, planned epochs or precisions are separate studies, each with its own tables and
 figures (in a subfolder of ``--out`` named after it); where two or more studies have a ladder, Figure 1
 is also drawn and tabulated across them (does the flat region move with the number of steps?).
 
@@ -432,8 +432,17 @@ def main(argv: list[str]) -> int:
 
 
 def split_studies(runs: list[Run]) -> dict[str, list[Run]]:
-    """Runs grouped by network and planned epochs: only runs of one study are compared with each other."""
-    out: dict[str, list[Run]] = defaultdict(list)
+    """Runs grouped by network and planned epochs: only runs of one study are compared with each other.
+
+    Where one network and schedule was run in more than one precision (the fp32 check of a bf16 study),
+    each precision is a study of its own, named with it: an fp32 rerun of a seed is not a second seed.
+    """
+    by_schedule: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
-        out[f"{r.row['arch']}_{r.cfg['schedule']['epochs']}ep"].append(r)
+        by_schedule[f"{r.row['arch']}_{r.cfg['schedule']['epochs']}ep"].append(r)
+    out: dict[str, list[Run]] = {}
+    for name, members in by_schedule.items():
+        precisions = sorted({r.row["precision"] for r in members})
+        for p in precisions:
+            out[name if len(precisions) == 1 else f"{name}_{p}"] = [r for r in members if r.row["precision"] == p]
     return dict(sorted(out.items()))

@@ -52,7 +52,10 @@ for part in "${parts[@]}"; do
               batch.k="$LARGE_K" optim.lr_rule="$r" seed=0; done
             run "kn$((32 * LARGE_K))-gradual-nozg-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" \
               model.zero_init_residual=false seed=0 ;;
-    fp32)   base 0 precision=fp32; large "$LARGE_K" gradual 0 precision=fp32 ;;
+    fp32)   # names of their own: the bf16 runs of the same seeds are in the same folder
+            run kn128-fp32-s0 experiment=cifar_baseline batch.k=4 seed=0 precision=fp32
+            run "kn$((32 * LARGE_K))-gradual-fp32-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0 \
+              precision=fp32 ;;
     probe)  # the first 5 epochs of the regime at rates 0.8, 1.6, 3.2 (kn 1024, 2048, 4096), no vs gradual warmup
             for k in 4 32 64 128; do for w in none gradual; do
               [[ $k == 4 && $w == gradual ]] && continue                        # kn 128: warmup is flat

@@ -15,13 +15,13 @@ from lbsgd_cli.plot import FIELDS, Study, find_runs, tables
 
 def make_run(root: Path, name: str, k: int, warmup: str = "gradual", seed: int = 0, rule: str = "linear",
              zero_gamma: bool = True, errs: tuple[float, ...] = (0.5, 0.4, 0.3), diverged: bool = False,
-             epochs: int = 3) -> Path:
+             epochs: int = 3, precision: str = "bf16") -> Path:
     d = root / name
     d.mkdir(parents=True)
     cfg = {"batch": {"k": k, "n": 32}, "optim": {"base_lr": 0.1, "ref_batch": 128, "lr_rule": rule},
            "schedule": {"warmup": warmup, "epochs": epochs}, "model": {"arch": "cifar_resnet", "depth": 8,
                                                       "zero_init_residual": zero_gamma},
-           "seed": seed, "precision": "bf16"}
+           "seed": seed, "precision": precision}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     lines = []
     for e, err in enumerate(errs, 1):
@@ -119,3 +119,16 @@ def test_studies_of_two_lengths_get_figure_1_side_by_side(study_dir: Path, tmp_p
     assert main(["plot", str(study_dir), str(longer), "--out", str(out)]) == 0
     assert (out / "fig1_err_vs_kn_studies.png").stat().st_size > 1000
     assert (out / "cifar_resnet-8_6ep" / "fig1_err_vs_kn.png").exists()
+
+
+def test_an_fp32_rerun_is_a_study_of_its_own_not_a_second_seed(study_dir: Path, tmp_path: Path) -> None:
+    make_run(study_dir, "base-s0-fp32", 4, "none", 0, errs=(0.9, 0.19, 0.17), precision="fp32")
+    make_run(study_dir, "large-gradual-fp32", 64, errs=(0.9, 0.26, 0.24), precision="fp32")
+    out = tmp_path / "out"
+    assert main(["plot", str(study_dir), "--out", str(out), "--no-figures"]) == 0
+    text = (out / "tables.md").read_text()
+    assert "## cifar_resnet-8_3ep_bf16" in text and "## cifar_resnet-8_3ep_fp32" in text
+    assert "| kn | cifar_resnet-8_3ep_bf16 | cifar_resnet-8_3ep_fp32 |" in text
+    # medians of the 3 epochs: the bf16 baseline keeps its two seeds (21, 23), fp32's is its one run
+    assert "| 128 | 22.00 ± 1.41 (+0.00) | 19.00 (+0.00) |" in text
+    assert "| 2048 | 30.00 (+8.00) | 26.00 (+7.00) |" in text

@@ -1,0 +1,36 @@
+"""The experiment scripts of ``scripts/``: every run they start is a valid config in a directory of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lbsgd_cli.config import validate
+
+from .conftest import ROOT, compose
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_exp_cifar_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -> None:
+    calls = tmp_path / "calls.jsonl"
+    fake = tmp_path / "lbsgd"  # records the command line instead of training
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "DATA": str(tmp_path), "SCALE": "cpu", "RUNS": str(tmp_path / "runs"), "LBSGD": str(fake)}
+    parts = ["ladder", "table1", "seeds", "rules", "fp32", "probe"]
+    subprocess.run(["bash", str(ROOT / "scripts" / "exp_cifar.sh"), *parts], env=env, check=True,
+                   capture_output=True)
+    runs = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(runs) == 7 + 4 + 7 + 3 + 2 + 7
+    dirs = [next(a for a in r if a.startswith("hydra.run.dir=")) for r in runs]
+    assert len(set(dirs)) == len(dirs), "two runs of the script share a run directory"
+    assert all(r[0] == "train" for r in runs)
+    for overrides in {tuple(a for a in r[1:] if not a.startswith("hydra.")) for r in runs}:
+        validate(compose("train", overrides))  # every key the script sets exists and every value is valid
