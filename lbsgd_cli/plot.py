@@ -12,8 +12,9 @@ paper:
 - Table 1 and Figure 2 compare the warmups at every ``kn`` run with more than one warmup mode (the
   paper's is 8k, §5.2); the largest of them is the **large** ``kn`` of Figure 4;
 - the **ladder** of Figures 1 and 3 is every ``kn`` under the default recipe (linear rule, gradual
-  warmup, zero-gamma); Table 2a varies ``optim.lr_rule`` and Table 2b ``model.zero_init_residual``
-  at whichever ``kn`` they were run.
+  warmup, zero-gamma, the study's usual ``optim.base_lr``); Table 2a varies the rate, by
+  ``optim.lr_rule`` or by ``optim.base_lr`` (the paper's ``0.05·k`` and ``0.2·k`` rows), and Table 2b
+  ``model.zero_init_residual``, at whichever ``kn`` they were run.
 
 Runs of different networks, planned epochs or precisions are separate studies, each with its own tables and
 figures (in a subfolder of ``--out`` named after it); where two or more studies have a ladder, Figure 1
@@ -46,7 +47,7 @@ from .errors import UserError
 from .metrics import read_metrics
 
 FIELDS = ["experiment", "kn", "k", "n", "lr", "warmup", "zero_gamma", "seed", "epochs", "val_err", "train_err",
-          "steps", "diverged", "rule", "arch", "precision", "run"]
+          "steps", "diverged", "rule", "arch", "precision", "run", "base_lr"]
 
 
 @dataclass
@@ -121,6 +122,7 @@ def load_run(path: Path) -> Run | None:
         "arch": cfg["model"]["arch"] + (f"-{cfg['model']['depth']}" if cfg["model"]["arch"] == "cifar_resnet" else ""),
         "precision": cfg.get("precision", "fp32"),
         "run": path.name,
+        "base_lr": cfg["optim"]["base_lr"],
     }
     return run
 
@@ -135,6 +137,7 @@ class Study:
     runs: list[Run]
     base_kn: int
     warmup_kns: list[int]  # every kn with more than one warmup mode (Table 1, Figure 2), ascending
+    default: dict[str, Any] = field(default_factory=dict)  # the recipe's settings Tables 2a/2b vary
 
     @property
     def large_kn(self) -> int | None:
@@ -142,24 +145,30 @@ class Study:
 
     @classmethod
     def of(cls, runs: list[Run]) -> Study:
-        default = [r for r in runs if r.row["rule"] == "linear" and r.row["zero_gamma"]]
-        base_kn = min(r.row["kn"] for r in (default or runs))
+        rates = [r.row["base_lr"] for r in runs]  # the usual base rate; other ones are Table 2a's rows
+        default = {"rule": "linear", "zero_gamma": True, "base_lr": max(set(rates), key=rates.count)}
+        recipe = [r for r in runs if all(r.row[k] == v for k, v in default.items())]
+        base_kn = min(r.row["kn"] for r in (recipe or runs))
         modes: dict[int, set[str]] = defaultdict(set)
-        for r in default:
+        for r in recipe:
             if r.row["kn"] != base_kn:
                 modes[r.row["kn"]].add(r.row["warmup"])
-        return cls(runs, base_kn, sorted(kn for kn, m in modes.items() if len(m) > 1))
+        return cls(runs, base_kn, sorted(kn for kn, m in modes.items() if len(m) > 1), default)
 
     def select(self, **want: Any) -> list[Run]:
         return [r for r in self.runs if all(r.row[k] == v for k, v in want.items())]
 
+    def recipe(self, **want: Any) -> list[Run]:
+        """The runs of the default recipe (linear rule, zero-gamma, the usual base rate) matching ``want``."""
+        return self.select(**{**self.default, **want})
+
     def baseline(self) -> list[Run]:
-        return self.select(kn=self.base_kn, rule="linear", zero_gamma=True)
+        return self.recipe(kn=self.base_kn)
 
     def ladder(self) -> dict[int, list[Run]]:
         """kn -> runs of the default recipe (gradual warmup; at the baseline's kn any warmup: it is flat)."""
         out: dict[int, list[Run]] = defaultdict(list)
-        for r in self.select(rule="linear", zero_gamma=True):
+        for r in self.recipe():
             if r.row["warmup"] == "gradual" or r.row["kn"] == self.base_kn:
                 out[r.row["kn"]].append(r)
         return dict(sorted(out.items()))
@@ -237,7 +246,7 @@ def tables(study: Study) -> list[str]:
         out.append(f"| baseline | {study.base_kn} | {base[0].row['lr']:.3g} | {cell(base)} | {seeds(base)} |")
         for kn in study.warmup_kns:
             for mode in ("none", "constant", "gradual"):
-                rs = study.select(kn=kn, warmup=mode, rule="linear", zero_gamma=True)
+                rs = study.recipe(kn=kn, warmup=mode)
                 if rs:
                     out.append(f"| {mode} warmup | {kn} | {rs[0].row['lr']:.3g} | {cell(rs)} | {seeds(rs)} |")
     ladder = study.ladder()
@@ -247,16 +256,20 @@ def tables(study: Study) -> list[str]:
         for kn, rs in ladder.items():
             steps = max(r.row["steps"] for r in rs)
             out.append(f"| {kn} | {rs[0].row['lr']:.3g} | {steps} | {cell(rs)} | {gap(study, rs)} | {seeds(rs)} |")
-    for title, key, others in (("Table 2a: the rate rule", "rule", {"zero_gamma": True}),
-                               ("Table 2b: zero-gamma", "zero_gamma", {"rule": "linear"})):
+    for title, keys in (("Table 2a: the rate rule", ("rule", "base_lr")), ("Table 2b: zero-gamma", ("zero_gamma",))):
+        others = {k: v for k, v in study.default.items() if k not in keys}
+        recipe = tuple(str(study.default[k]) for k in keys)
         for kn in sorted({r.row["kn"] for r in study.runs}):
             rs = study.select(kn=kn, warmup="gradual", **others)
-            values = sorted({str(r.row[key]) for r in rs})
+            values = sorted({tuple(str(r.row[k]) for k in keys) for r in rs})
             if len(values) > 1:
-                out += ["", f"{title} at kn = {kn}", "", f"| {key} | lr | val error % | seeds |", "|---|---|---|---|"]
+                head = "| rule | base lr (per ref. batch) |" if len(keys) > 1 else "| zero_gamma |"
+                out += ["", f"{title} at kn = {kn}", "", f"{head} lr | val error % | vs baseline (points) | seeds |",
+                        "|---" * (len(keys) + 4) + "|"]
                 for v in values:
-                    sub = [r for r in rs if str(r.row[key]) == v]
-                    out.append(f"| {v} | {sub[0].row['lr']:.3g} | {cell(sub)} | {seeds(sub)} |")
+                    sub = [r for r in rs if tuple(str(r.row[k]) for k in keys) == v]
+                    name = " | ".join(v) + (" (the recipe)" if v == recipe else "")
+                    out.append(f"| {name} | {sub[0].row['lr']:.3g} | {cell(sub)} | {gap(study, sub)} | {seeds(sub)} |")
     return out
 
 
@@ -382,13 +395,13 @@ def figures(study: Study, out: Path) -> list[Path]:
             for ax, mode in zip(row, ("none", "constant", "gradual")):
                 if base:
                     curve(ax, base[0], "train/err", color="black", lw=1.2, label=f"{label(base[0])} (baseline)")
-                for r in study.select(kn=kn, warmup=mode, rule="linear", zero_gamma=True, seed=first):
+                for r in study.recipe(kn=kn, warmup=mode, seed=first):
                     curve(ax, r, "train/err", label=f"{label(r)}, {mode} warmup")
                 ax.set(title=f"kn = {kn}, {mode} warmup", xlabel="epochs")
                 ax.legend(fontsize=8)
             row[0].set_ylabel("training error (%)")
         save(fig, "fig2_warmup.png")
-        large = study.select(kn=study.large_kn, warmup="gradual", rule="linear", zero_gamma=True, seed=first)
+        large = study.recipe(kn=study.large_kn, warmup="gradual", seed=first)
         if base and large:  # Figure 4
             fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
             for ax, key, name in ((axes[0], "train/err", "training error"), (axes[1], "val/err", "validation error")):

@@ -15,10 +15,10 @@ from lbsgd_cli.plot import FIELDS, Study, find_runs, tables
 
 def make_run(root: Path, name: str, k: int, warmup: str = "gradual", seed: int = 0, rule: str = "linear",
              zero_gamma: bool = True, errs: tuple[float, ...] = (0.5, 0.4, 0.3), diverged: bool = False,
-             epochs: int = 3, precision: str = "bf16") -> Path:
+             epochs: int = 3, precision: str = "bf16", base_lr: float = 0.1) -> Path:
     d = root / name
     d.mkdir(parents=True)
-    cfg = {"batch": {"k": k, "n": 32}, "optim": {"base_lr": 0.1, "ref_batch": 128, "lr_rule": rule},
+    cfg = {"batch": {"k": k, "n": 32}, "optim": {"base_lr": base_lr, "ref_batch": 128, "lr_rule": rule},
            "schedule": {"warmup": warmup, "epochs": epochs}, "model": {"arch": "cifar_resnet", "depth": 8,
                                                       "zero_init_residual": zero_gamma},
            "seed": seed, "precision": precision}
@@ -64,8 +64,11 @@ def test_tables_show_divergence_as_diverged_and_means_over_seeds(study_dir: Path
     assert "| gradual warmup | 2048 | 1.6 | 30.00 | 0 |" in text
     assert "| none warmup | 512 | 0.4 | 33.00 | 0 |" in text and "| gradual warmup | 512 | 0.4 | 30.00 | 0 |" in text
     assert text.index("| gradual warmup | 512 |") < text.index("| none warmup | 2048 |")  # ascending kn
-    assert "Table 2a: the rate rule at kn = 2048" in text and "| sqrt | 0.4 |" in text
-    assert "Table 2b: zero-gamma at kn = 2048" in text and "| False | 1.6 |" in text
+    assert "Table 2a: the rate rule at kn = 2048" in text
+    assert "| linear | 0.1 (the recipe) | 1.6 | 30.00 | +8.00 | 0 |" in text
+    assert "| sqrt | 0.1 | 0.4 | 50.00 | +28.00 | 0 |" in text
+    assert "Table 2b: zero-gamma at kn = 2048" in text and "| False | 1.6 | 50.00 | +28.00 | 0 |" in text
+    assert "| True (the recipe) | 1.6 | 30.00 |" in text
 
 
 def test_cli_writes_summary_with_steps_and_diverged(study_dir: Path, tmp_path: Path) -> None:
@@ -132,3 +135,14 @@ def test_an_fp32_rerun_is_a_study_of_its_own_not_a_second_seed(study_dir: Path, 
     # medians of the 3 epochs: the bf16 baseline keeps its two seeds (21, 23), fp32's is its one run
     assert "| 128 | 22.00 ± 1.41 (+0.00) | 19.00 (+0.00) |" in text
     assert "| 2048 | 30.00 (+8.00) | 26.00 (+7.00) |" in text
+
+
+def test_another_base_rate_is_a_row_of_table_2a_not_a_seed_of_the_recipe(study_dir: Path) -> None:
+    make_run(study_dir, "large-half-rate", 64, base_lr=0.05, errs=(0.9, 0.3, 0.26))  # the paper's 0.05·k
+    make_run(study_dir, "base-double-rate", 4, "none", base_lr=0.2, errs=(0.9, 0.3, 0.28))
+    study = Study.of(find_runs([study_dir]))
+    assert study.default["base_lr"] == 0.1 and {r.row["seed"] for r in study.baseline()} == {0, 1}
+    assert [r.row["run"] for r in study.ladder()[2048]] == ["large-gradual"]
+    text = "\n".join(tables(study))
+    assert "| linear | 0.05 | 0.8 | 30.00 | +8.00 | 0 |" in text  # lr 0.8 = 0.05 x 2048 / 128
+    assert "| gradual warmup | 2048 | 1.6 | 30.00 | 0 |" in text  # Table 1 holds the recipe's run only
