@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The paper's experiments on CIFAR-10 (results/README.md), one run at a time in priority order:
 # the kn ladder (Figures 1, 3), the warmup rows (Table 1, Figures 2, 4), second seeds, the rate rules
-# and half / twice the base rate (Table 2a), zero-gamma off (Table 2b), and an fp32 pair to show bf16
-# does not move the result.
+# and half / twice the base rate (Table 2a), zero-gamma off at the large kn and the baseline (Table 2b),
+# and an fp32 pair to show bf16 does not move the result.
 # Every run resumes where it stopped and a finished run does nothing: run it again after an
 # interruption. A diverged run is reported and the next one starts.
 #
@@ -53,6 +53,7 @@ for part in "${parts[@]}"; do
               batch.k="$LARGE_K" optim.lr_rule="$r" seed=0; done
             run "kn$((32 * LARGE_K))-gradual-nozg-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" \
               model.zero_init_residual=false seed=0
+            run kn128-nozg-s0 experiment=cifar_baseline batch.k=4 model.zero_init_residual=false seed=0  # 2b's baseline
             for lr in 0.05 0.2; do  # the paper's eta = 0.05 k and 0.2 k: half and twice the linear rate
               run "kn$((32 * LARGE_K))-gradual-lr$lr-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" \
                 optim.base_lr="$lr" seed=0
