@@ -11,8 +11,9 @@ paper:
 - the **baseline** is the smallest ``kn`` (§5.2: ``kn = 256``);
 - Table 1 and Figure 2 compare the warmups at every ``kn`` run with more than one warmup mode (the
   paper's is 8k, §5.2); the largest of them is the **large** ``kn`` of Figure 4;
-- the **ladder** of Figures 1 and 3 is every ``kn`` under the default recipe (linear rule, gradual
-  warmup, zero-gamma, the study's usual ``optim.base_lr``); Table 2a varies the rate, by
+- the **ladder** of Figures 1 and 3 is every ``kn`` under the study's recipe (gradual warmup and the
+  rule, zero-gamma and ``optim.base_lr`` most of its runs have: the paper's linear rule and zero-gamma
+  unless a sweep changed them all); Table 2a varies the rate, by
   ``optim.lr_rule`` or by ``optim.base_lr`` (the paper's ``0.05·k`` and ``0.2·k`` rows), and Table 2b
   ``model.zero_init_residual``, at whichever ``kn`` they were run.
 
@@ -129,6 +130,14 @@ def load_run(path: Path) -> Run | None:
 
 # --------------------------------------------------------------------------- the study's parts
 
+# the settings Tables 2a/2b vary, at the paper's values (§2.1, §5.1); base_lr's is the configs' own
+PAPER_RECIPE: dict[str, Any] = {"rule": "linear", "zero_gamma": True, "base_lr": None}
+
+
+def usual(values: list[Any], paper: Any) -> Any:
+    """The value most runs of a study have (the paper's on a tie): the recipe the study varies from."""
+    return max(set(values), key=lambda v: (values.count(v), v == paper))
+
 
 @dataclass
 class Study:
@@ -145,8 +154,7 @@ class Study:
 
     @classmethod
     def of(cls, runs: list[Run]) -> Study:
-        rates = [r.row["base_lr"] for r in runs]  # the usual base rate; other ones are Table 2a's rows
-        default = {"rule": "linear", "zero_gamma": True, "base_lr": max(set(rates), key=rates.count)}
+        default = {key: usual([r.row[key] for r in runs], paper) for key, paper in PAPER_RECIPE.items()}
         recipe = [r for r in runs if all(r.row[k] == v for k, v in default.items())]
         base_kn = min(r.row["kn"] for r in (recipe or runs))
         modes: dict[int, set[str]] = defaultdict(set)

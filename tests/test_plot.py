@@ -146,3 +146,15 @@ def test_another_base_rate_is_a_row_of_table_2a_not_a_seed_of_the_recipe(study_d
     text = "\n".join(tables(study))
     assert "| linear | 0.05 | 0.8 | 30.00 | +8.00 | 0 |" in text  # lr 0.8 = 0.05 x 2048 / 128
     assert "| gradual warmup | 2048 | 1.6 | 30.00 | 0 |" in text  # Table 1 holds the recipe's run only
+
+
+def test_a_sweep_that_changes_a_setting_for_every_run_gets_its_own_recipe(tmp_path: Path) -> None:
+    root = tmp_path / "nozg"  # e.g. the whole ladder with model.zero_init_residual=false
+    make_run(root, "base", 4, "none", zero_gamma=False, errs=(0.9, 0.2, 0.19))
+    make_run(root, "large", 32, zero_gamma=False, errs=(0.9, 0.21, 0.2))
+    make_run(root, "large-zg", 32, errs=(0.9, 0.25, 0.24))  # one run back at the paper's zero-gamma
+    study = Study.of(find_runs([root]))
+    assert study.default["zero_gamma"] is False and sorted(study.ladder()) == [128, 1024]
+    assert [r.row["run"] for r in study.baseline()] == ["base"]
+    text = "\n".join(tables(study))
+    assert "| False (the recipe) | 0.8 | 21.00 | +1.00 | 0 |" in text and "| True | 0.8 | 25.00 | +5.00 | 0 |" in text
