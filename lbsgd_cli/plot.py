@@ -268,7 +268,8 @@ def tables(study: Study) -> list[str]:
         others = {k: v for k, v in study.default.items() if k not in keys}
         recipe = tuple(str(study.default[k]) for k in keys)
         for kn in sorted({r.row["kn"] for r in study.runs}):
-            rs = study.select(kn=kn, warmup="gradual", **others)
+            rs = [r for r in study.select(kn=kn, **others)  # gradual warmup; at the baseline's kn it is flat
+                  if r.row["warmup"] == "gradual" or kn == study.base_kn]
             values = sorted({tuple(str(r.row[k]) for k in keys) for r in rs})
             if len(values) > 1:
                 head = "| rule | base lr (per ref. batch) |" if len(keys) > 1 else "| zero_gamma |"

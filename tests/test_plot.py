@@ -146,6 +146,8 @@ def test_another_base_rate_is_a_row_of_table_2a_not_a_seed_of_the_recipe(study_d
     text = "\n".join(tables(study))
     assert "| linear | 0.05 | 0.8 | 30.00 | +8.00 | 0 |" in text  # lr 0.8 = 0.05 x 2048 / 128
     assert "| gradual warmup | 2048 | 1.6 | 30.00 | 0 |" in text  # Table 1 holds the recipe's run only
+    assert "Table 2a: the rate rule at kn = 128" in text  # the baseline's kn, whose runs have no warmup
+    assert "| linear | 0.2 | 0.2 | 30.00 | +8.00 | 0 |" in text
 
 
 def test_a_sweep_that_changes_a_setting_for_every_run_gets_its_own_recipe(tmp_path: Path) -> None:
