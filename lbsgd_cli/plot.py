@@ -17,9 +17,14 @@ paper:
   ``optim.lr_rule`` or by ``optim.base_lr`` (the paper's ``0.05·k`` and ``0.2·k`` rows), and Table 2b
   ``model.zero_init_residual``, at whichever ``kn`` they were run.
 
+Where one of those settings was changed for a study of its own (e.g. the ladder and Table 1 rerun with
+``model.zero_init_residual=false``: three or more ``kn``, or more than one warmup at one), that setting's
+runs also get a Table 1 and Figure 1 of their own, named after it (``zg-off``), with figures in a
+subfolder ``<study>_zg-off``.
+
 Runs of different networks, planned epochs or precisions are separate studies, each with its own tables and
-figures (in a subfolder of ``--out`` named after it); where two or more studies have a ladder, Figure 1
-is also drawn and tabulated across them (does the flat region move with the number of steps?).
+figures (in a subfolder of ``--out`` named after it); where two or more studies (or settings) have a ladder,
+Figure 1 is also drawn and tabulated across them (does the flat region move with the number of steps?).
 
 Writes ``summary.csv`` (one row per run), ``tables.md`` and, with matplotlib (``pip install
 'lbsgd[plots]'``), ``fig1_err_vs_kn.png`` ... ``fig4_train_val.png``. A diverged run is shown as
@@ -139,6 +144,21 @@ def usual(values: list[Any], paper: Any) -> Any:
     return max(set(values), key=lambda v: (values.count(v), v == paper))
 
 
+def matching(runs: list[Run], want: dict[str, Any]) -> list[Run]:
+    """The runs whose summary row has every ``key: value`` of ``want``."""
+    return [r for r in runs if all(r.row[k] == v for k, v in want.items())]
+
+
+def setting_name(setting: dict[str, Any], recipe: dict[str, Any]) -> str:
+    """A short name for where ``setting`` differs from ``recipe``: ``zg-off``, ``sqrt-rule``, ``lr0.05``."""
+    parts = []
+    for key, value in setting.items():
+        if value != recipe[key]:
+            parts.append({"zero_gamma": f"zg-{'on' if value else 'off'}", "rule": f"{value}-rule"}.get(
+                key, f"lr{value:g}" if isinstance(value, float) else f"{key}-{value}"))
+    return "_".join(parts)
+
+
 @dataclass
 class Study:
     """The runs sorted into the paper's parts (see the module docstring)."""
@@ -153,9 +173,11 @@ class Study:
         return self.warmup_kns[-1] if self.warmup_kns else None
 
     @classmethod
-    def of(cls, runs: list[Run]) -> Study:
-        default = {key: usual([r.row[key] for r in runs], paper) for key, paper in PAPER_RECIPE.items()}
-        recipe = [r for r in runs if all(r.row[k] == v for k, v in default.items())]
+    def of(cls, runs: list[Run], default: dict[str, Any] | None = None) -> Study:
+        """The study of ``runs`` under ``default`` (the Table 2 settings; by default those most runs have)."""
+        if default is None:
+            default = {key: usual([r.row[key] for r in runs], paper) for key, paper in PAPER_RECIPE.items()}
+        recipe = matching(runs, default)
         base_kn = min(r.row["kn"] for r in (recipe or runs))
         modes: dict[int, set[str]] = defaultdict(set)
         for r in recipe:
@@ -164,11 +186,29 @@ class Study:
         return cls(runs, base_kn, sorted(kn for kn, m in modes.items() if len(m) > 1), default)
 
     def select(self, **want: Any) -> list[Run]:
-        return [r for r in self.runs if all(r.row[k] == v for k, v in want.items())]
+        return matching(self.runs, want)
 
     def recipe(self, **want: Any) -> list[Run]:
-        """The runs of the default recipe (linear rule, zero-gamma, the usual base rate) matching ``want``."""
+        """The runs of the study's recipe (its ``default``: the Table 2 settings most runs have) matching ``want``."""
         return self.select(**{**self.default, **want})
+
+    def variants(self) -> dict[str, Study]:
+        """Every other setting of the Table 2 keys run as a study of its own, by name (e.g. ``zg-off``).
+
+        A setting counts where its runs make a Figure 1 of three or more ``kn`` or a Table 1 (a ``kn`` with
+        more than one warmup): e.g. the whole ladder rerun with ``model.zero_init_residual=false``. Its
+        runs stay rows of the recipe's Tables 2a/2b too.
+        """
+        out: dict[str, Study] = {}
+        settings = {tuple(r.row[k] for k in PAPER_RECIPE) for r in self.runs}
+        for values in sorted(settings, key=str):
+            default = dict(zip(PAPER_RECIPE, values))
+            if default == self.default:
+                continue
+            study = Study.of(self.runs, default)
+            if len(study.ladder()) >= 3 or study.warmup_kns:
+                out[setting_name(default, self.default)] = study
+        return out
 
     def baseline(self) -> list[Run]:
         return self.recipe(kn=self.base_kn)
@@ -247,9 +287,19 @@ def tables(study: Study) -> list[str]:
         steps = max(r.row["steps"] for r in rs)
         out.append(f"| {kn} | {lr:.3g} | {warmup} | {rule} | {zg} | {ep} | {steps} | {cell(rs)} | {last(rs)} "
                    f"| {seeds(rs)} |")
+    out += recipe_tables(study)
+    for name, variant in study.variants().items():
+        out += recipe_tables(variant, f" ({name})")
+    out += setting_tables(study)
+    return out
+
+
+def recipe_tables(study: Study, recipe: str = "") -> list[str]:
+    """Markdown: Table 1 and the kn ladder (Fig. 1) of the study's recipe, ``recipe`` naming a variant's."""
+    out: list[str] = []
     base = study.baseline()
     if study.warmup_kns:
-        out += ["", "Table 1: warmup at the large kn", "", "| setting | kn | lr | val error % | seeds |",
+        out += ["", f"Table 1{recipe}: warmup at the large kn", "", "| setting | kn | lr | val error % | seeds |",
                 "|---|---|---|---|---|"]
         out.append(f"| baseline | {study.base_kn} | {base[0].row['lr']:.3g} | {cell(base)} | {seeds(base)} |")
         for kn in study.warmup_kns:
@@ -259,24 +309,33 @@ def tables(study: Study) -> list[str]:
                     out.append(f"| {mode} warmup | {kn} | {rs[0].row['lr']:.3g} | {cell(rs)} | {seeds(rs)} |")
     ladder = study.ladder()
     if len(ladder) > 1:
-        out += ["", "Figure 1: val error against kn (gradual warmup, linear rule)", "",
+        out += ["", f"Figure 1{recipe}: val error against kn (gradual warmup)", "",
                 "| kn | lr | steps | val error % | vs baseline (points) | seeds |", "|---|---|---|---|---|---|"]
         for kn, rs in ladder.items():
             steps = max(r.row["steps"] for r in rs)
             out.append(f"| {kn} | {rs[0].row['lr']:.3g} | {steps} | {cell(rs)} | {gap(study, rs)} | {seeds(rs)} |")
+    return out
+
+
+def setting_tables(study: Study) -> list[str]:
+    """Markdown: Tables 2a (the rate rule, the base rate) and 2b (zero-gamma), at every kn that varies them."""
+    out: list[str] = []
     for title, keys in (("Table 2a: the rate rule", ("rule", "base_lr")), ("Table 2b: zero-gamma", ("zero_gamma",))):
         others = {k: v for k, v in study.default.items() if k not in keys}
-        recipe = tuple(str(study.default[k]) for k in keys)
+        def setting(values: dict[str, Any], keys: tuple[str, ...] = keys) -> tuple[str, ...]:
+            return tuple(str(values[k]) for k in keys)
+
+        recipe = setting(study.default)
         for kn in sorted({r.row["kn"] for r in study.runs}):
             rs = [r for r in study.select(kn=kn, **others)  # gradual warmup; at the baseline's kn it is flat
                   if r.row["warmup"] == "gradual" or kn == study.base_kn]
-            values = sorted({tuple(str(r.row[k]) for k in keys) for r in rs})
+            values = sorted({setting(r.row) for r in rs})
             if len(values) > 1:
                 head = "| rule | base lr (per ref. batch) |" if len(keys) > 1 else "| zero_gamma |"
                 out += ["", f"{title} at kn = {kn}", "", f"{head} lr | val error % | vs baseline (points) | seeds |",
                         "|---" * (len(keys) + 4) + "|"]
                 for v in values:
-                    sub = [r for r in rs if tuple(str(r.row[k]) for k in keys) == v]
+                    sub = [r for r in rs if setting(r.row) == v]
                     name = " | ".join(v) + (" (the recipe)" if v == recipe else "")
                     out.append(f"| {name} | {sub[0].row['lr']:.3g} | {cell(sub)} | {gap(study, sub)} | {seeds(sub)} |")
     return out
@@ -434,7 +493,8 @@ def main(argv: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_summary(runs, args.out / "summary.csv")
     studies = {name: Study.of(members) for name, members in split_studies(runs).items()}
-    lines: list[str] = comparison(studies)
+    variants = {f"{name}_{v}": vs for name, study in studies.items() for v, vs in study.variants().items()}
+    lines: list[str] = comparison({**studies, **variants})
     for name, study in studies.items():
         if len(studies) > 1:  # several networks or schedules: one set of tables and figures each
             lines += [f"## {name}", ""]
@@ -443,9 +503,9 @@ def main(argv: list[str]) -> int:
     print("\n".join(lines))
     print(f"wrote {args.out / 'summary.csv'} ({len(runs)} runs), {args.out / 'tables.md'}", file=sys.stderr)
     if not args.no_figures:
-        written = comparison_figure(studies, args.out)
-        for name, study in studies.items():
-            out = args.out / name if len(studies) > 1 else args.out
+        written = comparison_figure({**studies, **variants}, args.out)
+        for name, study in {**studies, **variants}.items():
+            out = args.out / name if len(studies) > 1 or name in variants else args.out
             out.mkdir(exist_ok=True)
             written += figures(study, out)
         for p in written:

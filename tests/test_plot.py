@@ -160,3 +160,26 @@ def test_a_sweep_that_changes_a_setting_for_every_run_gets_its_own_recipe(tmp_pa
     assert [r.row["run"] for r in study.baseline()] == ["base"]
     text = "\n".join(tables(study))
     assert "| False (the recipe) | 0.8 | 21.00 | +1.00 | 0 |" in text and "| True | 0.8 | 25.00 | +5.00 | 0 |" in text
+
+
+def test_a_setting_rerun_as_a_ladder_gets_its_own_table_1_and_figure_1(study_dir: Path, tmp_path: Path) -> None:
+    make_run(study_dir, "base-nozg", 4, "none", zero_gamma=False, errs=(0.9, 0.19, 0.18))
+    make_run(study_dir, "ladder-16-nozg", 16, zero_gamma=False, errs=(0.9, 0.2, 0.185))
+    make_run(study_dir, "large-none-nozg", 64, "none", zero_gamma=False, errs=(0.9, 0.4, 0.29))
+    study = Study.of(find_runs([study_dir]))
+    assert study.default["zero_gamma"] is True and sorted(study.variants()) == ["zg-off"]
+    variant = study.variants()["zg-off"]
+    assert [r.row["run"] for r in variant.baseline()] == ["base-nozg"] and variant.warmup_kns == [2048]
+    assert [r.row["run"] for r in variant.ladder()[2048]] == ["nozg"]
+    text = "\n".join(tables(study))
+    assert "Table 1 (zg-off): warmup at the large kn" in text and "| baseline | 128 | 0.1 | 19.00 | 0 |" in text
+    assert "| none warmup | 2048 | 1.6 | 40.00 | 0 |" in text  # medians of 3 epochs
+    assert "Figure 1 (zg-off)" in text and "| 512 | 0.4 | 30 | 20.00 | +1.00 | 0 |" in text
+    assert "| True (the recipe) | 1.6 | 30.00 | +8.00 | 0 |" in text  # still a row of the recipe's Table 2b
+    out = tmp_path / "out"
+    assert main(["plot", str(study_dir), "--out", str(out), "--no-figures"]) == 0
+    text = (out / "tables.md").read_text()
+    assert "| kn | cifar_resnet-8_3ep | cifar_resnet-8_3ep_zg-off |" in text
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(study_dir), "--out", str(out)]) == 0
+    assert (out / "fig1_err_vs_kn.png").exists() and (out / "cifar_resnet-8_3ep_zg-off" / "fig2_warmup.png").exists()
