@@ -2,13 +2,13 @@
 # The paper's experiments on CIFAR-10 (results/README.md), one run at a time in priority order:
 # the kn ladder (Figures 1, 3), the warmup rows (Table 1, Figures 2, 4), second seeds, the rate rules
 # and half / twice the base rate (Table 2a), zero-gamma off at the large kn and the baseline (Table 2b),
-# and an fp32 pair to show bf16 does not move the result.
+# the study again with zero-gamma off (the ladder, Table 1, second seeds), and an fp32 pair to show bf16 does not move the result.
 # Every run resumes where it stopped and a finished run does nothing: run it again after an
 # interruption. A diverged run is reported and the next one starts.
 #
 #   DATA=/path/to/cifar10 scripts/exp_cifar.sh [PART...] [-- overrides...]
 #
-#   PART   ladder | table1 | seeds | rules | fp32 | probe (default: all but probe, in that order)
+#   PART   ladder | table1 | seeds | rules | nozg | fp32 | probe (default: all but probe, in that order)
 #   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked)
 #   RUNS   where the run directories go (default runs/results/cifar, runs/results/cifar90 with SCALE=cpu_90;
 #          the probe: $RUNS/../probe)
@@ -31,7 +31,7 @@ while (($#)); do
   if [[ $1 == -- ]]; then shift; extra=("$@"); break; fi
   parts+=("$1"); shift
 done
-((${#parts[@]})) || parts=(ladder table1 seeds rules fp32)
+((${#parts[@]})) || parts=(ladder table1 seeds rules nozg fp32)
 scale_arg=(scale="$SCALE"); [[ $SCALE == full ]] && scale_arg=()
 
 # run NAME OVERRIDES...: one run in $RUNS/NAME
@@ -58,6 +58,14 @@ for part in "${parts[@]}"; do
               run "kn$((32 * LARGE_K))-gradual-lr$lr-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" \
                 optim.base_lr="$lr" seed=0
             done ;;
+    nozg)   # Table 2b's lead as a study of its own: gamma = 1 (model.zero_init_residual=false) for the
+            # second seeds of the baseline and the large kn, the ladder and Table 1 at the large kn
+            z=model.zero_init_residual=false L=$((32 * LARGE_K))
+            run "kn$L-gradual-nozg-s1" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=1 $z
+            run kn128-nozg-s1 experiment=cifar_baseline batch.k=4 seed=1 $z
+            for k in 16 64; do run "kn$((32 * k))-gradual-nozg-s0" experiment=cifar_large_gradual batch.k=$k seed=0 $z; done
+            for w in none constant; do run "kn$L-$w-nozg-s0" experiment=cifar_large_$w batch.k="$LARGE_K" seed=0 $z; done
+            for k in 128 8; do run "kn$((32 * k))-gradual-nozg-s0" experiment=cifar_large_gradual batch.k=$k seed=0 $z; done ;;
     fp32)   # names of their own: the bf16 runs of the same seeds are in the same folder
             run kn128-fp32-s0 experiment=cifar_baseline batch.k=4 seed=0 precision=fp32
             run "kn$((32 * LARGE_K))-gradual-fp32-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0 \
@@ -68,6 +76,6 @@ for part in "${parts[@]}"; do
               RUNS="$RUNS/../probe" run "resnet8-kn$((32 * k))-$w" experiment=cifar_large_$w batch.k=$k \
                 schedule.epochs=5 'schedule.milestones=[100]' seed=0
             done; done ;;
-    *) echo "unknown part $part (ladder, table1, seeds, rules, fp32, probe)" >&2; exit 2 ;;
+    *) echo "unknown part $part (ladder, table1, seeds, rules, nozg, fp32, probe)" >&2; exit 2 ;;
   esac
 done

@@ -24,11 +24,11 @@ def test_exp_cifar_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -
                     f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
     fake.chmod(0o755)
     env = {**os.environ, "DATA": str(tmp_path), "SCALE": "cpu", "RUNS": str(tmp_path / "runs"), "LBSGD": str(fake)}
-    parts = ["ladder", "table1", "seeds", "rules", "fp32", "probe"]
+    parts = ["ladder", "table1", "seeds", "rules", "nozg", "fp32", "probe"]
     subprocess.run(["bash", str(ROOT / "scripts" / "exp_cifar.sh"), *parts], env=env, check=True,
                    capture_output=True)
     runs = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert len(runs) == 7 + 4 + 7 + 6 + 2 + 7
+    assert len(runs) == 7 + 4 + 7 + 6 + 8 + 2 + 7
     dirs = [next(a for a in r if a.startswith("hydra.run.dir=")) for r in runs]
     assert len(set(dirs)) == len(dirs), "two runs of the script share a run directory"
     assert all(r[0] == "train" for r in runs)
