@@ -42,6 +42,7 @@ import statistics
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,7 @@ class Study:
         """The runs of the study's recipe (its ``default``: the Table 2 settings most runs have) matching ``want``."""
         return self.select(**{**self.default, **want})
 
+    @cached_property
     def variants(self) -> dict[str, Study]:
         """Every other setting of the Table 2 keys run as a study of its own, by name (e.g. ``zg-off``).
 
@@ -288,7 +290,7 @@ def tables(study: Study) -> list[str]:
         out.append(f"| {kn} | {lr:.3g} | {warmup} | {rule} | {zg} | {ep} | {steps} | {cell(rs)} | {last(rs)} "
                    f"| {seeds(rs)} |")
     out += recipe_tables(study)
-    for name, variant in study.variants().items():
+    for name, variant in study.variants.items():
         out += recipe_tables(variant, f" ({name})")
     out += setting_tables(study)
     return out
@@ -322,6 +324,7 @@ def setting_tables(study: Study) -> list[str]:
     out: list[str] = []
     for title, keys in (("Table 2a: the rate rule", ("rule", "base_lr")), ("Table 2b: zero-gamma", ("zero_gamma",))):
         others = {k: v for k, v in study.default.items() if k not in keys}
+
         def setting(values: dict[str, Any], keys: tuple[str, ...] = keys) -> tuple[str, ...]:
             return tuple(str(values[k]) for k in keys)
 
@@ -493,8 +496,9 @@ def main(argv: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_summary(runs, args.out / "summary.csv")
     studies = {name: Study.of(members) for name, members in split_studies(runs).items()}
-    variants = {f"{name}_{v}": vs for name, study in studies.items() for v, vs in study.variants().items()}
-    lines: list[str] = comparison({**studies, **variants})
+    variants = {f"{name}_{v}": vs for name, study in studies.items() for v, vs in study.variants.items()}
+    every = {**studies, **variants}  # the variants' tables are in their study's; their figures are their own
+    lines: list[str] = comparison(every)
     for name, study in studies.items():
         if len(studies) > 1:  # several networks or schedules: one set of tables and figures each
             lines += [f"## {name}", ""]
@@ -503,8 +507,8 @@ def main(argv: list[str]) -> int:
     print("\n".join(lines))
     print(f"wrote {args.out / 'summary.csv'} ({len(runs)} runs), {args.out / 'tables.md'}", file=sys.stderr)
     if not args.no_figures:
-        written = comparison_figure({**studies, **variants}, args.out)
-        for name, study in {**studies, **variants}.items():
+        written = comparison_figure(every, args.out)
+        for name, study in every.items():
             out = args.out / name if len(studies) > 1 or name in variants else args.out
             out.mkdir(exist_ok=True)
             written += figures(study, out)

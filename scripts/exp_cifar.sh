@@ -2,7 +2,8 @@
 # The paper's experiments on CIFAR-10 (results/README.md), one run at a time in priority order:
 # the kn ladder (Figures 1, 3), the warmup rows (Table 1, Figures 2, 4), second seeds, the rate rules
 # and half / twice the base rate (Table 2a), zero-gamma off at the large kn and the baseline (Table 2b),
-# the study again with zero-gamma off (the ladder, Table 1, second seeds), and an fp32 pair to show bf16 does not move the result.
+# the study again with zero-gamma off (the ladder, Table 1, second seeds), and an fp32 pair to show
+# bf16 does not move the result.
 # Every run resumes where it stopped and a finished run does nothing: run it again after an
 # interruption. A diverged run is reported and the next one starts.
 #

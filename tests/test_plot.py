@@ -167,8 +167,8 @@ def test_a_setting_rerun_as_a_ladder_gets_its_own_table_1_and_figure_1(study_dir
     make_run(study_dir, "ladder-16-nozg", 16, zero_gamma=False, errs=(0.9, 0.2, 0.185))
     make_run(study_dir, "large-none-nozg", 64, "none", zero_gamma=False, errs=(0.9, 0.4, 0.29))
     study = Study.of(find_runs([study_dir]))
-    assert study.default["zero_gamma"] is True and sorted(study.variants()) == ["zg-off"]
-    variant = study.variants()["zg-off"]
+    assert study.default["zero_gamma"] is True and sorted(study.variants) == ["zg-off"]
+    variant = study.variants["zg-off"]
     assert [r.row["run"] for r in variant.baseline()] == ["base-nozg"] and variant.warmup_kns == [2048]
     assert [r.row["run"] for r in variant.ladder()[2048]] == ["nozg"]
     text = "\n".join(tables(study))
