@@ -19,6 +19,8 @@
 #            of the flat region at 45 epochs
 #   TABLE1_K workers of each kn of Table 1 (default "32 64": kn 1024, where warmup hardly matters, and
 #            2048, the first rate at which no warmup suffers; results/README.md, the probe)
+#   JOBS   runs at once (default 1). On a GPU, ResNet-8 leaves most of the device idle, so several runs
+#          share it (results/README.md: 8 on an H100); each run's output then goes to $RUNS/logs/NAME.log
 # Then: lbsgd plot "$RUNS" --out results
 set -uo pipefail
 DATA=${DATA:?set DATA to the CIFAR-10 folder holding train/ and val/}
@@ -27,6 +29,7 @@ if [[ $SCALE == cpu_90 ]]; then RUNS=${RUNS:-runs/results/cifar90}; else RUNS=${
 LARGE_K=${LARGE_K:-32}
 read -ra TABLE1_K <<< "${TABLE1_K:-32 64}"
 LBSGD=${LBSGD:-lbsgd}
+JOBS=${JOBS:-1}
 parts=() extra=()
 while (($#)); do
   if [[ $1 == -- ]]; then shift; extra=("$@"); break; fi
@@ -38,9 +41,15 @@ scale_arg=(scale="$SCALE"); [[ $SCALE == full ]] && scale_arg=()
 # run NAME OVERRIDES...: one run in $RUNS/NAME
 run() {
   local name=$1; shift
+  local cmd=($LBSGD train data.root="$DATA" "${scale_arg[@]}" "$@" hydra.run.dir="$RUNS/$name" "${extra[@]}")
   echo "=== $name: $*" >&2
-  $LBSGD train data.root="$DATA" "${scale_arg[@]}" "$@" hydra.run.dir="$RUNS/$name" "${extra[@]}" \
-    || echo "=== $name exited with status $?" >&2
+  if ((JOBS > 1)); then
+    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n; done
+    mkdir -p "$RUNS/logs"
+    { "${cmd[@]}" >"$RUNS/logs/$name.log" 2>&1 || echo "=== $name exited with status $?" >&2; } &
+  else
+    "${cmd[@]}" || echo "=== $name exited with status $?" >&2
+  fi
 }
 base() { run "kn128-s$1" experiment=cifar_baseline batch.k=4 seed="$1" "${@:2}"; }              # lr 0.1
 large() { run "kn$((32 * $1))-$2-s$3" experiment="cifar_large_$2" batch.k="$1" seed="$3" "${@:4}"; }
@@ -60,13 +69,14 @@ for part in "${parts[@]}"; do
                 optim.base_lr="$lr" seed=0
             done ;;
     nozg)   # Table 2b's lead as a study of its own: gamma = 1 (model.zero_init_residual=false) for the
-            # second seeds of the baseline and the large kn, the ladder and Table 1 at the large kn
+            # second seeds of the baseline and the large kn, the ladder to kn 8192 and Table 1 (2 seeds) at the large kn
             z=model.zero_init_residual=false L=$((32 * LARGE_K))
             run "kn$L-gradual-nozg-s1" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=1 $z
             run kn128-nozg-s1 experiment=cifar_baseline batch.k=4 seed=1 $z
             for k in 16 64; do run "kn$((32 * k))-gradual-nozg-s0" experiment=cifar_large_gradual batch.k=$k seed=0 $z; done
             for w in none constant; do run "kn$L-$w-nozg-s0" experiment=cifar_large_$w batch.k="$LARGE_K" seed=0 $z; done
-            for k in 128 8; do run "kn$((32 * k))-gradual-nozg-s0" experiment=cifar_large_gradual batch.k=$k seed=0 $z; done ;;
+            for k in 128 8 256; do run "kn$((32 * k))-gradual-nozg-s0" experiment=cifar_large_gradual batch.k=$k seed=0 $z; done
+            for w in none constant; do run "kn$L-$w-nozg-s1" experiment=cifar_large_$w batch.k="$LARGE_K" seed=1 $z; done ;;
     fp32)   # names of their own: the bf16 runs of the same seeds are in the same folder
             run kn128-fp32-s0 experiment=cifar_baseline batch.k=4 seed=0 precision=fp32
             run "kn$((32 * LARGE_K))-gradual-fp32-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0 \
@@ -80,3 +90,4 @@ for part in "${parts[@]}"; do
     *) echo "unknown part $part (ladder, table1, seeds, rules, nozg, fp32, probe)" >&2; exit 2 ;;
   esac
 done
+wait  # JOBS > 1: the last runs

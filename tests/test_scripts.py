@@ -28,9 +28,34 @@ def test_exp_cifar_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -
     subprocess.run(["bash", str(ROOT / "scripts" / "exp_cifar.sh"), *parts], env=env, check=True,
                    capture_output=True)
     runs = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert len(runs) == 7 + 4 + 7 + 6 + 8 + 2 + 7
+    assert len(runs) == 7 + 4 + 7 + 6 + 11 + 2 + 7
     dirs = [next(a for a in r if a.startswith("hydra.run.dir=")) for r in runs]
     assert len(set(dirs)) == len(dirs), "two runs of the script share a run directory"
     assert all(r[0] == "train" for r in runs)
     for overrides in {tuple(a for a in r[1:] if not a.startswith("hydra.")) for r in runs}:
         validate(compose("train", overrides))  # every key the script sets exists and every value is valid
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_exp_cifar_with_jobs_starts_the_same_runs_at_once_each_logging_to_its_own_file(tmp_path: Path) -> None:
+    """JOBS=3 (several runs sharing a GPU): the same command lines as one at a time, each output in logs/NAME.log."""
+    fake = tmp_path / "lbsgd"  # prints its command line, after a pause that makes the runs overlap
+    fake.write_text(f"#!{sys.executable}\nimport json, sys, time\ntime.sleep(0.2)\nprint(json.dumps(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+
+    def calls(jobs: int) -> list[list[str]]:
+        runs = tmp_path / f"runs{jobs}"
+        env = {**os.environ, "DATA": str(tmp_path), "SCALE": "cpu", "RUNS": str(runs), "LBSGD": str(fake),
+               "JOBS": str(jobs)}
+        out = subprocess.run(["bash", str(ROOT / "scripts" / "exp_cifar.sh"), "nozg"], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        if jobs == 1:
+            return [json.loads(line) for line in out.splitlines()]
+        logs = sorted((runs / "logs").glob("*.log"))
+        assert out == "" and len(logs) == 11
+        return [json.loads(p.read_text()) for p in logs]
+
+    def normal(runs: list[list[str]], jobs: int) -> list[list[str]]:
+        return sorted([a.replace(f"runs{jobs}", "runs") for a in r] for r in runs)
+
+    assert normal(calls(3), 3) == normal(calls(1), 1)
