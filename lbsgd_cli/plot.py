@@ -3,7 +3,8 @@
     lbsgd plot RUN_OR_SWEEP_DIR... [--out DIR]
 
 Every folder below the given paths that holds a ``config.yaml`` and a ``metrics.jsonl`` (written by
-``lbsgd train``) is one run; ``summary.json`` adds whether it diverged. Nothing else is read, so a
+``lbsgd train``) is one run; ``summary.json`` adds whether it diverged and ``run_info.json`` the device it ran
+on. Nothing else is read, so a
 user's own ImageNet sweep gets the same figures as the CIFAR runs of ``results/``. The runs of one
 network and schedule are one study; which run plays which part follows from the configs, as in the
 paper:
@@ -22,7 +23,8 @@ Where one of those settings was changed for a study of its own (e.g. the ladder 
 runs also get a Table 1 and Figure 1 of their own, named after it (``zg-off``), with figures in a
 subfolder ``<study>_zg-off``.
 
-Runs of different networks, planned epochs or precisions are separate studies, each with its own tables and
+Runs of different networks, planned epochs, precisions or devices (``run_info.json``: the same study on a
+CPU and on a GPU) are separate studies, each with its own tables and
 figures (in a subfolder of ``--out`` named after it); where two or more studies (or settings) have a ladder,
 Figure 1 is also drawn and tabulated across them (does the flat region move with the number of steps?).
 
@@ -54,7 +56,7 @@ from .errors import UserError
 from .metrics import read_metrics
 
 FIELDS = ["experiment", "kn", "k", "n", "lr", "warmup", "zero_gamma", "seed", "epochs", "val_err", "train_err",
-          "steps", "diverged", "rule", "arch", "precision", "run", "base_lr"]
+          "steps", "diverged", "rule", "arch", "precision", "run", "base_lr", "device"]
 
 
 @dataclass
@@ -101,6 +103,7 @@ def load_run(path: Path) -> Run | None:
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"{path}: cannot read the run ({exc})") from None
     epochs = [r for r in records if "val/err" in r]
+    device = run_device(path / "run_info.json")
     summary_path = path / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if not epochs and not summary.get("diverged"):
@@ -130,8 +133,21 @@ def load_run(path: Path) -> Run | None:
         "precision": cfg.get("precision", "fp32"),
         "run": path.name,
         "base_lr": cfg["optim"]["base_lr"],
+        "device": device,
     }
     return run
+
+
+def run_device(run_info: Path) -> str:
+    """The device type a run trained on (``cpu``, ``cuda``), from its ``run_info.json``; ``unknown`` without one.
+
+    A run resumed on another device type is ``cpu+cuda``: neither study's, so a study of its own."""
+    try:
+        starts = json.loads(run_info.read_text())["starts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+    kinds = sorted({str(s.get("device", "unknown")).split(":")[0] for s in starts}) or ["unknown"]
+    return "+".join(kinds)
 
 
 # --------------------------------------------------------------------------- the study's parts
@@ -522,6 +538,8 @@ def split_studies(runs: list[Run]) -> dict[str, list[Run]]:
 
     Where one network and schedule was run in more than one precision (the fp32 check of a bf16 study),
     each precision is a study of its own, named with it: an fp32 rerun of a seed is not a second seed.
+    Likewise for devices: where a schedule was run on more than one, the runs off the CPU are studies of
+    their own, named with the device (``..._cuda``); the CPU's keep the plain name.
     """
     by_schedule: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
@@ -529,6 +547,11 @@ def split_studies(runs: list[Run]) -> dict[str, list[Run]]:
     out: dict[str, list[Run]] = {}
     for name, members in by_schedule.items():
         precisions = sorted({r.row["precision"] for r in members})
+        devices = sorted({r.row["device"] for r in members})
         for p in precisions:
-            out[name if len(precisions) == 1 else f"{name}_{p}"] = [r for r in members if r.row["precision"] == p]
+            for d in devices:
+                group = [r for r in members if r.row["precision"] == p and r.row["device"] == d]
+                if group:
+                    named = name if len(precisions) == 1 else f"{name}_{p}"
+                    out[named if len(devices) == 1 or d == "cpu" else f"{named}_{d}"] = group
     return dict(sorted(out.items()))

@@ -15,7 +15,7 @@ from lbsgd_cli.plot import FIELDS, Study, find_runs, tables
 
 def make_run(root: Path, name: str, k: int, warmup: str = "gradual", seed: int = 0, rule: str = "linear",
              zero_gamma: bool = True, errs: tuple[float, ...] = (0.5, 0.4, 0.3), diverged: bool = False,
-             epochs: int = 3, precision: str = "bf16", base_lr: float = 0.1) -> Path:
+             epochs: int = 3, precision: str = "bf16", base_lr: float = 0.1, device: str | None = None) -> Path:
     d = root / name
     d.mkdir(parents=True)
     cfg = {"batch": {"k": k, "n": 32}, "optim": {"base_lr": base_lr, "ref_batch": 128, "lr_rule": rule},
@@ -32,6 +32,8 @@ def make_run(root: Path, name: str, k: int, warmup: str = "gradual", seed: int =
     if diverged:
         summary["diverged_at_iteration"] = 7
     (d / "summary.json").write_text(json.dumps(summary))
+    if device is not None:  # as lbsgd train writes it: one entry per start (a resume adds one)
+        (d / "run_info.json").write_text(json.dumps({"starts": [{"device": device, "seed": seed}]}))
     return d
 
 
@@ -183,3 +185,25 @@ def test_a_setting_rerun_as_a_ladder_gets_its_own_table_1_and_figure_1(study_dir
     pytest.importorskip("matplotlib")
     assert main(["plot", str(study_dir), "--out", str(out)]) == 0
     assert (out / "fig1_err_vs_kn.png").exists() and (out / "cifar_resnet-8_3ep_zg-off" / "fig2_warmup.png").exists()
+
+
+def test_the_study_rerun_on_a_gpu_is_a_study_of_its_own(study_dir: Path, tmp_path: Path) -> None:
+    """A GPU rerun of a seed is not a second seed: its runs get their own tables, named with the device."""
+    gpu = tmp_path / "gpu"
+    make_run(gpu, "base-s0", 4, "none", 0, errs=(0.9, 0.19, 0.18), device="cuda:0")
+    make_run(gpu, "large-gradual", 64, errs=(0.9, 0.26, 0.24), device="cuda:0")
+    for run in study_dir.iterdir():  # the CPU's runs, one of them resumed there
+        (run / "run_info.json").write_text(json.dumps({"starts": [{"device": "cpu"}, {"device": "cpu"}]}))
+    make_run(study_dir, "unrecorded", 16, seed=1, errs=(0.5, 0.3, 0.25))
+    make_run(study_dir, "moved", 16, seed=2, errs=(0.5, 0.3, 0.25), device="cuda:0")
+    (study_dir / "moved" / "run_info.json").write_text(json.dumps({"starts": [{"device": "cpu"}, {"device": "cuda:1"}]}))
+    out = tmp_path / "out"
+    assert main(["plot", str(study_dir), str(gpu), "--out", str(out), "--no-figures"]) == 0
+    text = (out / "tables.md").read_text()
+    assert "## cifar_resnet-8_3ep_cuda" in text and "## cifar_resnet-8_3ep\n" in text
+    assert "| kn | cifar_resnet-8_3ep | cifar_resnet-8_3ep_cuda |" in text
+    assert "| 128 | 22.00 ± 1.41 (+0.00) | 19.00 (+0.00) |" in text  # the GPU's baseline is its own
+    rows = {(r["experiment"], r["run"]): r["device"] for r in csv.DictReader(open(out / "summary.csv"))}
+    assert rows[("gpu", "base-s0")] == "cuda" and rows[("sweep", "base-s0")] == "cpu"
+    assert rows[("sweep", "unrecorded")] == "unknown" and rows[("sweep", "moved")] == "cpu+cuda"
+    assert "## cifar_resnet-8_3ep_unknown" in text and "## cifar_resnet-8_3ep_cpu+cuda" in text
