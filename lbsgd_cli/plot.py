@@ -28,6 +28,9 @@ CPU and on a GPU) are separate studies, each with its own tables and
 figures (in a subfolder of ``--out`` named after it); where two or more studies (or settings) have a ladder,
 Figure 1 is also drawn and tabulated across them (does the flat region move with the number of steps?).
 
+Where the same run (network, schedule, precision, setting and seed) was done on more than one device,
+``tables.md`` also sets them side by side: how far a device moves a result, beside the seed spread.
+
 Writes ``summary.csv`` (one row per run), ``tables.md`` and, with matplotlib (``pip install
 'lbsgd[plots]'``), ``fig1_err_vs_kn.png`` ... ``fig4_train_val.png``. A diverged run is shown as
 diverged, never as a number, and is left out of means. Errors are the median val error of the last
@@ -292,6 +295,41 @@ def comparison(studies: dict[str, Study]) -> list[str]:
     return out + [""]
 
 
+def device_pairs(runs: list[Run]) -> list[str]:
+    """Markdown: each run (network, schedule, precision, setting and seed) done on more than one device, side by side.
+
+    The same config and seed on a CPU and a GPU differ only in the order of floating-point sums, which
+    training amplifies; the differences say how far a device moves a result, to set beside the seed spread.
+    """
+    keys = ("arch", "precision", "kn", "warmup", "rule", "base_lr", "zero_gamma", "seed", "epochs")
+    groups: dict[tuple, dict[str, Run]] = defaultdict(dict)
+    for r in runs:
+        groups[(r.cfg["schedule"]["epochs"], *(r.row[k] for k in keys))][r.row["device"]] = r
+    pairs = {key: by for key, by in sorted(groups.items()) if len(by) > 1}
+    if not pairs:
+        return []
+    devices = sorted({d for by in pairs.values() for d in by}, key=lambda d: (d != "cpu", d))
+    out = ["## The same runs on two devices: val error %", "",
+           "| network | epochs | kn | warmup | rule | base lr | zero-gamma | seed | " + " | ".join(devices)
+           + f" | {devices[-1]} - {devices[0]} (points) |", "|---" * (9 + len(devices)) + "|"]
+    diffs = []
+    for key, by in pairs.items():
+        planned, arch, precision, kn, warmup, rule, base_lr, zg, seed, _ = key
+        vals = [by[d].row["val_err"] if d in by and not by[d].diverged else None for d in devices]
+        cells = ["diverged" if d in by and by[d].diverged else "-" if v is None else f"{100 * v:.2f}"
+                 for d, v in zip(devices, vals)]
+        diff = "-"
+        if vals[0] is not None and vals[-1] is not None:
+            diffs.append(100 * (vals[-1] - vals[0]))
+            diff = f"{diffs[-1]:+.2f}"
+        out.append(f"| {arch} {precision} | {planned} | {kn} | {warmup} | {rule} | {base_lr:g} | {zg} | {seed} | "
+                   + " | ".join(cells) + f" | {diff} |")
+    if diffs:
+        out += ["", f"{len(diffs)} pairs: mean difference {statistics.mean(diffs):+.2f} points, mean absolute "
+                f"{statistics.mean(abs(d) for d in diffs):.2f}, largest {max(diffs, key=abs):+.2f}"]
+    return out + [""]
+
+
 def tables(study: Study) -> list[str]:
     """Markdown: every setting, Table 1, the kn ladder (Fig. 1), Tables 2a and 2b."""
     out = ["All runs (val error %, median of the last 5 epochs; mean ± std over seeds)", "",
@@ -514,7 +552,7 @@ def main(argv: list[str]) -> int:
     studies = {name: Study.of(members) for name, members in split_studies(runs).items()}
     variants = {f"{name}_{v}": vs for name, study in studies.items() for v, vs in study.variants.items()}
     every = {**studies, **variants}  # the variants' tables are in their study's; their figures are their own
-    lines: list[str] = comparison(every)
+    lines: list[str] = comparison(every) + device_pairs(runs)
     for name, study in studies.items():
         if len(studies) > 1:  # several networks or schedules: one set of tables and figures each
             lines += [f"## {name}", ""]

@@ -207,3 +207,7 @@ def test_the_study_rerun_on_a_gpu_is_a_study_of_its_own(study_dir: Path, tmp_pat
     assert rows[("gpu", "base-s0")] == "cuda" and rows[("sweep", "base-s0")] == "cpu"
     assert rows[("sweep", "unrecorded")] == "unknown" and rows[("sweep", "moved")] == "cpu+cuda"
     assert "## cifar_resnet-8_3ep_unknown" in text and "## cifar_resnet-8_3ep_cpu+cuda" in text
+    # the same config and seed on both devices, side by side (medians of the 3 epochs)
+    assert "| cifar_resnet-8 bf16 | 3 | 128 | none | linear | 0.1 | True | 0 | 21.00 | 19.00 | -2.00 |" in text
+    assert "| cifar_resnet-8 bf16 | 3 | 2048 | gradual | linear | 0.1 | True | 0 | 30.00 | 26.00 | -4.00 |" in text
+    assert "2 pairs: mean difference -3.00 points, mean absolute 3.00, largest -4.00" in text
