@@ -276,8 +276,14 @@ def gap(study: Study, runs: list[Run]) -> str:
 
 
 def _ladders(studies: dict[str, Study]) -> dict[str, dict[int, list[Run]]]:
-    """Each study's Figure 1 ladder, where it has more than one kn; empty unless two or more studies have one."""
+    """Each study's Figure 1 ladder, where it has more than one kn; empty unless two or more studies have one.
+
+    Gaps are comparable only from baselines at the same kn: a study whose baseline is at a larger kn than
+    the others' (e.g. a partial rerun that lacks the baseline runs) is left out of the comparison."""
     ladders = {name: lad for name, lad in ((n, s.ladder()) for n, s in studies.items()) if len(lad) > 1}
+    if ladders:
+        base = min(studies[name].base_kn for name in ladders)
+        ladders = {name: lad for name, lad in ladders.items() if studies[name].base_kn == base}
     return ladders if len(ladders) > 1 else {}
 
 

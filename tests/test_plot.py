@@ -211,3 +211,20 @@ def test_the_study_rerun_on_a_gpu_is_a_study_of_its_own(study_dir: Path, tmp_pat
     assert "| cifar_resnet-8 bf16 | 3 | 128 | none | linear | 0.1 | True | 0 | 21.00 | 19.00 | -2.00 |" in text
     assert "| cifar_resnet-8 bf16 | 3 | 2048 | gradual | linear | 0.1 | True | 0 | 30.00 | 26.00 | -4.00 |" in text
     assert "2 pairs: mean difference -3.00 points, mean absolute 3.00, largest -4.00" in text
+
+
+def test_a_study_without_runs_at_the_baseline_kn_is_left_out_of_the_comparison(study_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    """Gaps from a baseline at another kn do not compare: a partial rerun's ladder (no kn 128) stays out."""
+    gpu = tmp_path / "gpu"
+    for name, k, errs in (("ladder-512", 16, (0.9, 0.3, 0.25)), ("ladder-1024", 32, (0.9, 0.3, 0.27))):
+        make_run(gpu, name, k, errs=errs, device="cuda:0")
+    make_run(tmp_path / "long", "base", 4, "none", errs=(0.9, 0.2, 0.2), epochs=6)
+    make_run(tmp_path / "long", "large", 64, errs=(0.9, 0.3, 0.3), epochs=6)
+    for run in study_dir.iterdir():
+        (run / "run_info.json").write_text(json.dumps({"starts": [{"device": "cpu"}]}))
+    out = tmp_path / "out"
+    assert main(["plot", str(study_dir), str(gpu), str(tmp_path / "long"), "--out", str(out), "--no-figures"]) == 0
+    text = (out / "tables.md").read_text()
+    assert "| kn | cifar_resnet-8_3ep | cifar_resnet-8_6ep |" in text  # both from kn 128
+    assert "## cifar_resnet-8_3ep_cuda" in text  # its own tables still, gaps from its smallest kn
