@@ -3,11 +3,10 @@
     lbsgd plot RUN_OR_SWEEP_DIR... [--out DIR]
 
 Every folder below the given paths that holds a ``config.yaml`` and a ``metrics.jsonl`` (written by
-``lbsgd train``) is one run; ``summary.json`` adds whether it diverged and ``run_info.json`` the device it ran
-on. Nothing else is read, so a
-user's own ImageNet sweep gets the same figures as the CIFAR runs of ``results/``. The runs of one
-network and schedule are one study; which run plays which part follows from the configs, as in the
-paper:
+``lbsgd train``) is one run; ``summary.json`` adds whether it diverged and ``run_info.json`` the device
+it ran on. Nothing else is read, so a user's own ImageNet sweep gets the same figures as the CIFAR runs
+of ``results/``. The runs of one network and schedule are one study; which run plays which part follows
+from the configs, as in the paper:
 
 - the **baseline** is the smallest ``kn`` (§5.2: ``kn = 256``);
 - Table 1 and Figure 2 compare the warmups at every ``kn`` run with more than one warmup mode (the
@@ -23,10 +22,10 @@ Where one of those settings was changed for a study of its own (e.g. the ladder 
 runs also get a Table 1 and Figure 1 of their own, named after it (``zg-off``), with figures in a
 subfolder ``<study>_zg-off``.
 
-Runs of different networks, planned epochs, precisions or devices (``run_info.json``: the same study on a
-CPU and on a GPU) are separate studies, each with its own tables and
-figures (in a subfolder of ``--out`` named after it); where two or more studies (or settings) have a ladder,
-Figure 1 is also drawn and tabulated across them (does the flat region move with the number of steps?).
+Runs of different networks, planned epochs, precisions or devices (the same study on a CPU and on a GPU)
+are separate studies, each with its own tables and figures (in a subfolder of ``--out`` named after it);
+where two or more studies (or settings) have a ladder from the same baseline ``kn``, Figure 1 is also drawn
+and tabulated across them (does the flat region move with the number of steps?).
 
 Where the same run (network, schedule, precision, setting and seed) was done on more than one device,
 ``tables.md`` also sets them side by side: how far a device moves a result, beside the seed spread.

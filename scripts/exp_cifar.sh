@@ -20,7 +20,7 @@
 #   TABLE1_K workers of each kn of Table 1 (default "32 64": kn 1024, where warmup hardly matters, and
 #            2048, the first rate at which no warmup suffers; results/README.md, the probe)
 #   JOBS   runs at once (default 1). On a GPU, ResNet-8 leaves most of the device idle, so several runs
-#          share it (results/README.md: 8 on an H100); each run's output then goes to $RUNS/logs/NAME.log
+#          share it (results/README.md: 10 on an H200); each run's output then goes to $RUNS/logs/NAME.log
 # Then: lbsgd plot "$RUNS" --out results
 set -uo pipefail
 DATA=${DATA:?set DATA to the CIFAR-10 folder holding train/ and val/}
