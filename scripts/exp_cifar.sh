@@ -69,14 +69,16 @@ for part in "${parts[@]}"; do
                 optim.base_lr="$lr" seed=0
             done ;;
     nozg)   # Table 2b's lead as a study of its own: gamma = 1 (model.zero_init_residual=false) for the
-            # second seeds of the baseline and the large kn, the ladder to kn 8192 and Table 1 (2 seeds) at the large kn
+            # second seeds of the baseline and the large kn, the ladder to kn 8192, Table 1 (2 seeds) at the large kn,
+            # and second seeds of the ladder around it (2048, 512, 256)
             z=model.zero_init_residual=false L=$((32 * LARGE_K))
             run "kn$L-gradual-nozg-s1" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=1 $z
             run kn128-nozg-s1 experiment=cifar_baseline batch.k=4 seed=1 $z
             for k in 16 64; do run "kn$((32 * k))-gradual-nozg-s0" experiment=cifar_large_gradual batch.k=$k seed=0 $z; done
             for w in none constant; do run "kn$L-$w-nozg-s0" experiment=cifar_large_$w batch.k="$LARGE_K" seed=0 $z; done
             for k in 128 8 256; do run "kn$((32 * k))-gradual-nozg-s0" experiment=cifar_large_gradual batch.k=$k seed=0 $z; done
-            for w in none constant; do run "kn$L-$w-nozg-s1" experiment=cifar_large_$w batch.k="$LARGE_K" seed=1 $z; done ;;
+            for w in none constant; do run "kn$L-$w-nozg-s1" experiment=cifar_large_$w batch.k="$LARGE_K" seed=1 $z; done
+            for k in 64 16 8; do run "kn$((32 * k))-gradual-nozg-s1" experiment=cifar_large_gradual batch.k=$k seed=1 $z; done ;;
     fp32)   # names of their own: the bf16 runs of the same seeds are in the same folder
             run kn128-fp32-s0 experiment=cifar_baseline batch.k=4 seed=0 precision=fp32
             run "kn$((32 * LARGE_K))-gradual-fp32-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0 \

@@ -28,7 +28,7 @@ def test_exp_cifar_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -
     subprocess.run(["bash", str(ROOT / "scripts" / "exp_cifar.sh"), *parts], env=env, check=True,
                    capture_output=True)
     runs = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert len(runs) == 7 + 4 + 7 + 6 + 11 + 2 + 7
+    assert len(runs) == 7 + 4 + 7 + 6 + 14 + 2 + 7
     dirs = [next(a for a in r if a.startswith("hydra.run.dir=")) for r in runs]
     assert len(set(dirs)) == len(dirs), "two runs of the script share a run directory"
     assert all(r[0] == "train" for r in runs)
@@ -52,7 +52,7 @@ def test_exp_cifar_with_jobs_starts_the_same_runs_at_once_each_logging_to_its_ow
         if jobs == 1:
             return [json.loads(line) for line in out.splitlines()]
         logs = sorted((runs / "logs").glob("*.log"))
-        assert out == "" and len(logs) == 11
+        assert out == "" and len(logs) == 14
         return [json.loads(p.read_text()) for p in logs]
 
     def normal(runs: list[list[str]], jobs: int) -> list[list[str]]:
