@@ -488,6 +488,7 @@ def figures(study: Study, out: Path) -> list[Path]:
     first = min(r.row["seed"] for r in study.runs)
 
     def save(fig, name: str) -> None:
+        out.mkdir(exist_ok=True)  # here, not before: a study with nothing to draw leaves no empty folder
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -569,7 +570,6 @@ def main(argv: list[str]) -> int:
         written = comparison_figure(every, args.out)
         for name, study in every.items():
             out = args.out / name if len(studies) > 1 or name in variants else args.out
-            out.mkdir(exist_ok=True)
             written += figures(study, out)
         for p in written:
             print(f"wrote {p}", file=sys.stderr)
