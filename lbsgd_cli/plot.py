@@ -105,7 +105,6 @@ def load_run(path: Path) -> Run | None:
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"{path}: cannot read the run ({exc})") from None
     epochs = [r for r in records if "val/err" in r]
-    device = run_device(path / "run_info.json")
     summary_path = path / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if not epochs and not summary.get("diverged"):
@@ -135,7 +134,7 @@ def load_run(path: Path) -> Run | None:
         "precision": cfg.get("precision", "fp32"),
         "run": path.name,
         "base_lr": cfg["optim"]["base_lr"],
-        "device": device,
+        "device": run_device(path / "run_info.json"),
     }
     return run
 
@@ -589,12 +588,11 @@ def split_studies(runs: list[Run]) -> dict[str, list[Run]]:
         by_schedule[f"{r.row['arch']}_{r.cfg['schedule']['epochs']}ep"].append(r)
     out: dict[str, list[Run]] = {}
     for name, members in by_schedule.items():
-        precisions = sorted({r.row["precision"] for r in members})
-        devices = sorted({r.row["device"] for r in members})
-        for p in precisions:
-            for d in devices:
-                group = [r for r in members if r.row["precision"] == p and r.row["device"] == d]
-                if group:
-                    named = name if len(precisions) == 1 else f"{name}_{p}"
-                    out[named if len(devices) == 1 or d == "cpu" else f"{named}_{d}"] = group
+        groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+        for r in members:
+            groups[(r.row["precision"], r.row["device"])].append(r)
+        precisions, devices = ({key[i] for key in groups} for i in (0, 1))
+        for (p, d), group in groups.items():
+            named = name if len(precisions) == 1 else f"{name}_{p}"
+            out[named if len(devices) == 1 or d == "cpu" else f"{named}_{d}"] = group
     return dict(sorted(out.items()))
