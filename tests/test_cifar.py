@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lbsgd_cli import cifar
+from lbsgd_cli.checkpoint import read_checkpoint
 from lbsgd_cli.config import DataConfig
 from lbsgd_cli.data import load_data
 from lbsgd_cli.errors import UserError
@@ -275,14 +276,21 @@ def test_download_goes_through_torchvision_once_the_files_are_missing(tmp_path, 
 # --------------------------------------------------------------------------- lbsgd train and lbsgd eval
 
 
-def test_train_and_eval_end_to_end_on_generated_batches(tmp_path, tables):
-    tables.append(write_cifar(tmp_path / "data", train=320, test=80))
+@pytest.mark.parametrize("name, preset", [
+    ("cifar10", ["experiment=cifar_baseline", "model.depth=8", "schedule.milestones=[1]"]),
+    # the CIFAR-100 preset on its 20 coarse labels, with a ResNet-8 in place of its ResNet-18 (CPU-sized)
+    ("cifar100", ["experiment=cifar100_gradual", "data.labels=coarse", "model=cifar_resnet", "model.depth=8",
+                  "schedule.warmup_epochs=1", "schedule.milestones=[1]"]),
+])
+def test_train_and_eval_end_to_end_on_generated_batches(tmp_path, tables, name, preset):
+    tables.append(write_cifar(tmp_path / "data", name, train=320, test=80))
     run = tmp_path / "run"
-    r = lbsgd("train", "experiment=cifar_baseline", f"data.root={tmp_path / 'data'}", "model.depth=8", "batch.k=2",
-              "batch.n=16", "schedule.epochs=2", "schedule.milestones=[1]", "threads=1", "log.progress=none",
-              "log.tensorboard=false", f"hydra.run.dir={run}")
+    r = lbsgd("train", *preset, f"data.root={tmp_path / 'data'}", "batch.k=2", "batch.n=16", "schedule.epochs=2",
+              "threads=1", "log.progress=none", "log.tensorboard=false", f"hydra.run.dir={run}")
     assert r.returncode == 0, r.stderr
-    assert "on cifar10 (320 train / 80 val)" in r.stdout
+    assert f"on {name} (320 train / 80 val)" in r.stdout
+    assert read_checkpoint(run / "checkpoints" / "last.pt")["model"]["fc.weight"].shape[0] == (
+        10 if name == "cifar10" else 20)
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     last = [x for x in recs if "val/err" in x][-1]
     out = tmp_path / "ev"
