@@ -62,8 +62,28 @@ class Optimizer(Choice):
 
 
 class DataName(Choice):
+    """``digits`` (scikit-learn's bundled scans), ``imagefolder`` (``train/<class>/*`` trees of image files),
+    ``cifar10`` / ``cifar100`` (torchvision's pickled batches, :mod:`lbsgd_cli.cifar`)."""
+
     digits = "digits"
     imagefolder = "imagefolder"
+    cifar10 = "cifar10"
+    cifar100 = "cifar100"
+
+
+class Labels(Choice):
+    """CIFAR-100's labels: its 100 ``fine`` classes or its 20 ``coarse`` superclasses."""
+
+    fine = "fine"
+    coarse = "coarse"
+
+
+class Stem(Choice):
+    """The first layers of a torchvision ResNet: ``imagenet`` (7x7/2 conv and 3x3/2 max pool, as built)
+    or ``cifar`` (one 3x3/1 conv, no pool: the usual ResNet-18 for 32x32 images)."""
+
+    imagenet = "imagenet"
+    cifar = "cifar"
 
 
 class Progress(Choice):

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .choices import (Backend, BNKernel, CommHook, DataName, Decode, Device, Granularity, LRRule, MomentumForm,
-                      OffloadMode, Optimizer, Precision, Progress, RangeMethod, Warmup)
+from .choices import (Backend, BNKernel, CommHook, DataName, Decode, Device, Granularity, Labels, LRRule, MomentumForm,
+                      OffloadMode, Optimizer, Precision, Progress, RangeMethod, Stem, Warmup)
 from .errors import UserError
 
 # Field metadata of a key whose value does not change the result (weights, metrics): it does not name
@@ -97,14 +97,24 @@ class ModelConfig:
     # torch.compile's C++ compiler on a CPU). Sums in another order, so results differ in the last bits and
     # the key names the run. Measured in results/performance.md.
     bn_kernel: BNKernel = BNKernel.native
+    # torchvision ResNets only: imagenet (7x7/2 conv + max pool, as torchvision builds them) | cifar (one 3x3/1
+    # conv, no pool: ResNet-18 on 32x32 images as the CIFAR-100 warmup replication ran it)
+    stem: Stem = Stem.imagenet
 
 
 @dataclass
 class DataConfig:
     """Where images come from and how they are augmented."""
 
-    name: DataName = MISSING  # digits | imagefolder
+    name: DataName = MISSING  # digits | imagefolder | cifar10 | cifar100
     root: Optional[str] = no_effect(None)
+    # cifar10 / cifar100 (torchvision's pickled batches, lbsgd_cli/cifar.py): fetch them into data.root through
+    # torchvision when they are not there; the files are the same md5-checked ones, so no effect on the result
+    download: bool = no_effect(False)
+    # cifar10 / cifar100: check each batch file's md5 against torchvision's list; a mismatch is an error.
+    # false reads the files unchecked (and says so in one warning line): a checked file gives the same result
+    verify: bool = no_effect(True)
+    labels: Labels = Labels.fine  # cifar100: its 100 fine classes or its 20 coarse superclasses
     # auto | true | false; a string, not an Enum, since an override `data.in_memory=true` arrives as a bool
     in_memory: str = "auto"
     in_memory_max_gb: float = 4.0  # auto: decode into memory below this size
@@ -363,12 +373,33 @@ def validate(cfg: DictConfig | Any) -> None:
         _fail("data.in_memory", f"must be auto, true or false, got {d.in_memory!r}")
     if d.name == DataName.imagefolder and not d.root:
         _fail("data.root", "is required with data=imagefolder (the folder holding train/ and val/)")
+    _validate_cifar(cfg)
     if cfg.dist.backend == Backend.nccl and cfg.device == Device.cpu:
         _fail("dist.backend", "nccl needs CUDA devices; use gloo (or auto) with device=cpu")
     if not cfg.dist.timeout_s > 0:
         _fail("dist.timeout_s", f"must be a positive number of seconds, got {cfg.dist.timeout_s}")
     _validate_train_memory(cfg)
     _validate_beyond(cfg)
+
+
+def _validate_cifar(cfg: DictConfig | Any) -> None:
+    """``data=cifar10`` / ``data=cifar100`` (torchvision's batches, always in memory) and the keys only they read."""
+    d, m = cfg.data, cfg.model
+    cifar = d.name in (DataName.cifar10, DataName.cifar100)
+    if cifar and not d.root:
+        folder = "cifar-10-batches-py" if d.name == DataName.cifar10 else "cifar-100-python"
+        _fail("data.root", f"is required with data={d.name} (the folder holding {folder}/, or where "
+              "data.download=true puts it)")
+    if cifar and d.in_memory == "false":
+        _fail("data.in_memory", f"data={d.name} is read into memory (torchvision's batches); false is for "
+              "ImageFolder trees")
+    if d.labels == Labels.coarse and d.name != DataName.cifar100:
+        _fail("data.labels", f"coarse labels are CIFAR-100's 20 superclasses; data={d.name} has only its own")
+    if d.download and not cifar:
+        _fail("data.download", f"fetches CIFAR-10/100 through torchvision; data={d.name} is not downloaded")
+    if m.stem == Stem.cifar and not m.arch.startswith(("resnet", "resnext", "wide_resnet")):
+        _fail("model.stem", f"cifar replaces a torchvision ResNet's first conv and max pool; {m.arch} has none "
+              "(resnet18, resnet50, ...)")
 
 
 def _validate_beyond(cfg: DictConfig | Any) -> None:

@@ -183,6 +183,17 @@ def load_imagefolder_in_memory(dcfg, classes: list[str], train: ImageList, val: 
     return InMemoryData(tr, va, classes, mean, std, dcfg.pad, dcfg.flip)
 
 
+def load_cifar_data(dcfg) -> InMemoryData:
+    """torchvision's CIFAR-10 / CIFAR-100 batches (:mod:`lbsgd_cli.cifar`), read as they are into memory."""
+    from .cifar import read_cifar  # imports torchvision (its md5 list) only for these sets
+
+    classes, (train_x, train_y), (val_x, val_y) = read_cifar(dcfg)
+    tr = TensorSplit(train_x, train_y).subset(dcfg.train_subset)
+    va = TensorSplit(val_x, val_y).subset(dcfg.val_subset)
+    mean, std = _channel_stats(tr.x) if dcfg.mean is None else (tuple(dcfg.mean), tuple(dcfg.std))
+    return InMemoryData(tr, va, classes, mean, std, dcfg.pad, dcfg.flip)
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -190,6 +201,8 @@ def load_data(dcfg) -> DataSource:
     """The data set of ``data.name``, in memory or streaming as ``data.in_memory`` decides."""
     if dcfg.name == "digits":
         return load_digits_data(dcfg)
+    if dcfg.name in ("cifar10", "cifar100"):
+        return load_cifar_data(dcfg)
     classes, train, val = scan_imagefolder(dcfg.root)
     in_memory = dcfg.in_memory == "true"
     if dcfg.in_memory == "auto":

@@ -141,6 +141,17 @@ def _torchvision_model(arch: str, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
+def cifar_stem(model: nn.Module) -> None:
+    """A torchvision ResNet for 32x32 images: one 3x3 stride-1 conv instead of the 7x7/2 conv, no max pool
+    (``model.stem=cifar``; the usual ResNet-18 of CIFAR replications, e.g. CIFAR-100's warmup ladder)."""
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise UserError(f"model.stem: cifar needs a torchvision ResNet (conv1 and maxpool); "
+                        f"{type(model).__name__} has none")
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
 def build_model(mcfg, num_classes: int, in_channels: int, bn_group: int | None) -> nn.Module:
     """Instantiate ``model.arch``, initialise it per §5.1, and use ghost BN over ``bn_group`` samples."""
     arch = mcfg.arch
@@ -152,6 +163,8 @@ def build_model(mcfg, num_classes: int, in_channels: int, bn_group: int | None) 
         if in_channels != 3:
             raise UserError(f"model.arch: {arch} expects RGB images, the data has {in_channels} channel(s)")
         model = _torchvision_model(arch, num_classes)
+        if str(mcfg.get("stem", "imagenet")) == "cifar":
+            cifar_stem(model)
     init_weights(model, mcfg.zero_init_residual, mcfg.fc_init_std)
     for mod in model.modules():
         if isinstance(mod, nn.BatchNorm2d):

@@ -16,7 +16,7 @@ LARS_LR=${LARS_LR:-10}  # conf/optim/lars.yaml's base rate (eta = 0.001); the pr
 python "$(dirname "$0")/recommend_kn.py" "$RUNS/noise_scale/$(ls "$RUNS/noise_scale" | grep -v multirun | head -1)"
 # DDP communication hooks need a process group: 2 processes under torchrun, one run per hook
 for hook in fp16 powersgd; do
-  torchrun --nproc_per_node=2 --master_port=$((29500 + RANDOM % 1000)) -m lbsgd_cli train data.root="$DATA" \
-    "${SCALE_ARG[@]}" experiment=cifar_large_gradual batch.k=$LARGE_K seed=0 dist.comm_hook=$hook \
+  torchrun --nproc_per_node=2 --master_port=$((29500 + RANDOM % 1000)) -m lbsgd_cli train data=imagefolder \
+    data.root="$DATA" "${SCALE_ARG[@]}" experiment=cifar_large_gradual batch.k=$LARGE_K seed=0 dist.comm_hook=$hook \
     hydra.run.dir="$RUNS/comm_hook/$hook" "$@"
 done

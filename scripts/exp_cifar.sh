@@ -10,7 +10,9 @@
 #   DATA=/path/to/cifar10 scripts/exp_cifar.sh [PART...] [-- overrides...]
 #
 #   PART   ladder | table1 | seeds | rules | nozg | fp32 | probe (default: all but probe, in that order)
-#   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked)
+#   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked), read as
+#          data=imagefolder (the presets' data=cifar10 reads torchvision's batches; the results/ runs, made
+#          when data=cifar10 meant this tree, keep their directory names and config.yaml as written)
 #   RUNS   where the run directories go (default runs/results/cifar, runs/results/cifar90 with SCALE=cpu_90;
 #          the probe: $RUNS/../probe)
 #   SCALE  cpu (conf/scale/cpu.yaml: ResNet-8, 45 epochs, bf16) | cpu_90 (the same at the paper's 90 epochs)
@@ -41,7 +43,7 @@ scale_arg=(scale="$SCALE"); [[ $SCALE == full ]] && scale_arg=()
 # run NAME OVERRIDES...: one run in $RUNS/NAME
 run() {
   local name=$1; shift
-  local cmd=($LBSGD train data.root="$DATA" "${scale_arg[@]}" "$@" hydra.run.dir="$RUNS/$name" "${extra[@]}")
+  local cmd=($LBSGD train data=imagefolder data.root="$DATA" "${scale_arg[@]}" "$@" hydra.run.dir="$RUNS/$name" "${extra[@]}")
   echo "=== $name: $*" >&2
   if ((JOBS > 1)); then
     while (($(jobs -rp | wc -l) >= JOBS)); do wait -n; done

@@ -1,5 +1,6 @@
 # Shared settings of scripts/exp_beyond.sh (the paper's experiments are scripts/exp_cifar.sh).
-#   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked)
+#   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked), read as data=imagefolder
+#          (which names the sweeps' run directories: results/beyond.md's runs predate it and keep their names)
 #   RUNS   where the run directories go: $RUNS/<experiment>/<overrides>/
 #   SCALE  cpu: ResNet-8 on a 5k subset, 16 epochs (conf/scale/cpu_5k.yaml, the regime of results/beyond.md), kn 64 vs 256
 #          full: the presets as they are: ResNet-20, all 50k images, 160 epochs, kn 128 vs 2048
@@ -15,4 +16,4 @@ case "$SCALE" in
   full) BASE_K=4; LARGE_K=64; LADDER=1,2,8,16,32,128,256; SCALE_ARG=() ;;  # n=32: kn 128 / 2048
   *) echo "SCALE must be cpu or full" >&2; exit 2 ;;
 esac
-LBSGD=(lbsgd train -m data.root="$DATA" "${SCALE_ARG[@]}")
+LBSGD=(lbsgd train -m data=imagefolder data.root="$DATA" "${SCALE_ARG[@]}")

@@ -27,8 +27,12 @@ def test_every_experiment_preset_composes_and_validates(preset, tmp_path):
     cfg = compose("train", [f"experiment={preset}", f"data.root={tmp_path}"])
     validate(cfg)
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    if preset.startswith(("cifar", "imagenet")):
-        assert cfg.data.name == "imagefolder"
+    source = {"cifar100": "cifar100", "cifar": "cifar10", "imagenet": "imagefolder"}
+    expected = next((name for prefix, name in source.items() if preset.startswith(prefix)), None)
+    if expected:
+        assert cfg.data.name == expected
+    if preset.startswith("cifar"):  # either source: torchvision's batches or a 32x32 ImageFolder tree
+        validate(compose("train", [f"experiment={preset}", "data=imagefolder", f"data.root={tmp_path}"]))
     for scale in SCALES:
         validate(compose("train", [f"experiment={preset}", f"data.root={tmp_path}", f"scale={scale}"]))
 
@@ -39,6 +43,50 @@ def test_cpu_scales_keep_the_papers_fractions_of_training():
         cfg = compose("train", ["experiment=cifar_large_gradual", "data.root=/x", f"scale={scale}"])
         assert (cfg.schedule.epochs, list(cfg.schedule.milestones), cfg.model.depth) == (epochs, milestones, 8)
         assert (cfg.schedule.warmup_epochs, cfg.optim.ref_batch, cfg.precision) == (5, 128, "bf16")
+
+
+@pytest.mark.parametrize("preset, kn, warmup", [("cifar100_gradual", 2048, "gradual"), ("cifar100_none", 2048, "none"),
+                                                ("cifar100_baseline", 128, "none")])
+def test_cifar100_presets_are_the_warmup_replications(preset, kn, warmup):
+    """/work/shared/paper.md: ResNet-18 on CIFAR-100, 150 epochs, lr = 0.1 * B / 256, 5-epoch warmup or none."""
+    cfg = compose("train", [f"experiment={preset}", "data.root=/x"])
+    validate(cfg)
+    assert (cfg.data.name, cfg.data.labels, cfg.model.arch, cfg.model.stem) == ("cifar100", "fine", "resnet18", "cifar")
+    assert (cfg.batch.k * cfg.batch.n, cfg.batch.n, cfg.schedule.warmup, cfg.schedule.epochs) == (kn, 32, warmup, 150)
+    assert cfg.optim.base_lr * kn / cfg.optim.ref_batch == pytest.approx(0.1 * kn / 256)
+    assert cfg.schedule.warmup_epochs == 5 and list(cfg.schedule.milestones) == [75, 112]
+    for k in (32, 128):  # the ladder's other rungs: kn 1024 and 4096
+        validate(compose("train", [f"experiment={preset}", "data.root=/x", f"batch.k={k}"]))
+
+
+def test_cifar100_warmup_ladder_sweeps_kn_1024_2048_4096_with_and_without_warmup():
+    cfg = compose("train", ["experiment=cifar100_warmup", "data.root=/x"], return_hydra=True)
+    params = cfg.hydra.sweeper.params
+    assert [32 * int(k) for k in params["batch.k"].split(",")] == [1024, 2048, 4096]
+    assert params["schedule.warmup"].split(",") == ["gradual", "none"]
+    for k in params["batch.k"].split(","):
+        for w in params["schedule.warmup"].split(","):
+            one = compose("train", ["experiment=cifar100_warmup", "data.root=/x", f"batch.k={k}", f"schedule.warmup={w}"])
+            validate(one)
+            assert one.model.stem == "cifar" and one.optim.base_lr * one.batch.k * 32 / one.optim.ref_batch == \
+                pytest.approx(0.1 * int(k) * 32 / 256)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data=cifar10", "data.labels=coarse"], "data.labels: coarse labels are CIFAR-100's"),
+    (["data=cifar100", "data.in_memory='false'"], "data.in_memory: data=cifar100 is read into memory"),
+    (["data=imagefolder", "data.download=true"], "data.download: fetches CIFAR-10/100"),
+    (["model=cifar_resnet", "model.stem=cifar"], "model.stem: cifar replaces a torchvision ResNet"),
+])
+def test_cifar_keys_are_checked_early(overrides, message):
+    with pytest.raises(UserError, match=f"^{message}") as e:
+        validate(compose("train", [*overrides, "data.root=/x"]))
+    assert "\n" not in str(e.value)
+
+
+def test_cifar_without_a_root_says_where_to_point_it():
+    with pytest.raises(UserError, match="data.root: is required with data=cifar10 .*cifar-10-batches-py/"):
+        validate(compose("train", ["experiment=cifar_large_gradual"]))
 
 
 def test_paper_presets_have_the_papers_numbers():

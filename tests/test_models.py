@@ -70,3 +70,20 @@ def test_any_torchvision_classifier_by_name():
     assert net(torch.randn(2, 3, 64, 64)).shape == (2, 7)
     with pytest.raises(UserError, match="unknown network"):
         build_model(mcfg("resnet51"), 10, 3, bn_group=None)
+
+
+def test_cifar_stem_makes_torchvision_resnet18_a_32x32_network():
+    """model.stem=cifar: one 3x3/1 conv, no max pool (the CIFAR-100 replication's ResNet-18); He init and zero-gamma
+    still reach it, and the imagenet stem stays torchvision's."""
+    net = build_model(mcfg("resnet18", stem="cifar"), 100, 3, bn_group=16)
+    assert (net.conv1.kernel_size, net.conv1.stride, net.conv1.padding) == ((3, 3), (1, 1), (1, 1))
+    assert isinstance(net.maxpool, nn.Identity)
+    assert net.conv1.weight.std().item() == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.15)  # He, fan_out
+    assert len(residual_last_bns(net)) == 8 and all(torch.all(b.weight == 0) for b in residual_last_bns(net))
+    x = torch.randn(16, 3, 32, 32)
+    feats = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
+    assert feats.shape == (16, 512, 4, 4) and net(x).shape == (16, 100)  # 32 -> 4, not 32 -> 1
+    plain = build_model(mcfg("resnet18"), 100, 3, bn_group=None)
+    assert plain.conv1.kernel_size == (7, 7) and isinstance(plain.maxpool, nn.MaxPool2d)
+    with pytest.raises(UserError, match="model.stem: cifar needs a torchvision ResNet"):
+        build_model(mcfg("vgg11", stem="cifar"), 10, 3, bn_group=None)

@@ -134,7 +134,7 @@ def test_bad_images_are_one_line_errors(tmp_path):
 def test_imagefolder_run_end_to_end(tmp_path):
     root = make_image_tree(tmp_path / "d", per_class=16, val_per_class=4)
     run = tmp_path / "run"
-    proc = run_cli("train", "data=cifar10", f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}",
+    proc = run_cli("train", "data=imagefolder", f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}",
                    "model=cifar_resnet", "model.depth=8", "batch.k=2", "batch.n=8", "schedule.epochs=2",
                    "schedule.warmup_epochs=1", "schedule.milestones=[5]", "threads=1", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr
