@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from . import distributed as D
 from .checkpoint import unwrap
-from .choices import LRRule, Warmup
+from .choices import Decay, LRRule, Warmup
 from .config import validate
 from .data import TrainLoader, load_data
 from .divergence import DivergenceWatch
@@ -120,11 +120,13 @@ def _build_model(cfg: DictConfig, data: DataSource, device: torch.device) -> tor
 
 
 def learning_rate(cfg: DictConfig, ipe: int) -> tuple[Callable[[int], float], float]:
-    """The rate of each iteration (§2.2 warmup, then §5.1's steps: :func:`rules.lr_at`) and its peak (§2.1)."""
+    """The rate of each iteration (§2.2 warmup, then §5.1's steps or ``schedule.decay``: :func:`rules.lr_at`)
+    and its peak (§2.1)."""
     b, o, s = cfg.batch, cfg.optim, cfg.schedule
     peak = peak_lr(o.base_lr, b.k, b.n, o.ref_batch, LRRule(o.lr_rule))
     rate = functools.partial(lr_at, base_lr=o.base_lr, peak=peak, iters_per_epoch=ipe, warmup=Warmup(s.warmup),
-                             warmup_epochs=s.warmup_epochs, milestones=list(s.milestones), gamma=s.gamma)
+                             warmup_epochs=s.warmup_epochs, milestones=list(s.milestones), gamma=s.gamma,
+                             decay=Decay(s.decay), total_iters=s.epochs * ipe, power=s.poly_power)
     return rate, peak
 
 
