@@ -147,6 +147,9 @@ class CheckpointConfig:
     # several processes agree on a signal every this many iterations (and at every scheduled checkpoint):
     # the preemption checkpoint is written within this many iterations of the signal; one process: every one
     preempt_check_every: int = 10
+    # stop (after that epoch's checkpoint, exit 0, no summary) once this many epochs are done; 0 = never. A probe
+    # of a run's first epochs: the same command without it continues the very same run (no effect on the result)
+    stop_after_epoch: int = 0
 
 
 @dataclass
@@ -335,6 +338,8 @@ def validate(cfg: DictConfig | Any) -> None:
                 ("optim.ref_batch", o.ref_batch, "positive"), ("schedule.epochs", s.epochs, "positive"),
                 ("log.every", cfg.log.every, "positive"),
                 ("checkpoint.preempt_check_every", cfg.checkpoint.preempt_check_every, "positive"))
+    if cfg.checkpoint.stop_after_epoch < 0:
+        _fail("checkpoint.stop_after_epoch", f"must be >= 0 (0: never), got {cfg.checkpoint.stop_after_epoch}")
     for key, value, what in positive:
         if value <= 0:
             _fail(key, f"must be {what}, got {value}")

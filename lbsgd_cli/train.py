@@ -83,8 +83,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             loop.scaler.load_state_dict(state.scaler)
         if parallel.is_main:
             _print_header(loop, data, peak, state, already_complete)
+        last_epoch = min(cfg.schedule.epochs, cfg.checkpoint.stop_after_epoch or cfg.schedule.epochs)
         try:
-            while state.epoch < cfg.schedule.epochs:
+            while state.epoch < last_epoch:
                 images, seconds = train_one_epoch(loop, state)
                 last_val = evaluate(parallel.eval_model(model),  # fp32 in every precision, as lbsgd eval
                                     parallel.val_batches(data, cfg.batch.eval_batch), parallel.reduce_sums,
@@ -100,6 +101,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             raise failure from None
         finally:
             loop.close()
+        if state.epoch < cfg.schedule.epochs:  # a probe: the first epochs of the run, which resumes later
+            if parallel.is_main:
+                print(f"lbsgd train: stopped after epoch {state.epoch} of {cfg.schedule.epochs} "
+                      f"(checkpoint.stop_after_epoch); the same command without it continues the run")
+            D.barrier()
+            return {"stopped_after_epoch": state.epoch, "run_dir": str(run_dir)}
         summary = rundir.finish(state.last_val, time.monotonic() - loop.t_start, already_complete)
     if parallel.is_main:
         print_summary(summary)
