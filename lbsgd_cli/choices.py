@@ -39,6 +39,15 @@ class Decode(Choice):
     gpu = "gpu"
 
 
+class Decay(Choice):
+    """The schedule after warmup: the paper's ``step`` drops (§5.1), or, beyond the paper, ``poly``
+    (You et al. 2017, LARS: ``(1 - progress)**power``) and ``cosine`` (Loshchilov & Hutter 2017)."""
+
+    step = "step"
+    poly = "poly"
+    cosine = "cosine"
+
+
 class LRRule(Choice):
     """How the peak rate follows ``k*n`` (§2.1, Table 2a)."""
 

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .choices import (Backend, BNKernel, CommHook, DataName, Decode, Device, Granularity, Labels, LRRule, MomentumForm,
-                      OffloadMode, Optimizer, Precision, Progress, RangeMethod, Stem, Warmup)
+from .choices import (Backend, BNKernel, CommHook, DataName, Decay, Decode, Device, Granularity, Labels, LRRule,
+                      MomentumForm, OffloadMode, Optimizer, Precision, Progress, RangeMethod, Stem, Warmup)
 from .errors import UserError
 
 # Field metadata of a key whose value does not change the result (weights, metrics): it does not name
@@ -68,13 +68,15 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Step schedule with warmup (§2.2, §5.1)."""
+    """Step schedule with warmup (§2.2, §5.1); beyond the paper, poly or cosine decay after warmup."""
 
     epochs: int = 90
-    milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
-    gamma: float = 0.1
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 80])  # decay=step only
+    gamma: float = 0.1  # decay=step only
     warmup: Warmup = Warmup.gradual
     warmup_epochs: float = 5.0
+    decay: Decay = Decay.step  # step (§5.1) | poly (You et al. 2017) | cosine (Loshchilov & Hutter 2017)
+    poly_power: float = 2.0  # decay=poly: peak * (1 - progress)**poly_power
 
 
 @dataclass
@@ -155,6 +157,9 @@ class CheckpointConfig:
     # several processes agree on a signal every this many iterations (and at every scheduled checkpoint):
     # the preemption checkpoint is written within this many iterations of the signal; one process: every one
     preempt_check_every: int = 10
+    # stop (after that epoch's checkpoint, exit 0, no summary) once this many epochs are done; 0 = never. A probe
+    # of a run's first epochs: the same command without it continues the very same run (no effect on the result)
+    stop_after_epoch: int = 0
 
 
 @dataclass
@@ -343,6 +348,8 @@ def validate(cfg: DictConfig | Any) -> None:
                 ("optim.ref_batch", o.ref_batch, "positive"), ("schedule.epochs", s.epochs, "positive"),
                 ("log.every", cfg.log.every, "positive"),
                 ("checkpoint.preempt_check_every", cfg.checkpoint.preempt_check_every, "positive"))
+    if cfg.checkpoint.stop_after_epoch < 0:
+        _fail("checkpoint.stop_after_epoch", f"must be >= 0 (0: never), got {cfg.checkpoint.stop_after_epoch}")
     for key, value, what in positive:
         if value <= 0:
             _fail(key, f"must be {what}, got {value}")
@@ -363,10 +370,17 @@ def validate(cfg: DictConfig | Any) -> None:
     if not 0 < s.gamma <= 1:
         _fail("schedule.gamma", f"must be in (0, 1], got {s.gamma}")
     ms = list(s.milestones)
-    if ms != sorted(ms) or any(x <= 0 for x in ms):
-        _fail("schedule.milestones", f"must be increasing positive epochs, got {ms}")
-    if s.warmup != Warmup.none and any(x < s.warmup_epochs for x in ms):
-        _fail("schedule.milestones", f"a rate drop {ms} falls inside the {s.warmup_epochs}-epoch warmup")
+    if s.decay == Decay.step:
+        if ms != sorted(ms) or any(x <= 0 for x in ms):
+            _fail("schedule.milestones", f"must be increasing positive epochs, got {ms}")
+        if s.warmup != Warmup.none and any(x < s.warmup_epochs for x in ms):
+            _fail("schedule.milestones", f"a rate drop {ms} falls inside the {s.warmup_epochs}-epoch warmup")
+    else:
+        if s.poly_power <= 0:
+            _fail("schedule.poly_power", f"must be positive, got {s.poly_power}")
+        if s.warmup != Warmup.none and s.warmup_epochs >= s.epochs:
+            _fail("schedule.warmup_epochs", f"{s.decay} decay needs epochs after the warmup: warmup "
+                  f"{s.warmup_epochs} of {s.epochs} epochs")
     if m.arch == "cifar_resnet" and (m.depth < 8 or (m.depth - 2) % 6):
         _fail("model.depth", f"a CIFAR ResNet has depth 6m+2 (8, 20, 56, ...), got {m.depth}")
     if d.in_memory not in ("auto", "true", "false"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .choices import LRRule, Warmup
+from .choices import Decay, LRRule, Warmup
 
 
 def peak_lr(base_lr: float, k: int, n: int, ref_batch: int, rule: LRRule = LRRule.linear) -> float:
@@ -49,6 +49,9 @@ def lr_at(
     warmup_epochs: float,
     milestones: Sequence[int],
     gamma: float = 0.1,
+    decay: Decay = Decay.step,
+    total_iters: int = 0,
+    power: float = 2.0,
 ) -> float:
     """Learning rate at ``iteration`` (counted from 0 over the whole run).
 
@@ -59,7 +62,12 @@ def lr_at(
     (a minibatch smaller than the reference) warmup starts at ``peak`` and so is flat:
     warming *down* is not what the paper does.
     Constant warmup (the §2.2 ablation): ``start`` for ``t < T``, then a jump to ``peak``.
-    §5.1 schedule: ``peak`` divided by ``1/gamma`` (10) at each milestone epoch.
+    §5.1 schedule (``decay=step``): ``peak`` divided by ``1/gamma`` (10) at each milestone epoch.
+
+    Beyond the paper, over the ``total_iters - T`` iterations after warmup, with ``p`` the fraction
+    of them done: ``decay=poly`` is ``peak * (1 - p)**power`` (You et al. 2017, LARS: power 2) and
+    ``decay=cosine`` is ``peak * (1 + cos(pi * p)) / 2`` (Loshchilov & Hutter 2017, without restarts).
+    Both reach 0 at ``total_iters``; ``milestones`` and ``gamma`` apply to ``step`` alone.
     """
     start = min(base_lr, peak)
     t_warm = warmup_iters(warmup_epochs, iters_per_epoch) if warmup != Warmup.none else 0
@@ -67,8 +75,15 @@ def lr_at(
         if warmup == Warmup.gradual:
             return start + (peak - start) * iteration / t_warm
         return start
-    drops = sum(1 for m in milestones if iteration >= m * iters_per_epoch)
-    return peak * gamma**drops
+    if decay == Decay.step:
+        drops = sum(1 for m in milestones if iteration >= m * iters_per_epoch)
+        return peak * gamma**drops
+    if total_iters <= t_warm:
+        raise ValueError(f"decay {decay}: total_iters {total_iters} must exceed the {t_warm} warmup iterations")
+    progress = min(1.0, (iteration - t_warm) / (total_iters - t_warm))
+    if decay == Decay.poly:
+        return peak * (1.0 - progress) ** power
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def loss_normaliser(k: int, n: int) -> int:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from . import distributed as D
 from .checkpoint import unwrap
-from .choices import LRRule, Warmup
+from .choices import Decay, LRRule, Warmup
 from .config import validate
 from .data import TrainLoader, load_data
 from .divergence import DivergenceWatch
@@ -83,8 +83,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             loop.scaler.load_state_dict(state.scaler)
         if parallel.is_main:
             _print_header(loop, data, peak, state, already_complete)
+        last_epoch = min(cfg.schedule.epochs, cfg.checkpoint.stop_after_epoch or cfg.schedule.epochs)
         try:
-            while state.epoch < cfg.schedule.epochs:
+            while state.epoch < last_epoch:
                 images, seconds = train_one_epoch(loop, state)
                 last_val = evaluate(parallel.eval_model(model),  # fp32 in every precision, as lbsgd eval
                                     parallel.val_batches(data, cfg.batch.eval_batch), parallel.reduce_sums,
@@ -100,6 +101,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             raise failure from None
         finally:
             loop.close()
+        if state.epoch < cfg.schedule.epochs:  # a probe: the first epochs of the run, which resumes later
+            if parallel.is_main:
+                print(f"lbsgd train: stopped after epoch {state.epoch} of {cfg.schedule.epochs} "
+                      f"(checkpoint.stop_after_epoch); the same command without it continues the run")
+            D.barrier()
+            return {"stopped_after_epoch": state.epoch, "run_dir": str(run_dir)}
         summary = rundir.finish(state.last_val, time.monotonic() - loop.t_start, already_complete)
     if parallel.is_main:
         print_summary(summary)
@@ -120,11 +127,13 @@ def _build_model(cfg: DictConfig, data: DataSource, device: torch.device) -> tor
 
 
 def learning_rate(cfg: DictConfig, ipe: int) -> tuple[Callable[[int], float], float]:
-    """The rate of each iteration (§2.2 warmup, then §5.1's steps: :func:`rules.lr_at`) and its peak (§2.1)."""
+    """The rate of each iteration (§2.2 warmup, then §5.1's steps or ``schedule.decay``: :func:`rules.lr_at`)
+    and its peak (§2.1)."""
     b, o, s = cfg.batch, cfg.optim, cfg.schedule
     peak = peak_lr(o.base_lr, b.k, b.n, o.ref_batch, LRRule(o.lr_rule))
     rate = functools.partial(lr_at, base_lr=o.base_lr, peak=peak, iters_per_epoch=ipe, warmup=Warmup(s.warmup),
-                             warmup_epochs=s.warmup_epochs, milestones=list(s.milestones), gamma=s.gamma)
+                             warmup_epochs=s.warmup_epochs, milestones=list(s.milestones), gamma=s.gamma,
+                             decay=Decay(s.decay), total_iters=s.epochs * ipe, power=s.poly_power)
     return rate, peak
 
 

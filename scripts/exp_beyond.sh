@@ -1,22 +1,59 @@
 #!/usr/bin/env bash
-# Beyond the paper (results/beyond.md): LARS beside plain SGD past the break-down point, the gradient
-# noise scale of the baseline, and compressed allreduce (fp16, PowerSGD) on 2 processes at the large kn.
-#   DATA=/path/to/cifar10 scripts/exp_beyond.sh [overrides...]
-source "$(dirname "$0")/exp_env.sh"
-LARS_LR=${LARS_LR:-10}  # conf/optim/lars.yaml's base rate (eta = 0.001); the presets' 0.1 is SGD's
-# linear rule from lr 10 at kn 64 diverges at kn 256 (lr 40: a step moves each weight by lr*eta = 4 %
-# of its norm, 40 % with momentum); square-root scaling continues the ladder
-"${LBSGD[@]}" hydra.sweep.dir="$RUNS/lars" experiment=cifar_kn_sweep optim=lars optim.base_lr=$LARS_LR \
-  batch.k=$BASE_K,$LARGE_K seed=0 "$@"
-"${LBSGD[@]}" hydra.sweep.dir="$RUNS/lars" experiment=cifar_kn_sweep optim=lars optim.base_lr=$LARS_LR \
-  optim.lr_rule=sqrt batch.k=$LARGE_K,$((LARGE_K * 2)),$((LARGE_K * 4)) seed=0 "$@"
-# B_simple from the per-worker gradients: two passes of one worker each (B_small = n, B_big = kn)
-"${LBSGD[@]}" hydra.sweep.dir="$RUNS/noise_scale" experiment=cifar_baseline batch.k=$BASE_K seed=0 \
-  log.noise_scale=true batch.workers_per_pass=1 "$@"
-python "$(dirname "$0")/recommend_kn.py" "$RUNS/noise_scale/$(ls "$RUNS/noise_scale" | grep -v multirun | head -1)"
-# DDP communication hooks need a process group: 2 processes under torchrun, one run per hook
-for hook in fp16 powersgd; do
-  torchrun --nproc_per_node=2 --master_port=$((29500 + RANDOM % 1000)) -m lbsgd_cli train data=imagefolder \
-    data.root="$DATA" "${SCALE_ARG[@]}" experiment=cifar_large_gradual batch.k=$LARGE_K seed=0 dist.comm_hook=$hook \
-    hydra.run.dir="$RUNS/comm_hook/$hook" "$@"
+# Beyond the paper (results/beyond.md), in the regime of the paper's CIFAR study (scale=cpu: ResNet-8, all of
+# CIFAR-10, 45 epochs, bf16) with gamma = 1 (model.zero_init_residual=false): can the flat region be pushed
+# past its break at kn 2048-8192, and does the gradient noise scale of the baseline's first epochs predict it?
+# Every run resumes where it stopped and a finished run does nothing: run it again after an interruption.
+#
+#   DATA=/path/to/cifar10 scripts/exp_beyond.sh [PART...] [-- overrides...]
+#
+#   PART  warmup | lars-probe | lars | noise | starved   (default: noise lars-probe warmup)
+#     noise       the baseline (kn 128) with log.noise_scale=true, 4 passes of one worker (B_small 32, B_big 128);
+#                 then: python scripts/recommend_kn.py $RUNS/kn128-noise-s0 --before-epoch 5
+#     lars-probe  LARS (eta 0.001, the poly decay of You et al. 2017, power 2, after the 5-epoch gradual warmup)
+#                 at kn 4096: the first PROBE_EPOCHS epochs (checkpoint.stop_after_epoch) at peak rates
+#                 LARS_PROBE (default "10 5 20"); the chosen rate's run goes on with part lars
+#     lars        LARS at peak LARS_PEAK (default 10) at kn LARS_KN (default "4096 8192"), seeds SEEDS
+#     warmup      SGD with a longer gradual warmup (10 and 15 epochs; the paper's is 5) at kn 4096 and 8192
+#     starved     the earlier 5k-subset runs of results/starved_5k/beyond.md (scripts/exp_env.sh)
+#   RUNS  where the run directories go (default runs/results/beyond); LBSGD, JOBS: as in scripts/exp_cifar.sh
+#   SEEDS seeds of the runs that carry a claim (default "0 1")
+# Then: lbsgd plot "$RUNS" --out results/beyond
+set -uo pipefail
+DATA=${DATA:?set DATA to the CIFAR-10 folder holding train/ and val/}
+RUNS=${RUNS:-runs/results/beyond}
+LBSGD=${LBSGD:-lbsgd}
+JOBS=${JOBS:-1}
+PROBE_EPOCHS=${PROBE_EPOCHS:-6}
+read -ra LARS_PROBE <<< "${LARS_PROBE:-10 5 20}"
+LARS_PEAK=${LARS_PEAK:-10}
+read -ra LARS_KN <<< "${LARS_KN:-4096 8192}"
+read -ra SEEDS <<< "${SEEDS:-0 1}"
+parts=() extra=()
+while (($#)); do
+  if [[ $1 == -- ]]; then shift; extra=("$@"); break; fi
+  parts+=("$1"); shift
 done
+((${#parts[@]})) || parts=(noise lars-probe warmup)
+scale_arg=(scale=cpu model.zero_init_residual=false)
+
+source "$(dirname "$0")/exp_run.sh"  # run NAME OVERRIDES...
+# lars KN PEAK SEED [OVERRIDES...]: the rate is the linear rule's from base_lr = PEAK * 128 / KN (the
+# presets' ref_batch 128), so warmup still starts at the reference rate (rules.lr_at)
+lars() { run "kn$1-lars-poly-lr$2-s$3" experiment=cifar_large_gradual optim=lars batch.k=$(($1 / 32)) \
+  schedule.decay=poly optim.base_lr="$(python3 -c "print($2 * 128 / $1)")" seed="$3" "${@:4}"; }
+
+for part in "${parts[@]}"; do
+  case $part in
+    noise)      run kn128-noise-s0 experiment=cifar_baseline batch.k=4 seed=0 log.noise_scale=true \
+                  batch.workers_per_pass=1 log.every=5 ;;
+    lars-probe) for lr in "${LARS_PROBE[@]}"; do lars 4096 "$lr" 0 checkpoint.stop_after_epoch="$PROBE_EPOCHS"; done ;;
+    lars)       for seed in "${SEEDS[@]}"; do for kn in "${LARS_KN[@]}"; do lars "$kn" "$LARS_PEAK" "$seed"; done; done ;;
+    warmup)     for w in 10 15; do for kn in 4096 8192; do
+                  run "kn$kn-gradual-w$w-s0" experiment=cifar_large_gradual batch.k=$((kn / 32)) \
+                    schedule.warmup_epochs=$w seed=0
+                done; done ;;
+    starved)    bash "$(dirname "$0")/exp_beyond_starved.sh" "${extra[@]}" ;;
+    *) echo "unknown part $part (noise, lars-probe, lars, warmup, starved)" >&2; exit 2 ;;
+  esac
+done
+wait  # JOBS > 1: the last runs

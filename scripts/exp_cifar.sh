@@ -40,19 +40,7 @@ done
 ((${#parts[@]})) || parts=(ladder table1 seeds rules nozg fp32)
 scale_arg=(scale="$SCALE"); [[ $SCALE == full ]] && scale_arg=()
 
-# run NAME OVERRIDES...: one run in $RUNS/NAME
-run() {
-  local name=$1; shift
-  local cmd=($LBSGD train data=imagefolder data.root="$DATA" "${scale_arg[@]}" "$@" hydra.run.dir="$RUNS/$name" "${extra[@]}")
-  echo "=== $name: $*" >&2
-  if ((JOBS > 1)); then
-    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n; done
-    mkdir -p "$RUNS/logs"
-    { "${cmd[@]}" >"$RUNS/logs/$name.log" 2>&1 || echo "=== $name exited with status $?" >&2; } &
-  else
-    "${cmd[@]}" || echo "=== $name exited with status $?" >&2
-  fi
-}
+source "$(dirname "$0")/exp_run.sh"  # run NAME OVERRIDES...
 base() { run "kn128-s$1" experiment=cifar_baseline batch.k=4 seed="$1" "${@:2}"; }              # lr 0.1
 large() { run "kn$((32 * $1))-$2-s$3" experiment="cifar_large_$2" batch.k="$1" seed="$3" "${@:4}"; }
 

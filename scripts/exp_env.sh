@@ -1,8 +1,8 @@
-# Shared settings of scripts/exp_beyond.sh (the paper's experiments are scripts/exp_cifar.sh).
+# Shared settings of scripts/exp_beyond_starved.sh (the paper's experiments are scripts/exp_cifar.sh).
 #   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked), read as data=imagefolder
-#          (which names the sweeps' run directories: results/beyond.md's runs predate it and keep their names)
+#          (which names the sweeps' run directories: results/starved_5k/beyond.md's runs predate it and keep their names)
 #   RUNS   where the run directories go: $RUNS/<experiment>/<overrides>/
-#   SCALE  cpu: ResNet-8 on a 5k subset, 16 epochs (conf/scale/cpu_5k.yaml, the regime of results/beyond.md), kn 64 vs 256
+#   SCALE  cpu: ResNet-8 on a 5k subset, 16 epochs (conf/scale/cpu_5k.yaml, the regime of results/starved_5k/beyond.md), kn 64 vs 256
 #          full: the presets as they are: ResNet-20, all 50k images, 160 epochs, kn 128 vs 2048
 #   SEEDS  seeds of the runs that carry a claim (default 0,1)
 # Any further arguments are passed to lbsgd as overrides (e.g. threads=2).

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Recommend the largest useful minibatch ``kn`` from a run's measured gradient noise scale.
 
-    python scripts/recommend_kn.py RUN_DIR [--after-epoch E]
+    python scripts/recommend_kn.py RUN_DIR [--after-epoch E] [--before-epoch B]
 
 RUN_DIR is a directory of ``lbsgd train ... log.noise_scale=true`` (its ``metrics.jsonl`` and
 ``config.yaml``). The script takes the median ``train/noise_scale`` (``B_simple``) of the
-per-iteration records after warmup (``schedule.warmup_epochs``, or ``--after-epoch``): early
-iterations, where the gradient is large, give small values that do not represent the run.
+per-iteration records from ``--after-epoch`` (default: the end of a real warmup, i.e. one whose
+peak is above its start, else epoch 1: the first iterations, where the gradient is large, give
+small values that do not represent the run) up to ``--before-epoch`` (default: the end of the run).
+``--before-epoch 5`` predicts from the first epochs of a run alone, before the ladder is trained.
 
 Why that number: McCandlish et al. 2018 (§2.2) show that a step on a minibatch of ``B`` makes
 ``1/(1 + B_noise/B)`` of the progress of a full-batch step, ``B_noise ~ B_simple``. Below
@@ -33,37 +35,46 @@ def nearest_power_of_two(x: float) -> int:
     return 2 ** max(0, round(math.log2(x)))
 
 
-def noise_scales(records: list[dict], after_epoch: float) -> list[float]:
-    """The finite positive ``train/noise_scale`` values of records at or after ``after_epoch``."""
+def noise_scales(records: list[dict], after_epoch: float, before_epoch: float = math.inf) -> list[float]:
+    """The finite positive ``train/noise_scale`` values of records with ``after_epoch <= epoch < before_epoch``."""
     out = []
     for r in records:
         b = r.get("train/noise_scale")
-        if isinstance(b, int | float) and math.isfinite(b) and b > 0 and r.get("epoch", 0) >= after_epoch:
+        if isinstance(b, int | float) and math.isfinite(b) and b > 0 and after_epoch <= r.get("epoch", 0) < before_epoch:
             out.append(float(b))
     return out
 
 
-def recommend(run_dir: Path, after_epoch: float | None = None) -> dict:
-    """Median ``B_simple`` after warmup and the recommended ``kn`` for the run in ``run_dir``."""
+def warmup_end(cfg: dict) -> float:
+    """The epoch where the run's warmup ends; 1 where it has none, or a flat one (``kn <= optim.ref_batch``
+    under the linear rule: warmup starts at the peak), so that the first epoch is still left out."""
+    sched, batch, optim = cfg.get("schedule", {}), cfg.get("batch", {}), cfg.get("optim", {})
+    flat = batch.get("k", 0) * batch.get("n", 0) <= optim.get("ref_batch", 0)
+    if sched.get("warmup", "gradual") == "none" or flat:
+        return 1.0
+    return float(sched.get("warmup_epochs", 0))
+
+
+def recommend(run_dir: Path, after_epoch: float | None = None, before_epoch: float = math.inf) -> dict:
+    """Median ``B_simple`` between the two epochs and the recommended ``kn`` for the run in ``run_dir``."""
     cfg_path = run_dir / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
     if after_epoch is None:
-        sched = cfg.get("schedule", {})
-        after_epoch = float(sched.get("warmup_epochs", 0)) if sched.get("warmup", "gradual") != "none" else 0.0
+        after_epoch = warmup_end(cfg)
     records = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-    values = noise_scales(records, after_epoch)
+    values = noise_scales(records, after_epoch, before_epoch)
     if not values:
-        raise SystemExit(f"recommend_kn: {run_dir / 'metrics.jsonl'} has no train/noise_scale after epoch "
-                         f"{after_epoch:g} (train with log.noise_scale=true, long enough)")
+        raise SystemExit(f"recommend_kn: {run_dir / 'metrics.jsonl'} has no train/noise_scale in epochs "
+                         f"[{after_epoch:g}, {before_epoch:g}) (train with log.noise_scale=true, long enough)")
     b = statistics.median(values)
     batch = cfg.get("batch", {})
     kn = batch.get("k", 0) * batch.get("n", 0) or None
-    return {"b_simple": b, "records": len(values), "after_epoch": after_epoch, "kn": kn,
+    return {"b_simple": b, "records": len(values), "after_epoch": after_epoch, "before_epoch": before_epoch, "kn": kn,
             "recommended_kn": nearest_power_of_two(b)}
 
 
@@ -71,10 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--after-epoch", type=float, default=None, help="ignore records before this epoch "
-                    "(default: the run's schedule.warmup_epochs)")
+                    "(default: the end of the run's warmup, or 1 where it has none)")
+    ap.add_argument("--before-epoch", type=float, default=math.inf, help="ignore records from this epoch on "
+                    "(e.g. 5: a prediction from the first 5 epochs alone)")
     args = ap.parse_args(argv)
-    r = recommend(args.run_dir, args.after_epoch)
-    print(f"median B_simple = {r['b_simple']:.1f} over {r['records']} records after epoch {r['after_epoch']:g}"
+    r = recommend(args.run_dir, args.after_epoch, args.before_epoch)
+    window = f"epochs [{r['after_epoch']:g}, {r['before_epoch']:g})"
+    print(f"median B_simple = {r['b_simple']:.1f} over {r['records']} records in {window}"
           + (f" (this run: kn = {r['kn']})" if r["kn"] else ""))
     print(f"recommended largest kn: {r['recommended_kn']}")
 

@@ -131,3 +131,10 @@ def test_recommend_kn_on_a_fabricated_run(tmp_path, capsys):
     assert "recommended largest kn: 256" in out and "over 39 records" in out and "this run: kn = 256" in out
     with pytest.raises(SystemExit, match="no train/noise_scale"):
         rk.recommend(tmp_path, after_epoch=10)
+    # the first epochs alone: [1, 2.5) holds iterations 10..24 (10 at 10.0, 5 at 300 + i)
+    r = rk.recommend(tmp_path, after_epoch=1, before_epoch=2.5)
+    assert r["records"] == 15 and r["b_simple"] == 10.0 and r["recommended_kn"] == 8
+    # a flat warmup (kn <= ref_batch: it starts at the peak) is no warmup: epoch 1 on
+    (tmp_path / "config.yaml").write_text("batch:\n  k: 4\n  n: 32\noptim:\n  ref_batch: 128\n"
+                                          "schedule:\n  warmup: gradual\n  warmup_epochs: 5\n")
+    assert rk.recommend(tmp_path)["after_epoch"] == 1.0

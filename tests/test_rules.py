@@ -7,10 +7,12 @@ import math
 
 import pytest
 
-from lbsgd_cli.choices import LRRule, Warmup
+from lbsgd_cli.choices import Decay, LRRule, Warmup
+from lbsgd_cli.config import validate
+from lbsgd_cli.errors import UserError
 from lbsgd_cli.rules import iters_per_epoch, loss_normaliser, lr_at, momentum_correction, peak_lr
 
-from .conftest import lbsgd
+from .conftest import compose, lbsgd
 
 
 def test_linear_scaling_rule_matches_paper_table():
@@ -97,3 +99,69 @@ def test_run_uses_formula_rate_at_every_iteration(tmp_path, warmup):
     for r in iters:
         t = r["iter"] - 1  # the record is written after step t (counted from 0)
         assert r["lr"] == pytest.approx(expected_lr(t, 0.1, peak, ipe, warmup, 2, [3]), rel=1e-12)
+
+
+@pytest.mark.parametrize("warmup", ["gradual", "none"])
+def test_poly_and_cosine_decay_after_warmup(warmup):
+    """Beyond the paper: poly (You et al. 2017) and cosine (Loshchilov & Hutter 2017) over the iterations
+    after warmup, written out independently: peak*(1-p)**power and peak*(1+cos(pi p))/2, p = (t-T)/(total-T)."""
+    ipe, epochs, peak = 7, 12, 3.2
+    total = ipe * epochs
+    T = 5 * ipe if warmup == "gradual" else 0
+    for t in range(total):
+        kw = dict(base_lr=0.1, peak=peak, iters_per_epoch=ipe, warmup=Warmup(warmup), warmup_epochs=5,
+                  milestones=[6, 9], total_iters=total)
+        poly = lr_at(t, decay=Decay.poly, power=2.0, **kw)
+        cos = lr_at(t, decay=Decay.cosine, **kw)
+        if t < T:  # warmup is the paper's, whatever follows it
+            assert poly == cos == pytest.approx(expected_lr(t, 0.1, peak, ipe, warmup, 5, [6, 9]))
+            continue
+        p = (t - T) / (total - T)
+        assert poly == pytest.approx(peak * (1 - p) ** 2, rel=1e-12), t
+        assert cos == pytest.approx(peak * (1 + math.cos(math.pi * p)) / 2, rel=1e-12, abs=1e-15), t
+    assert lr_at(T, decay=Decay.poly, **kw) == pytest.approx(peak)  # the decay starts at the peak
+    assert lr_at(total, decay=Decay.poly, **kw) == 0.0  # and ends at 0
+    assert lr_at(total + 5, decay=Decay.cosine, **kw) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_poly_power_one_is_linear_decay():
+    kw = dict(base_lr=0.1, peak=1.0, iters_per_epoch=10, warmup=Warmup.none, warmup_epochs=0, milestones=[],
+              decay=Decay.poly, total_iters=100, power=1.0)
+    assert [lr_at(t, **kw) for t in (0, 25, 50, 99)] == pytest.approx([1.0, 0.75, 0.5, 0.01])
+
+
+def test_decay_needs_iterations_after_warmup():
+    with pytest.raises(ValueError, match="total_iters"):
+        lr_at(60, base_lr=0.1, peak=1.0, iters_per_epoch=10, warmup=Warmup.gradual, warmup_epochs=5,
+              milestones=[], decay=Decay.cosine, total_iters=50)
+
+
+def test_run_uses_poly_decay_at_every_iteration(tmp_path):
+    run = tmp_path / "run"
+    proc = lbsgd("train", f"hydra.run.dir={run}", "threads=1", "log.progress=none", "log.every=1",
+                 "log.tensorboard=false", "batch.k=8", "batch.n=16", "optim.ref_batch=32", "schedule.epochs=4",
+                 "schedule.warmup_epochs=1", "schedule.decay=poly", "schedule.poly_power=2")
+    assert proc.returncode == 0, proc.stderr
+    iters = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    ipe, peak = 1437 // 128, 0.4
+    for r in iters:
+        t = r["iter"] - 1
+        want = 0.1 + (peak - 0.1) * t / ipe if t < ipe else peak * (1 - (t - ipe) / (3 * ipe)) ** 2
+        assert r["lr"] == pytest.approx(want, rel=1e-12), t
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["schedule.decay=poly", "schedule.poly_power=0"], "schedule.poly_power"),
+    (["schedule.decay=cosine", "schedule.epochs=5", "schedule.warmup_epochs=5"], "schedule.warmup_epochs"),
+])
+def test_decay_settings_are_validated(tmp_path, overrides, key):
+    proc = lbsgd("train", f"hydra.run.dir={tmp_path / 'run'}", "log.progress=none", *overrides)
+    assert proc.returncode == 2 and key in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_milestones_inside_warmup_are_fine_without_step_decay():
+    """Milestones belong to decay=step: a 15-epoch warmup under poly decay is not refused by them."""
+    validate(compose("train", ["schedule.decay=poly", "schedule.warmup_epochs=15", "schedule.epochs=20"]))
+    with pytest.raises(UserError, match="schedule.milestones"):
+        validate(compose("train", ["schedule.decay=step", "schedule.warmup_epochs=15", "schedule.epochs=20",
+                                   "schedule.milestones=[10]"]))

@@ -59,3 +59,32 @@ def test_exp_cifar_with_jobs_starts_the_same_runs_at_once_each_logging_to_its_ow
         return sorted([a.replace(f"runs{jobs}", "runs") for a in r] for r in runs)
 
     assert normal(calls(3), 3) == normal(calls(1), 1)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_exp_beyond_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -> None:
+    calls = tmp_path / "calls.jsonl"
+    fake = tmp_path / "lbsgd"  # records the command line instead of training
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "DATA": str(tmp_path), "RUNS": str(tmp_path / "runs"), "LBSGD": str(fake)}
+    subprocess.run(["bash", str(ROOT / "scripts" / "exp_beyond.sh"), "noise", "lars-probe", "lars", "warmup"],
+                   env=env, check=True, capture_output=True)
+    runs = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(runs) == 1 + 3 + 4 + 4
+    dirs = [next(a for a in r if a.startswith("hydra.run.dir=")) for r in runs]
+    shared = {d for d in dirs if dirs.count(d) > 1}  # only a probe and the run that continues it (LARS_PEAK 10)
+    assert shared == {d for d in dirs if d.endswith("/kn4096-lars-poly-lr10-s0")}
+    probe, rest = (r for r in runs if shared & set(r))
+    assert [a for a in probe if not a.startswith("checkpoint.stop_after_epoch")] == rest
+    for overrides in {tuple(a for a in r[1:] if not a.startswith("hydra.")) for r in runs}:
+        cfg = compose("train", overrides)
+        validate(cfg)
+        assert cfg.model.depth == 8 and cfg.schedule.epochs == 45 and not cfg.model.zero_init_residual
+    for r in (r for r in runs if "optim=lars" in r):  # the peak rate the name says, reached by warmup
+        cfg = compose("train", [a for a in r[1:] if not a.startswith("hydra.")])
+        named_peak = float(next(a for a in r if a.startswith("hydra.run.dir=")).split("-lr")[1].split("-s")[0])
+        assert cfg.optim.base_lr * cfg.batch.k * cfg.batch.n / cfg.optim.ref_batch == pytest.approx(named_peak)
+        assert cfg.schedule.decay == "poly"
+    assert sum("checkpoint.stop_after_epoch=6" in r for r in runs) == 3  # the probes

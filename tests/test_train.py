@@ -181,3 +181,22 @@ def test_channels_last_and_fused_bn_kernel_train_the_same_network(tmp_path):
     assert "bn_kernel: fused" in (tmp_path / "fused" / "config.yaml").read_text()
     assert "ghost BN over n = 32 (model.bn_kernel=fused)" in out["fused"]
     assert "compile: the first step took" in out["fused"] and "compile:" not in out["default"]
+
+
+def test_stop_after_epoch_is_a_probe_that_the_same_command_continues(tmp_path):
+    """checkpoint.stop_after_epoch: the run's first epochs (a probe), exit 0 and no summary; the command without
+    it continues the same run to the weights of a run never stopped (it changes nothing in the result)."""
+    args = [*SHORT, "batch.k=2", "schedule.epochs=3"]
+    ref, run = tmp_path / "ref", tmp_path / "probe"
+    assert lbsgd("train", f"hydra.run.dir={ref}", *args).returncode == 0
+    probe = lbsgd("train", f"hydra.run.dir={run}", *args, "checkpoint.stop_after_epoch=2")
+    assert probe.returncode == 0, probe.stderr
+    assert "stopped after epoch 2 of 3" in probe.stdout and not (run / "summary.json").exists()
+    assert sum('"val/err"' in line for line in (run / "metrics.jsonl").read_text().splitlines()) == 2
+    again = lbsgd("train", f"hydra.run.dir={run}", *args, "checkpoint.stop_after_epoch=2")  # nothing left to probe
+    assert again.returncode == 0 and "stopped after epoch 2 of 3" in again.stdout
+    rest = lbsgd("train", f"hydra.run.dir={run}", *args)
+    assert rest.returncode == 0, rest.stderr
+    assert "resuming at iteration" in rest.stdout and (run / "summary.json").exists()
+    a, b = _weights(ref), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)

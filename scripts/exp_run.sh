@@ -1,0 +1,16 @@
+# Shared by scripts/exp_cifar.sh and scripts/exp_beyond.sh: `run NAME OVERRIDES...` trains one run in
+# $RUNS/NAME with `$LBSGD train data=imagefolder data.root=$DATA ${scale_arg[@]} OVERRIDES ${extra[@]}` (the
+# JPEG tree; data=cifar10 is torchvision's batches); JOBS > 1 runs up to JOBS at once, each logging to
+# $RUNS/logs/NAME.log. A run that fails is reported and the next one starts.
+run() {
+  local name=$1; shift
+  local cmd=($LBSGD train data=imagefolder data.root="$DATA" "${scale_arg[@]}" "$@" hydra.run.dir="$RUNS/$name" "${extra[@]}")
+  echo "=== $name: $*" >&2
+  if ((JOBS > 1)); then
+    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n; done
+    mkdir -p "$RUNS/logs"
+    { "${cmd[@]}" >"$RUNS/logs/$name.log" 2>&1 || echo "=== $name exited with status $?" >&2; } &
+  else
+    "${cmd[@]}" || echo "=== $name exited with status $?" >&2
+  fi
+}
