@@ -105,8 +105,9 @@ class DataConfig:
 
     name: DataName = MISSING  # digits | imagefolder
     root: Optional[str] = no_effect(None)
-    # auto | true | false; a string, not an Enum, since an override `data.in_memory=true` arrives as a bool
-    in_memory: str = "auto"
+    # auto | true | false. Any, not str or an Enum: Hydra hands `data.in_memory=true` over as a bool (a str
+    # field would make it 'True'); validate() turns every spelling into "auto", "true" or "false"
+    in_memory: Any = "auto"
     in_memory_max_gb: float = 4.0  # auto: decode into memory below this size
     crop_size: int = 224  # ImageNet-sized images: RandomResizedCrop size
     val_resize: int = 256  # ImageNet-sized images: val resize before centre crop
@@ -359,8 +360,9 @@ def validate(cfg: DictConfig | Any) -> None:
         _fail("schedule.milestones", f"a rate drop {ms} falls inside the {s.warmup_epochs}-epoch warmup")
     if m.arch == "cifar_resnet" and (m.depth < 8 or (m.depth - 2) % 6):
         _fail("model.depth", f"a CIFAR ResNet has depth 6m+2 (8, 20, 56, ...), got {m.depth}")
-    if d.in_memory not in ("auto", "true", "false"):
-        _fail("data.in_memory", f"must be auto, true or false, got {d.in_memory!r}")
+    mode = in_memory_mode(d.in_memory)
+    if isinstance(cfg, DictConfig) and d.in_memory != mode:
+        d.in_memory = mode  # one spelling in config.yaml and checkpoints: a resume compares like with like
     if d.name == DataName.imagefolder and not d.root:
         _fail("data.root", "is required with data=imagefolder (the folder holding train/ and val/)")
     if cfg.dist.backend == Backend.nccl and cfg.device == Device.cpu:
@@ -429,6 +431,15 @@ def validate_eval(cfg: DictConfig | Any) -> None:
         _fail("eval.batch", f"must be >= 0 (0 = the checkpoint's batch.eval_batch), got {cfg.eval.batch}")
     if cfg.data.num_workers is not None:
         check_num_workers(cfg.data.num_workers)
+
+
+def in_memory_mode(value: Any) -> str:
+    """``data.in_memory`` as ``"auto"``, ``"true"`` or ``"false"``: Hydra's bools (``data.in_memory=false``),
+    any case of the words (``'False'``, ``AUTO``); anything else is a one-line error."""
+    mode = str(value).strip().lower()
+    if mode not in ("auto", "true", "false"):
+        _fail("data.in_memory", f"must be auto, true or false, got {value!r}")
+    return mode
 
 
 def check_num_workers(value: Any) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .config import in_memory_mode
 from .errors import UserError
 from .source import (
     IMAGENET_MEAN,
@@ -191,8 +192,9 @@ def load_data(dcfg) -> DataSource:
     if dcfg.name == "digits":
         return load_digits_data(dcfg)
     classes, train, val = scan_imagefolder(dcfg.root)
-    in_memory = dcfg.in_memory == "true"
-    if dcfg.in_memory == "auto":
+    mode = in_memory_mode(dcfg.in_memory)
+    in_memory = mode == "true"
+    if mode == "auto":
         w, h = _image_size(train.paths[0])
         est_gb = (len(train.paths) + len(val.paths)) * 3 * w * h / 1e9
         in_memory = max(w, h) <= dcfg.small_image_max and est_gb <= dcfg.in_memory_max_gb

@@ -28,6 +28,23 @@ class Preempted(Exception):
     exit_code = 3
 
 
+class Interrupted(Exception):
+    """A second Ctrl-C (SIGINT) while the first one's checkpoint is pending, or Ctrl-C before training
+    started: the run stops at once with status 130 (128 + SIGINT, the shell's convention). The first
+    Ctrl-C of a training run is a preemption: checkpoint at the next iteration, status 3."""
+
+    exit_code = 130
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (a full disk, a quota, an I/O error); exits with status 6.
+
+    The previous checkpoint is intact (the write goes to a temporary file, removed on failure), so the
+    same command resumes from it once space is freed."""
+
+    exit_code = 6
+
+
 class PeerFailure(Exception):
     """Another rank of a multi-process run died or hung (see ``dist.timeout_s``); exits with status 4."""
 

@@ -329,7 +329,16 @@ def _loader(dataset, batch_sampler, workers: int, pin: bool) -> torch.utils.data
     raw = isinstance(dataset.transform, RawCrop)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                                       collate_fn=collate_raw if raw else None)
+                                       collate_fn=collate_raw if raw else None, worker_init_fn=_ignore_sigint)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C (a terminal sends it to the whole process group): the training process
+    alone decides, checkpointing at the next iteration (lbsgd_cli.train.PreemptionFlag); workers that died
+    of it would break the batches that checkpoint still needs."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def device_batches(batches, device: torch.device, mean: torch.Tensor, std: torch.Tensor, decode_size: int = 0):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -285,9 +286,11 @@ def _save(loop: Loop, state: RunState) -> None:
 
 
 def _leave_preempted(loop: Loop, iteration: int) -> None:
-    note = D.requeue_slurm_job() if loop.cfg.dist.requeue and loop.parallel.is_main else ""
+    requeue = loop.cfg.dist.requeue and loop.parallel.is_main and loop.stopper.raised != "SIGINT"  # not Ctrl-C
+    note = D.requeue_slurm_job() if requeue else ""
     D.barrier()  # nobody exits before the requeue (srun --kill-on-bad-exit)
-    raise Preempted(f"preempted by {loop.stopper.raised} at iteration {iteration}; checkpoint written"
+    by = "stopped by SIGINT (Ctrl-C)" if loop.stopper.raised == "SIGINT" else f"preempted by {loop.stopper.raised}"
+    raise Preempted(f"{by} at iteration {iteration}; checkpoint written; the same command resumes"
                     + (f"; {note}" if note else ""))
 
 
@@ -297,7 +300,10 @@ def _leave_preempted(loop: Loop, iteration: int) -> None:
 class PreemptionFlag:
     """Turns the configured signals into a checkpoint at an iteration boundary.
 
-    One process reads its flag at every iteration. Several processes agree by an allreduce of the flag,
+    SIGINT (Ctrl-C) is always one of them: the first checkpoints and exits with status 3 as a preemption
+    does; a second one, before that checkpoint is written, raises ``KeyboardInterrupt`` and the run stops
+    at once (status 130, :class:`~lbsgd_cli.errors.Interrupted`). One process reads its flag at every
+    iteration. Several processes agree by an allreduce of the flag,
     which is a host value, so only every ``check_every`` iterations and at every scheduled checkpoint:
     the preemption checkpoint is written within ``check_every`` iterations of the signal, by all ranks
     at the same iteration."""
@@ -306,7 +312,7 @@ class PreemptionFlag:
         self.raised: str | None = None
         self.check_every = max(1, check_every)
         self._old: dict[int, Any] = {}
-        for name in names:
+        for name in [*names, *(["SIGINT"] if "SIGINT" not in names else [])]:  # Ctrl-C: always
             sig = getattr(signal, name, None)
             if sig is None:
                 raise UserError(f"checkpoint.preempt_signals: unknown signal {name!r}")
@@ -316,7 +322,13 @@ class PreemptionFlag:
                 pass
 
     def _handler(self, signum, frame) -> None:
-        self.raised = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # Ctrl-C: the first checkpoints and stops, a second stops at once
+            if self.raised == "SIGINT":
+                raise KeyboardInterrupt
+            print("lbsgd: Ctrl-C: writing a checkpoint at the next iteration, then stopping (status 3); "
+                  "Ctrl-C again stops at once", file=sys.stderr, flush=True)
+        self.raised = name
 
     def agreed(self, device, iteration: int | None = None, force: bool = False) -> bool:
         """True on every rank when any rank got a signal (one tiny allreduce with several processes, at
