@@ -117,6 +117,11 @@ class DataConfig:
     train_subset: int = 0  # use only this many training images (stratified); 0 = all
     val_fraction: float = 0.2  # digits only: held-out share
     val_subset: int = 0  # imagefolder: evaluate on this many val images (stratified, fixed); 0 = all
+    # false: the first file that cannot be decoded (empty, truncated, not an image, a decompression bomb,
+    # unreadable) stops the run with one line naming it; true: such files are skipped (left out before
+    # training, or replaced by the next good file when a loader worker meets them) and counted in the header
+    # and as data/bad_files in metrics.jsonl (lbsgd_cli/bad_data.py). Names the run: the samples may differ
+    skip_bad: bool = False
     # streaming loaders only: DataLoader worker processes, or "auto" = the CPUs this process may use (its
     # affinity, or SLURM's CPUs per task shared by the ranks of one task) less one for training
     # (lbsgd_cli.streaming.resolve_num_workers). Any, not int, so that "auto" and 8 both parse

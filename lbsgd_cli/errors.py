@@ -14,8 +14,11 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, *args: object, message: str | None = None) -> None:
-        # DataLoader workers re-raise as ``UserError(message=<traceback text>)``: keep
-        # only the original one-line message, which is the text's last line.
+        # A DataLoader worker's UserError is re-raised in the training process as ``UserError(<text>)``
+        # (``message=<text>`` in older torch), the text being "Caught UserError in DataLoader worker ...",
+        # then the worker's traceback: keep only the original one-line message, the text's last line.
+        if message is None and len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught UserError"):
+            message = args[0]
         if message is not None:
             last = message.strip().splitlines()[-1] if message.strip() else message
             args = (last.split("UserError: ", 1)[-1],)

@@ -260,9 +260,13 @@ def end_epoch(loop: Loop, state: RunState, last_val: dict[str, float], images_pe
     if num_classes > 5:
         record["val/top5_err"] = last_val["top5_err"]
     skipped = ""
+    bad = loop.loader.data.bad
+    if bad.skip:  # data.skip_bad: distinct bad files so far over all ranks (a collective), never silent
+        record["data/bad_files"] = bad.count(loop.parallel.device)
+        skipped = f"  bad files {record['data/bad_files']}"
     if loop.scaler is not None:  # fp16: steps the scaler skipped (inf/nan gradients); the same on every rank
         record["train/skipped_steps"] = round(sums.get("skipped", 0.0) / loop.parallel.world_size)
-        skipped = f"  skipped steps {record['train/skipped_steps']}"
+        skipped += f"  skipped steps {record['train/skipped_steps']}"
     loop.logger.log(record)
     loop.progress.epoch_line(
         f"epoch {state.epoch}/{loop.cfg.schedule.epochs}  train err {record['train/err']:.4f}  "
@@ -371,6 +375,11 @@ def _mean_over_ranks(parallel: Parallel, values: list[float]) -> list[float]:
     return [summed[str(i)] / parallel.world_size for i in range(len(values))]
 
 
+# measured on this project's 2-core CPU (experiment=debug, one process each; README, "Bad inputs")
+FP16_CPU_WARNING = ("warning: precision=fp16 on a CPU is about {x}x slower than fp32 here (no fp16 kernels: "
+                    "{fp16} against {fp32} img/s measured on the digits preset); use precision=bf16 or fp32")
+
+
 def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, complete: bool) -> None:
     cfg, W = loop.cfg, loop.parallel.world_size
     k, n = cfg.batch.k, cfg.batch.n
@@ -386,6 +395,10 @@ def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, co
         f"run dir: {loop.rundir.path}",
         flush=True,
     )
+    if data.bad.header():
+        print(data.bad.header(), flush=True)
+    if cfg.precision == "fp16" and loop.parallel.device.type == "cpu":
+        print(FP16_CPU_WARNING, flush=True)
     if W > 1:
         payload = D.allreduce_bytes(unwrap(loop.model), cfg.dist.comm_hook, cfg.dist.powersgd_rank)
         print(f"allreduce payload per step and process: {payload / 2**20:.3f} MiB "
