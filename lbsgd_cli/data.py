@@ -196,8 +196,6 @@ def load_imagefolder_in_memory(dcfg, classes: list[str], train: ImageList, val: 
             "val_y": torch.tensor([val.labels[i] for i in val_keep]),
             "bad": bad.left_out[listed:],  # files left out by decoding (data.skip_bad=true)
         }
-    else:
-        bad.left_out += list(blob.get("bad", []))
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".tmp{os.getpid()}")
@@ -205,6 +203,8 @@ def load_imagefolder_in_memory(dcfg, classes: list[str], train: ImageList, val: 
             os.replace(tmp, cache)
         except OSError:
             pass  # a read-only home only costs the decode next time
+    else:
+        bad.left_out += list(blob.get("bad", []))
     tr = TensorSplit(blob["train_x"], blob["train_y"]).subset(dcfg.train_subset)
     va = TensorSplit(blob["val_x"], blob["val_y"]).subset(dcfg.val_subset)
     mean, std = _channel_stats(tr.x) if dcfg.mean is None else (tuple(dcfg.mean), tuple(dcfg.std))
