@@ -181,3 +181,50 @@ def test_channels_last_and_fused_bn_kernel_train_the_same_network(tmp_path):
     assert "bn_kernel: fused" in (tmp_path / "fused" / "config.yaml").read_text()
     assert "ghost BN over n = 32 (model.bn_kernel=fused)" in out["fused"]
     assert "compile: the first step took" in out["fused"] and "compile:" not in out["default"]
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not predicate():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal"
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_exits_3_and_the_same_command_resumes(tmp_path):
+    run, args = tmp_path / "run", [*SHORT, "schedule.epochs=6", "log.tensorboard=false"]
+    err = tmp_path / "err.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "lbsgd_cli", "train", f"hydra.run.dir={run}", *args], cwd=ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=stderr)
+        metrics = run / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and '"iter": 30' in metrics.read_text(), proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 3
+    lines = err.read_text().strip().splitlines()
+    assert lines[0].startswith("lbsgd: Ctrl-C: writing a checkpoint at the next iteration")
+    assert lines[-1].startswith("lbsgd: preempted: stopped by SIGINT (Ctrl-C) at iteration ") and len(lines) == 2
+    stopped = int(lines[-1].split("at iteration ")[1].split(";")[0])
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["iteration"] == stopped >= 30
+    resumed = run_cli("train", f"hydra.run.dir={run}", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at iteration {stopped}" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    """The run hangs at iteration 5 (test fault injection) so that the first Ctrl-C's checkpoint never comes."""
+    run, err = tmp_path / "run", tmp_path / "err.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LBSGD_FAULT_RANK": "0", "LBSGD_FAULT_KIND": "hang",
+           "LBSGD_FAULT_ITER": "5"}
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "lbsgd_cli", "train", f"hydra.run.dir={run}", *SHORT],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _wait_for(lambda: "fault injection" in err.read_text(), proc)
+        proc.send_signal(signal.SIGINT)
+        _wait_for(lambda: "Ctrl-C: writing a checkpoint" in err.read_text(), proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    assert err.read_text().strip().splitlines()[-1].startswith("lbsgd: interrupted: stopped at once")
+    assert not (run / "checkpoints" / "last.pt").exists()  # hung before the first checkpoint: none was written
