@@ -282,3 +282,12 @@ def test_skip_bad_run_reports_bad_files_in_the_header_and_metrics(tmp_path):
     assert "bad files 2" in proc.stdout
     val = list(val_batches(load_data(stream_cfg(root, skip_bad=True, num_workers=0)), 0, 1, 4, torch.device("cpu")))
     assert sum(len(y) for _, y in val) == 6
+
+
+def test_files_without_an_image_name_are_ignored(tmp_path):
+    root = make_image_tree(tmp_path / "d", per_class=2, val_per_class=1)
+    (root / "train" / "a" / "README.txt").write_text("notes")
+    (root / "train" / "a" / ".hidden.jpg").write_bytes(b"")
+    bad = BadData(skip=False)
+    _, train, _ = scan_imagefolder(root, bad)
+    assert len(train.paths) == 6 and not bad.left_out and not bad.notes

@@ -228,3 +228,13 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
         assert proc.wait(timeout=60) == 130
     assert err.read_text().strip().splitlines()[-1].startswith("lbsgd: interrupted: stopped at once")
     assert not (run / "checkpoints" / "last.pt").exists()  # hung before the first checkpoint: none was written
+
+
+def test_fp16_on_a_cpu_warns_in_the_header_naming_bf16_and_the_measured_slowdown(tmp_path):
+    args = [*SHORT, "schedule.epochs=1", "data.train_subset=256", "log.tensorboard=false", "model.width=8"]
+    proc = lbsgd("train", *args, "precision=fp16", f"hydra.run.dir={tmp_path / 'fp16'}")
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stdout.splitlines() if line.startswith("warning: precision=fp16")]
+    assert len(warning) == 1 and "use precision=bf16" in warning[0] and "x slower than fp32" in warning[0]
+    proc = lbsgd("train", *args, "precision=bf16", f"hydra.run.dir={tmp_path / 'bf16'}")
+    assert proc.returncode == 0 and "warning: precision=fp16" not in proc.stdout
