@@ -375,9 +375,10 @@ def _mean_over_ranks(parallel: Parallel, values: list[float]) -> list[float]:
     return [summed[str(i)] / parallel.world_size for i in range(len(values))]
 
 
-# measured on this project's 2-core CPU (experiment=debug, one process each; README, "Bad inputs")
-FP16_CPU_WARNING = ("warning: precision=fp16 on a CPU is about {x}x slower than fp32 here (no fp16 kernels: "
-                    "{fp16} against {fp32} img/s measured on the digits preset); use precision=bf16 or fp32")
+# scripts/bench_fp16_cpu.py on this project's 2-core CPU: one epoch of the digits preset on one thread, 3 rounds
+# alternated in one process, medians fp32 864, bf16 687, fp16 92 img/s (README, "Bad inputs and what happens")
+FP16_CPU_WARNING = ("warning: precision=fp16 on a CPU is about 9x slower than fp32 (92 against 864 img/s measured "
+                    "on the digits preset; CPUs have few fp16 kernels); use precision=bf16 (687 img/s) or fp32")
 
 
 def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, complete: bool) -> None:
