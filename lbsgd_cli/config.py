@@ -462,6 +462,11 @@ def as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) or OmegaConf.is_list(value) else [value]
 
 
+# what a bool-typed key accepts as a word (OmegaConf's spellings), for the Any-typed keys that take bools too
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "y": True,
+               "n": False, "1": True, "0": False}
+
+
 def validate_quantize(cfg: DictConfig | Any) -> None:
     """``lbsgd quantize``: bits in 2..8, known granularity and method, a checkpoint file."""
     _check_finite(cfg, "quantize")
@@ -476,9 +481,12 @@ def validate_quantize(cfg: DictConfig | Any) -> None:
         for v in as_list(q[key]):
             if v not in {c.value for c in allowed}:
                 _fail(f"quant.{key}", f"unknown {key} {v!r} ({', '.join(c.value for c in allowed)})")
-    for key in ("symmetric", "activations"):
-        if any(not isinstance(v, bool) for v in as_list(q[key])):
+    for key in ("symmetric", "activations"):  # Any (one value or a list): the words a bool key takes count
+        values = [_BOOL_WORDS.get(v.lower(), v) if isinstance(v, str) else v for v in as_list(q[key])]
+        if any(not isinstance(v, bool) for v in values):
             _fail(f"quant.{key}", f"must be true or false (or a list of them), got {q[key]!r}")
+        if isinstance(cfg, DictConfig):
+            q[key] = values if OmegaConf.is_list(q[key]) or isinstance(q[key], list) else values[0]
     if not 50 < q.percentile <= 100:
         _fail("quant.percentile", f"must be in (50, 100], got {q.percentile}")
     for key in ("calib_batches", "calib_batch_size", "latency_batch", "latency_reps"):

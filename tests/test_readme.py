@@ -113,3 +113,11 @@ def test_int_and_list_keys_take_hydra_s_spellings():
     assert list(cfg.data.std) == [0.25] * 3
     cfg = compose("train", ["schedule.milestones=[]"])
     assert list(cfg.schedule.milestones) == []
+
+
+@pytest.mark.parametrize("spelling,value", [("yes", [True]), ("False", [False]), ("[true,no]", [True, False])])
+def test_quantize_s_bool_or_list_keys_take_the_same_spellings(spelling, value):
+    for key in ("quant.symmetric", "quant.activations"):
+        cfg = compose("quantize", ["checkpoint=x", f"{key}={spelling}"])
+        config.validate_quantize(cfg)
+        assert config.as_list(OmegaConf.select(cfg, key)) == value
