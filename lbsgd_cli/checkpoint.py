@@ -23,6 +23,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,22 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError, errno lost
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or _nearly_full(path.parent)
         tmp.unlink(missing_ok=True)
-        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
         what = "the disk is full" if full else first_line(exc)
         kept = f"the previous checkpoint {path} is kept" if path.exists() else "no earlier checkpoint exists"
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {what}; {kept}. Free space and run the "
                                    "same command again to resume from it") from None
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Whether ``folder``'s file system has less than 4 MiB free (checked while the failed temporary file
+    still takes its space: torch's zip writer reports ENOSPC as an ``unexpected pos`` RuntimeError)."""
+    try:
+        return shutil.disk_usage(folder).free < 4 * 2**20
+    except OSError:
+        return False
 
 
 def rng_state() -> dict[str, Any]:

@@ -115,3 +115,22 @@ def test_read_checkpoint_refuses_globals_with_one_line(tmp_path):
     with pytest.raises(UserError, match="refused without running any of it") as info:
         checkpoint.read_checkpoint(evil)
     assert "\n" not in str(info.value) and not (tmp_path / "PWNED").exists()
+
+
+def test_a_real_full_file_system_keeps_the_previous_checkpoint(tmp_path):
+    """A 512 KiB tmpfs (mounting needs root; skipped elsewhere): the second, larger checkpoint does not fit."""
+    import subprocess
+
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        first = {"model": torch.arange(40_000, dtype=torch.float32)}  # 160 KB
+        checkpoint.atomic_save(first, mnt / "last.pt")
+        with pytest.raises(checkpoint.CheckpointWriteError, match="the disk is full; the previous checkpoint .* is kept"):
+            checkpoint.atomic_save({"model": torch.zeros(100_000)}, mnt / "last.pt")  # 400 KB: no room beside it
+        assert [p.name for p in mnt.iterdir()] == ["last.pt"]
+        assert torch.equal(checkpoint.read_checkpoint(mnt / "last.pt")["model"], first["model"])
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
