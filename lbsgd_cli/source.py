@@ -143,11 +143,11 @@ def rgb_image(im):
         import numpy as np
 
         arr = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
-        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")  # 2-D uint8: mode L
     if im.mode == "F":
         import numpy as np
 
-        return Image.fromarray(np.asarray(im).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.asarray(im).clip(0, 255).astype(np.uint8)).convert("RGB")
     return im.convert("RGB")
 
 
