@@ -5,33 +5,70 @@ A checkpoint is a dict with ``model`` (a state dict), ``optimizer``, ``iteration
 the next step starts), ``rng`` states, the resolved ``config`` and ``meta``
 (world size, versions). It is written to a temporary file in the same folder and
 renamed over the old one, so a kill at any moment leaves the previous checkpoint
-whole.
+whole; a failed write (a full disk) removes the temporary file, keeps the previous checkpoint and
+raises :class:`~lbsgd_cli.errors.CheckpointWriteError` (exit status 6).
+
+Checkpoints hold data only: tensors, dicts, lists, tuples, numbers, strings and None (the RNG states are
+a tensor and Python's ``random.getstate()`` tuple of ints; the config is a plain container). Every file is
+read with ``torch.load(weights_only=True)``, whose unpickler builds only those types, so a file that names
+any other class or function (``os.system`` in a hostile pickle) is refused with one line before any of
+its code runs. Checkpoints written before this rule hold the same data plus one harmless type of torch's
+(:data:`ALLOWED_GLOBALS`) and load unchanged.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.torch_version import TorchVersion
 
-from .errors import UserError, first_line
+from .errors import CheckpointWriteError, UserError, first_line
 
 FORMAT = "lbsgd-checkpoint-v1"
 
+# The one type beyond plain data that checkpoints written before the weights_only rule hold: ``meta.torch``
+# was ``torch.__version__``, a ``str`` subclass of torch's own (now written as a plain str).
+ALLOWED_GLOBALS = [TorchVersion]
+
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path.tmp`` then ``os.replace``: readers see the old file or the new one."""
+    """``torch.save`` to ``path.tmp`` then ``os.replace``: readers see the old file or the new one.
+
+    A write that fails (``ENOSPC``, ``EDQUOT``, an I/O error) removes the temporary file and raises
+    :class:`CheckpointWriteError`; the file at ``path`` is then the previous one, untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError, errno lost
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or _nearly_full(path.parent)
+        tmp.unlink(missing_ok=True)
+        what = "the disk is full" if full else first_line(exc)
+        kept = f"the previous checkpoint {path} is kept" if path.exists() else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {what}; {kept}. Free space and run the "
+                                   "same command again to resume from it") from None
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Whether ``folder``'s file system has less than 4 MiB free (checked while the failed temporary file
+    still takes its space: torch's zip writer reports ENOSPC as an ``unexpected pos`` RuntimeError)."""
+    try:
+        return shutil.disk_usage(folder).free < 4 * 2**20
+    except OSError:
+        return False
 
 
 def rng_state() -> dict[str, Any]:
@@ -49,15 +86,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` of any file (training or quantized checkpoint, or anything else); a missing file,
-    a directory or an unreadable file is a one-line :class:`UserError` naming it."""
+    """``torch.load(weights_only=True)`` of any file (training or quantized checkpoint, or anything else):
+    data only, no code runs. A missing file, a directory, an unreadable file or one that names anything
+    but plain data (a class, a function) is a one-line :class:`UserError` naming it."""
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"checkpoint: {path} does not exist")
     if path.is_dir():
         raise UserError(f"checkpoint: {path} is a directory, not a checkpoint file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only's unpickler met a global it does not allow
+        found = re.search(r"(?:unsupported|Unsupported) (?:global|GLOBAL):? ?(?:GLOBAL )?([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"checkpoint: {path} holds code or objects other than tensors and plain data{what}; "
+                        "refused without running any of it (lbsgd's checkpoints hold data only)") from None
     except Exception as exc:
         raise UserError(f"checkpoint: {path} is not a readable checkpoint (truncated or foreign): "
                         f"{first_line(exc)}") from None

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import Diverged, PeerFailure, Preempted, UserError, first_line
+from .errors import CheckpointWriteError, Diverged, Interrupted, PeerFailure, Preempted, UserError, first_line
 
 # Jobs of this call's sweep that diverged: a `-m` sweep goes on to the next job and exits 5 at its end.
 _DIVERGED_JOBS: list[str] = []
@@ -211,6 +211,14 @@ def _task(command: str) -> Callable:
         except Preempted as exc:
             print(f"lbsgd: preempted: {exc}", file=sys.stderr, flush=True)
             _leave(D, Preempted.exit_code)
+        except CheckpointWriteError as exc:
+            print(f"lbsgd: error: {exc}", file=sys.stderr, flush=True)
+            _leave(D, CheckpointWriteError.exit_code)
+        except KeyboardInterrupt:  # a second Ctrl-C (or one before training started): stop at once
+            print("lbsgd: interrupted: stopped at once (no checkpoint written now; the last one on disk is "
+                  "kept)", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(Interrupted.exit_code)  # loader workers and threads are not waited for
         except Diverged as exc:
             print(f"lbsgd: diverged: {exc}", file=sys.stderr, flush=True)
             from hydra.types import RunMode

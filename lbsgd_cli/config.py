@@ -117,8 +117,9 @@ class DataConfig:
     # false reads the files unchecked (and says so in one warning line): a checked file gives the same result
     verify: bool = no_effect(True)
     labels: Labels = Labels.fine  # cifar100: its 100 fine classes or its 20 coarse superclasses
-    # auto | true | false; a string, not an Enum, since an override `data.in_memory=true` arrives as a bool
-    in_memory: str = "auto"
+    # auto | true | false. Any, not str or an Enum: Hydra hands `data.in_memory=true` over as a bool (a str
+    # field would make it 'True'); validate() turns every spelling into "auto", "true" or "false"
+    in_memory: Any = "auto"
     in_memory_max_gb: float = 4.0  # auto: decode into memory below this size
     crop_size: int = 224  # ImageNet-sized images: RandomResizedCrop size
     val_resize: int = 256  # ImageNet-sized images: val resize before centre crop
@@ -128,6 +129,11 @@ class DataConfig:
     train_subset: int = 0  # use only this many training images (stratified); 0 = all
     val_fraction: float = 0.2  # digits only: held-out share
     val_subset: int = 0  # imagefolder: evaluate on this many val images (stratified, fixed); 0 = all
+    # false: the first file that cannot be decoded (empty, truncated, not an image, a decompression bomb,
+    # unreadable) stops the run with one line naming it; true: such files are skipped (left out before
+    # training, or replaced by the next good file when a loader worker meets them) and counted in the header
+    # and as data/bad_files in metrics.jsonl (lbsgd_cli/bad_data.py). Names the run: the samples may differ
+    skip_bad: bool = False
     # streaming loaders only: DataLoader worker processes, or "auto" = the CPUs this process may use (its
     # affinity, or SLURM's CPUs per task shared by the ranks of one task) less one for training
     # (lbsgd_cli.streaming.resolve_num_workers). Any, not int, so that "auto" and 8 both parse
@@ -383,8 +389,9 @@ def validate(cfg: DictConfig | Any) -> None:
                   f"{s.warmup_epochs} of {s.epochs} epochs")
     if m.arch == "cifar_resnet" and (m.depth < 8 or (m.depth - 2) % 6):
         _fail("model.depth", f"a CIFAR ResNet has depth 6m+2 (8, 20, 56, ...), got {m.depth}")
-    if d.in_memory not in ("auto", "true", "false"):
-        _fail("data.in_memory", f"must be auto, true or false, got {d.in_memory!r}")
+    mode = in_memory_mode(d.in_memory)
+    if isinstance(cfg, DictConfig) and d.in_memory != mode:
+        d.in_memory = mode  # one spelling in config.yaml and checkpoints: a resume compares like with like
     if d.name == DataName.imagefolder and not d.root:
         _fail("data.root", "is required with data=imagefolder (the folder holding train/ and val/)")
     _validate_cifar(cfg)
@@ -476,6 +483,15 @@ def validate_eval(cfg: DictConfig | Any) -> None:
         check_num_workers(cfg.data.num_workers)
 
 
+def in_memory_mode(value: Any) -> str:
+    """``data.in_memory`` as ``"auto"``, ``"true"`` or ``"false"``: Hydra's bools (``data.in_memory=false``),
+    any case of the words (``'False'``, ``AUTO``); anything else is a one-line error."""
+    mode = str(value).strip().lower()
+    if mode not in ("auto", "true", "false"):
+        _fail("data.in_memory", f"must be auto, true or false, got {value!r}")
+    return mode
+
+
 def check_num_workers(value: Any) -> None:
     """``data.num_workers``: "auto" or an integer >= 0 (a digit string from the command line counts)."""
     if value == "auto":
@@ -489,6 +505,11 @@ def check_num_workers(value: Any) -> None:
 def as_list(value: Any) -> list[Any]:
     """A config value that may be one value or a list, as a list."""
     return list(value) if isinstance(value, list | tuple) or OmegaConf.is_list(value) else [value]
+
+
+# what a bool-typed key accepts as a word (OmegaConf's spellings), for the Any-typed keys that take bools too
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "y": True,
+               "n": False, "1": True, "0": False}
 
 
 def validate_quantize(cfg: DictConfig | Any) -> None:
@@ -505,9 +526,12 @@ def validate_quantize(cfg: DictConfig | Any) -> None:
         for v in as_list(q[key]):
             if v not in {c.value for c in allowed}:
                 _fail(f"quant.{key}", f"unknown {key} {v!r} ({', '.join(c.value for c in allowed)})")
-    for key in ("symmetric", "activations"):
-        if any(not isinstance(v, bool) for v in as_list(q[key])):
+    for key in ("symmetric", "activations"):  # Any (one value or a list): the words a bool key takes count
+        values = [_BOOL_WORDS.get(v.lower(), v) if isinstance(v, str) else v for v in as_list(q[key])]
+        if any(not isinstance(v, bool) for v in values):
             _fail(f"quant.{key}", f"must be true or false (or a list of them), got {q[key]!r}")
+        if isinstance(cfg, DictConfig):
+            q[key] = values if OmegaConf.is_list(q[key]) or isinstance(q[key], list) else values[0]
     if not 50 < q.percentile <= 100:
         _fail("quant.percentile", f"must be in (50, 100], got {q.percentile}")
     for key in ("calib_batches", "calib_batch_size", "latency_batch", "latency_reps"):

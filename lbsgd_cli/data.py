@@ -26,12 +26,14 @@ import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .bad_data import MAX_REPLACEMENTS, BadData
+from .config import in_memory_mode
 from .errors import UserError
 from .source import (
     IMAGENET_MEAN,
@@ -75,6 +77,7 @@ class InMemoryData:
     std: tuple[float, ...]
     pad: int
     flip: bool
+    bad: BadData = field(default_factory=BadData)  # data.skip_bad: files left out when decoding
     in_memory = True
 
     @property
@@ -132,15 +135,30 @@ def load_digits_data(dcfg) -> InMemoryData:
     )
 
 
-def _decode_all(paths: list[str], threads: int = 4) -> torch.Tensor:
+def _decode_all(paths: list[str], bad: BadData, threads: int = 4) -> tuple[torch.Tensor, list[int]]:
+    """Every file decoded; returns the images and the indices of ``paths`` they are. A bad file is the
+    first one's one-line error, or under ``data.skip_bad`` left out and added to ``bad.left_out``."""
+    def one(path: str) -> torch.Tensor | None:
+        try:
+            return decode_file(path)
+        except UserError:
+            if not bad.skip:
+                raise
+            return None
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        images = list(pool.map(decode_file, paths, chunksize=256))
+        decoded = list(pool.map(one, paths, chunksize=256))  # the first bad file in list order raises
+    keep = [i for i, im in enumerate(decoded) if im is not None]
+    bad.left_out += [paths[i] for i, im in enumerate(decoded) if im is None]
+    images = [decoded[i] for i in keep]
+    if not images:
+        raise UserError(f"data: none of the {len(paths)} images of a split could be decoded (first: {paths[0]})")
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:
         raise UserError(
             f"data.in_memory: images differ in size ({sorted(shapes)[:3]}...); use data.in_memory=false"
         )
-    return torch.stack(images)
+    return torch.stack(images), keep
 
 
 def _cache_key(root: Path, train: ImageList, val: ImageList) -> str:
@@ -153,7 +171,8 @@ def _cache_key(root: Path, train: ImageList, val: ImageList) -> str:
     return h.hexdigest()[:24]
 
 
-def load_imagefolder_in_memory(dcfg, classes: list[str], train: ImageList, val: ImageList) -> InMemoryData:
+def load_imagefolder_in_memory(dcfg, classes: list[str], train: ImageList, val: ImageList,
+                               bad: BadData | None = None) -> InMemoryData:
     root = Path(dcfg.root).expanduser()
     cache_dir = Path(dcfg.cache_dir or Path.home() / ".cache" / "lbsgd").expanduser()
     cache = cache_dir / f"{root.name}-{_cache_key(root, train, val)}.pt"
@@ -163,12 +182,19 @@ def load_imagefolder_in_memory(dcfg, classes: list[str], train: ImageList, val: 
             blob = torch.load(cache, weights_only=True)
         except Exception:
             blob = None  # a broken cache is rebuilt, never fatal
+    bad = bad if bad is not None else BadData()
+    if blob is not None and blob.get("bad") and not bad.skip:
+        decode_file(blob["bad"][0])  # cached under data.skip_bad=true: the same one-line error as without a cache
     if blob is None:
+        listed = len(bad.left_out)
+        train_x, train_keep = _decode_all(train.paths, bad)
+        val_x, val_keep = _decode_all(val.paths, bad)
         blob = {
-            "train_x": _decode_all(train.paths),
-            "train_y": torch.tensor(train.labels),
-            "val_x": _decode_all(val.paths),
-            "val_y": torch.tensor(val.labels),
+            "train_x": train_x,
+            "train_y": torch.tensor([train.labels[i] for i in train_keep]),
+            "val_x": val_x,
+            "val_y": torch.tensor([val.labels[i] for i in val_keep]),
+            "bad": bad.left_out[listed:],  # files left out by decoding (data.skip_bad=true)
         }
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -177,10 +203,12 @@ def load_imagefolder_in_memory(dcfg, classes: list[str], train: ImageList, val: 
             os.replace(tmp, cache)
         except OSError:
             pass  # a read-only home only costs the decode next time
+    else:
+        bad.left_out += list(blob.get("bad", []))
     tr = TensorSplit(blob["train_x"], blob["train_y"]).subset(dcfg.train_subset)
     va = TensorSplit(blob["val_x"], blob["val_y"]).subset(dcfg.val_subset)
     mean, std = _channel_stats(tr.x) if dcfg.mean is None else (tuple(dcfg.mean), tuple(dcfg.std))
-    return InMemoryData(tr, va, classes, mean, std, dcfg.pad, dcfg.flip)
+    return InMemoryData(tr, va, classes, mean, std, dcfg.pad, dcfg.flip, bad)
 
 
 def load_cifar_data(dcfg) -> InMemoryData:
@@ -203,18 +231,33 @@ def load_data(dcfg) -> DataSource:
         return load_digits_data(dcfg)
     if dcfg.name in ("cifar10", "cifar100"):
         return load_cifar_data(dcfg)
-    classes, train, val = scan_imagefolder(dcfg.root)
-    in_memory = dcfg.in_memory == "true"
-    if dcfg.in_memory == "auto":
-        w, h = _image_size(train.paths[0])
+    bad = BadData(skip=bool(getattr(dcfg, "skip_bad", False)))
+    classes, train, val = scan_imagefolder(dcfg.root, bad)
+    mode = in_memory_mode(dcfg.in_memory)
+    in_memory = mode == "true"
+    if mode == "auto":
+        w, h = _first_image_size(train.paths, bad.skip)
         est_gb = (len(train.paths) + len(val.paths)) * 3 * w * h / 1e9
         in_memory = max(w, h) <= dcfg.small_image_max and est_gb <= dcfg.in_memory_max_gb
     if in_memory:
         # the cache holds the full set; the subset is taken after loading
-        return load_imagefolder_in_memory(dcfg, classes, train, val)
+        return load_imagefolder_in_memory(dcfg, classes, train, val, bad)
     mean = tuple(dcfg.mean) if dcfg.mean is not None else IMAGENET_MEAN
     std = tuple(dcfg.std) if dcfg.std is not None else IMAGENET_STD
-    return StreamingData(train.subset(dcfg.train_subset), val.subset(dcfg.val_subset), classes, dcfg, mean, std)
+    return StreamingData(train.subset(dcfg.train_subset), val.subset(dcfg.val_subset), classes, dcfg, mean, std,
+                         bad=bad)
+
+
+def _first_image_size(paths: list[str], skip: bool) -> tuple[int, int]:
+    """The size of the first image that opens (``data.in_memory=auto`` decides on it); without
+    ``data.skip_bad`` a bad first file is its one-line error."""
+    for path in paths[:MAX_REPLACEMENTS] if skip else paths[:1]:
+        try:
+            return _image_size(path)
+        except UserError:
+            if not skip:
+                raise
+    raise UserError(f"data: none of the first {MAX_REPLACEMENTS} training images opens (first: {paths[0]})")
 
 
 # --------------------------------------------------------------------------- sampling (Remark 4)
@@ -249,7 +292,7 @@ class TrainLoader:
         self.iters = data.train_size // self.kn
         self._mean, self._std = mean_std(data, device)
         if not data.in_memory:
-            self._dataset = StreamingImages(data.train, train_transform(data.dcfg))
+            self._dataset = StreamingImages(data.train, train_transform(data.dcfg), data.bad.marks.get("train"))
             self._batches, self._loader = _EpochBatches(), None
 
     def __len__(self) -> int:

@@ -14,8 +14,11 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, *args: object, message: str | None = None) -> None:
-        # DataLoader workers re-raise as ``UserError(message=<traceback text>)``: keep
-        # only the original one-line message, which is the text's last line.
+        # A DataLoader worker's UserError is re-raised in the training process as ``UserError(<text>)``
+        # (``message=<text>`` in older torch), the text being "Caught UserError in DataLoader worker ...",
+        # then the worker's traceback: keep only the original one-line message, the text's last line.
+        if message is None and len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught UserError"):
+            message = args[0]
         if message is not None:
             last = message.strip().splitlines()[-1] if message.strip() else message
             args = (last.split("UserError: ", 1)[-1],)
@@ -26,6 +29,23 @@ class Preempted(Exception):
     """Raised after a preemption checkpoint was written; exits with status 3."""
 
     exit_code = 3
+
+
+class Interrupted(Exception):
+    """A second Ctrl-C (SIGINT) while the first one's checkpoint is pending, or Ctrl-C before training
+    started: the run stops at once with status 130 (128 + SIGINT, the shell's convention). The first
+    Ctrl-C of a training run is a preemption: checkpoint at the next iteration, status 3."""
+
+    exit_code = 130
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (a full disk, a quota, an I/O error); exits with status 6.
+
+    The previous checkpoint is intact (the write goes to a temporary file, removed on failure), so the
+    same command resumes from it once space is freed."""
+
+    exit_code = 6
 
 
 class PeerFailure(Exception):

@@ -381,7 +381,7 @@ def save_quantized(
             "float_state": {k: v.cpu() for k, v in rest.items()},
             "qweights": {k: qt.to_dict() for k, qt in qweights.items()},
             "activations": acts or {},
-            "meta": {"torch": torch.__version__, "quant_bytes": nbytes, "source": source.get("path")},
+            "meta": {"torch": str(torch.__version__), "quant_bytes": nbytes, "source": source.get("path")},
             "iteration": source.get("iteration"),
             "epoch": source.get("epoch"),
         },

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import distributed as D
 from .checkpoint import FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig, no_effect_keys
-from .errors import Diverged, UserError
+from .errors import CheckpointWriteError, Diverged, UserError
 from .metrics import read_metrics
 from .parallel import Parallel
 
@@ -210,21 +210,31 @@ class RunDir:
         p = self.parallel
         epoch_sums = p.reduce_sums(state.epoch_sums)
         model_sd, optim_sd = p.full_state_dicts(model, optimizer)
+        failed = None
         if p.is_main:
-            atomic_save(
-                {
-                    "format": FORMAT,
-                    "model": model_sd,
-                    "optimizer": optim_sd,
-                    **dataclasses.asdict(state),
-                    "epoch_sums": dict(epoch_sums),  # partial sums of the running epoch, over all ranks
-                    "rng": rng_state(),
-                    "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-                    "meta": {"world_size": p.world_size, "torch": torch.__version__},
-                },
-                self.ckpt_path,
-            )
-        D.barrier()
+            try:
+                self._write(model_sd, optim_sd, state, epoch_sums, cfg)
+            except CheckpointWriteError as exc:  # a full disk: the previous checkpoint is kept
+                failed = str(exc)
+        failed = D.broadcast_object(failed)  # every rank stops with rank 0's one line
+        if failed:
+            raise CheckpointWriteError(failed)
+
+    def _write(self, model_sd: dict, optim_sd: dict, state: RunState, epoch_sums: dict, cfg: DictConfig) -> None:
+        """Rank 0: the checkpoint file (atomic; :class:`CheckpointWriteError` if it cannot be written)."""
+        atomic_save(
+            {
+                "format": FORMAT,
+                "model": model_sd,
+                "optimizer": optim_sd,
+                **dataclasses.asdict(state),
+                "epoch_sums": dict(epoch_sums),  # partial sums of the running epoch, over all ranks
+                "rng": rng_state(),
+                "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                "meta": {"world_size": self.parallel.world_size, "torch": str(torch.__version__)},
+            },
+            self.ckpt_path,
+        )
 
     def _append_run_info(self, seed: int, resumed_from: int | None) -> None:
         path = self.path / "run_info.json"
@@ -234,7 +244,7 @@ class RunDir:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "resumed_from_iteration": resumed_from,
             "git_commit": git_commit(),
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "python": platform.python_version(),
             "host": platform.node(),
             "world_size": d.world_size,

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import UserError, first_line
-from .source import ImageList, mean_std, normalise
+from .bad_data import MAX_REPLACEMENTS, BadData, bad_file_error, reason, replacement
+from .source import ImageList, mean_std, normalise, rgb_image
 
 
 # --------------------------------------------------------------------------- one file per item
@@ -33,24 +34,34 @@ class StreamingImages(torch.utils.data.Dataset):
     reduced size) and a ``torch.Generator`` seeded with the sample's seed (None for ``sample_seed < 0``):
     the draws depend on the sample alone, never on the worker, the process or the global RNG."""
 
-    def __init__(self, images: ImageList, transform) -> None:
-        self.images, self.transform = images, transform
+    def __init__(self, images: ImageList, transform, bad_marks: torch.Tensor | None = None) -> None:
+        self.images, self.transform, self.bad_marks = images, transform, bad_marks
 
     def __len__(self) -> int:
         return len(self.images.paths)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """A file that cannot be decoded is a one-line error naming it; with ``bad_marks`` (``data.skip_bad``)
+        it is marked there and the sample is the next file that decodes (:mod:`lbsgd_cli.bad_data`)."""
         index, sample_seed = key
+        size = len(self.images.paths)
+        for attempt in range(min(MAX_REPLACEMENTS, size)):
+            i = replacement(index, attempt, size)
+            try:
+                return self._decode(i, sample_seed), self.images.labels[i]
+            except Exception as exc:
+                if self.bad_marks is None:
+                    raise bad_file_error(self.images.paths[i], reason(exc)) from None
+                self.bad_marks[i] = 1
+        raise UserError(f"data: {MAX_REPLACEMENTS} files in a row from {self.images.paths[index]} on cannot be "
+                        "decoded; the tree is broken beyond data.skip_bad")
+
+    def _decode(self, index: int, sample_seed: int) -> torch.Tensor:
         from PIL import Image
 
-        path = self.images.paths[index]
-        g = torch.Generator().manual_seed(sample_seed) if sample_seed >= 0 else None
-        try:
-            with Image.open(path) as im:
-                x = self.transform(im, g)
-        except Exception as exc:
-            raise UserError(f"data: cannot decode image {path}: {first_line(exc)}") from None
-        return x, self.images.labels[index]
+        g = torch.Generator().manual_seed(sample_seed) if sample_seed >= 0 else None  # a replacement: same seed
+        with Image.open(self.images.paths[index]) as im:
+            return self.transform(im, g)
 
 
 # ------------------------------------------------------------- §5.1 augmentation, JPEGs decoded at reduced size
@@ -60,8 +71,7 @@ def _pil_to_uint8(im) -> torch.Tensor:
     """A decoded PIL image as a uint8 CHW tensor (a channels-last view: torch's uint8 resize is fastest so)."""
     import numpy as np
 
-    if im.mode != "RGB":
-        im = im.convert("RGB")
+    im = rgb_image(im)  # CMYK, grayscale, 16-bit PNG data: decoded, never counted bad
     return torch.from_numpy(np.array(im)).permute(2, 0, 1)
 
 
@@ -280,6 +290,11 @@ class StreamingData:
     # the persistent val loaders of this run, one per (share, batch size, pinning): built by the first
     # evaluation, reused by every later one (see val_batches)
     val_loaders: dict = field(default_factory=dict, repr=False, compare=False)
+    bad: BadData = field(default_factory=BadData)  # data.skip_bad: left out at listing, marked by workers
+
+    def __post_init__(self) -> None:
+        for split in ("train", "val"):
+            self.bad.new_marks(split, len(getattr(self, split).paths))
 
     @property
     def num_classes(self) -> int:
@@ -303,10 +318,11 @@ class StreamingData:
 
     def subset_val(self, count: int) -> None:
         self.val = self.val.subset(count)
+        self.bad.new_marks("val", len(self.val.paths))
         self.val_loaders.clear()
 
     def train_images(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
-        ds = StreamingImages(self.train, val_transform(self.dcfg, raw=False))
+        ds = StreamingImages(self.train, val_transform(self.dcfg, raw=False), self.bad.marks.get("train"))
         mean, std = mean_std(self, device)
         return normalise(torch.stack([ds[(int(i), -1)][0] for i in indices]).to(device), mean, std)
 
@@ -316,8 +332,8 @@ class StreamingData:
         if key not in self.val_loaders:
             keys = [(i, -1) for i in range(lo, hi)]
             batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
-            self.val_loaders[key] = _loader(StreamingImages(self.val, val_transform(self.dcfg)), batches,
-                                            self.num_workers, pin)
+            dataset = StreamingImages(self.val, val_transform(self.dcfg), self.bad.marks.get("val"))
+            self.val_loaders[key] = _loader(dataset, batches, self.num_workers, pin)
         return self.val_loaders[key]
 
 
@@ -329,7 +345,16 @@ def _loader(dataset, batch_sampler, workers: int, pin: bool) -> torch.utils.data
     raw = isinstance(dataset.transform, RawCrop)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                                       collate_fn=collate_raw if raw else None)
+                                       collate_fn=collate_raw if raw else None, worker_init_fn=_ignore_sigint)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C (a terminal sends it to the whole process group): the training process
+    alone decides, checkpointing at the next iteration (lbsgd_cli.train.PreemptionFlag); workers that died
+    of it would break the batches that checkpoint still needs."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def device_batches(batches, device: torch.device, mean: torch.Tensor, std: torch.Tensor, decode_size: int = 0):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,9 +269,13 @@ def end_epoch(loop: Loop, state: RunState, last_val: dict[str, float], images_pe
     if num_classes > 5:
         record["val/top5_err"] = last_val["top5_err"]
     skipped = ""
+    bad = loop.loader.data.bad
+    if bad.skip:  # data.skip_bad: distinct bad files so far over all ranks (a collective), never silent
+        record["data/bad_files"] = bad.count(loop.parallel.device)
+        skipped = f"  bad files {record['data/bad_files']}"
     if loop.scaler is not None:  # fp16: steps the scaler skipped (inf/nan gradients); the same on every rank
         record["train/skipped_steps"] = round(sums.get("skipped", 0.0) / loop.parallel.world_size)
-        skipped = f"  skipped steps {record['train/skipped_steps']}"
+        skipped += f"  skipped steps {record['train/skipped_steps']}"
     loop.logger.log(record)
     loop.progress.epoch_line(
         f"epoch {state.epoch}/{loop.cfg.schedule.epochs}  train err {record['train/err']:.4f}  "
@@ -294,9 +299,11 @@ def _save(loop: Loop, state: RunState) -> None:
 
 
 def _leave_preempted(loop: Loop, iteration: int) -> None:
-    note = D.requeue_slurm_job() if loop.cfg.dist.requeue and loop.parallel.is_main else ""
+    requeue = loop.cfg.dist.requeue and loop.parallel.is_main and loop.stopper.raised != "SIGINT"  # not Ctrl-C
+    note = D.requeue_slurm_job() if requeue else ""
     D.barrier()  # nobody exits before the requeue (srun --kill-on-bad-exit)
-    raise Preempted(f"preempted by {loop.stopper.raised} at iteration {iteration}; checkpoint written"
+    by = "stopped by SIGINT (Ctrl-C)" if loop.stopper.raised == "SIGINT" else f"preempted by {loop.stopper.raised}"
+    raise Preempted(f"{by} at iteration {iteration}; checkpoint written; the same command resumes"
                     + (f"; {note}" if note else ""))
 
 
@@ -306,7 +313,10 @@ def _leave_preempted(loop: Loop, iteration: int) -> None:
 class PreemptionFlag:
     """Turns the configured signals into a checkpoint at an iteration boundary.
 
-    One process reads its flag at every iteration. Several processes agree by an allreduce of the flag,
+    SIGINT (Ctrl-C) is always one of them: the first checkpoints and exits with status 3 as a preemption
+    does; a second one, before that checkpoint is written, raises ``KeyboardInterrupt`` and the run stops
+    at once (status 130, :class:`~lbsgd_cli.errors.Interrupted`). One process reads its flag at every
+    iteration. Several processes agree by an allreduce of the flag,
     which is a host value, so only every ``check_every`` iterations and at every scheduled checkpoint:
     the preemption checkpoint is written within ``check_every`` iterations of the signal, by all ranks
     at the same iteration."""
@@ -315,7 +325,7 @@ class PreemptionFlag:
         self.raised: str | None = None
         self.check_every = max(1, check_every)
         self._old: dict[int, Any] = {}
-        for name in names:
+        for name in [*names, *(["SIGINT"] if "SIGINT" not in names else [])]:  # Ctrl-C: always
             sig = getattr(signal, name, None)
             if sig is None:
                 raise UserError(f"checkpoint.preempt_signals: unknown signal {name!r}")
@@ -325,7 +335,13 @@ class PreemptionFlag:
                 pass
 
     def _handler(self, signum, frame) -> None:
-        self.raised = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # Ctrl-C: the first checkpoints and stops, a second stops at once
+            if self.raised == "SIGINT":
+                raise KeyboardInterrupt
+            print("lbsgd: Ctrl-C: writing a checkpoint at the next iteration, then stopping (status 3); "
+                  "Ctrl-C again stops at once", file=sys.stderr, flush=True)
+        self.raised = name
 
     def agreed(self, device, iteration: int | None = None, force: bool = False) -> bool:
         """True on every rank when any rank got a signal (one tiny allreduce with several processes, at
@@ -368,6 +384,12 @@ def _mean_over_ranks(parallel: Parallel, values: list[float]) -> list[float]:
     return [summed[str(i)] / parallel.world_size for i in range(len(values))]
 
 
+# scripts/bench_fp16_cpu.py on this project's 2-core CPU: one epoch of the digits preset on one thread, 3 rounds
+# alternated in one process, medians fp32 864, bf16 687, fp16 92 img/s (README, "Bad inputs and what happens")
+FP16_CPU_WARNING = ("warning: precision=fp16 on a CPU is about 9x slower than fp32 (92 against 864 img/s measured "
+                    "on the digits preset; CPUs have few fp16 kernels); use precision=bf16 (687 img/s) or fp32")
+
+
 def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, complete: bool) -> None:
     cfg, W = loop.cfg, loop.parallel.world_size
     k, n = cfg.batch.k, cfg.batch.n
@@ -383,6 +405,10 @@ def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, co
         f"run dir: {loop.rundir.path}",
         flush=True,
     )
+    if data.bad.header():
+        print(data.bad.header(), flush=True)
+    if cfg.precision == "fp16" and loop.parallel.device.type == "cpu":
+        print(FP16_CPU_WARNING, flush=True)
     if W > 1:
         payload = D.allreduce_bytes(unwrap(loop.model), cfg.dist.comm_hook, cfg.dist.powersgd_rank)
         print(f"allreduce payload per step and process: {payload / 2**20:.3f} MiB "

@@ -200,3 +200,78 @@ def test_stop_after_epoch_is_a_probe_that_the_same_command_continues(tmp_path):
     assert "resuming at iteration" in rest.stdout and (run / "summary.json").exists()
     a, b = _weights(ref), _weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not predicate():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal"
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_exits_3_and_the_same_command_resumes(tmp_path):
+    run, args = tmp_path / "run", [*SHORT, "schedule.epochs=6", "log.tensorboard=false"]
+    err = tmp_path / "err.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "lbsgd_cli", "train", f"hydra.run.dir={run}", *args], cwd=ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=stderr)
+        metrics = run / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and '"iter": 30' in metrics.read_text(), proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 3
+    lines = err.read_text().strip().splitlines()
+    assert lines[0].startswith("lbsgd: Ctrl-C: writing a checkpoint at the next iteration")
+    assert lines[-1].startswith("lbsgd: preempted: stopped by SIGINT (Ctrl-C) at iteration ") and len(lines) == 2
+    stopped = int(lines[-1].split("at iteration ")[1].split(";")[0])
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["iteration"] == stopped >= 30
+    resumed = run_cli("train", f"hydra.run.dir={run}", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at iteration {stopped}" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    """The run hangs at iteration 5 (test fault injection) so that the first Ctrl-C's checkpoint never comes."""
+    run, err = tmp_path / "run", tmp_path / "err.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LBSGD_FAULT_RANK": "0", "LBSGD_FAULT_KIND": "hang",
+           "LBSGD_FAULT_ITER": "5"}
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "lbsgd_cli", "train", f"hydra.run.dir={run}", *SHORT],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _wait_for(lambda: "fault injection" in err.read_text(), proc)
+        proc.send_signal(signal.SIGINT)
+        _wait_for(lambda: "Ctrl-C: writing a checkpoint" in err.read_text(), proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    assert err.read_text().strip().splitlines()[-1].startswith("lbsgd: interrupted: stopped at once")
+    assert not (run / "checkpoints" / "last.pt").exists()  # hung before the first checkpoint: none was written
+
+
+def test_fp16_on_a_cpu_warns_in_the_header_naming_bf16_and_the_measured_slowdown(tmp_path):
+    args = [*SHORT, "schedule.epochs=1", "data.train_subset=256", "log.tensorboard=false", "model.width=8"]
+    proc = lbsgd("train", *args, "precision=fp16", f"hydra.run.dir={tmp_path / 'fp16'}")
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stdout.splitlines() if line.startswith("warning: precision=fp16")]
+    assert len(warning) == 1 and "use precision=bf16" in warning[0] and "x slower than fp32" in warning[0]
+    proc = lbsgd("train", *args, "precision=bf16", f"hydra.run.dir={tmp_path / 'bf16'}")
+    assert proc.returncode == 0 and "warning: precision=fp16" not in proc.stdout
+
+
+def test_the_first_sigint_sets_the_preemption_flag_and_a_second_raises_keyboard_interrupt(capsys):
+    from lbsgd_cli.train import PreemptionFlag
+
+    before = signal.getsignal(signal.SIGINT)
+    flag = PreemptionFlag(["SIGTERM"])
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert flag.raised == "SIGINT" and flag.agreed(torch.device("cpu"))
+        assert "Ctrl-C again stops at once" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGINT) == before
