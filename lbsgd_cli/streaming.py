@@ -2,7 +2,7 @@
 
 Workers (persistent, as many as ``data.num_workers``, ``auto``: :func:`resolve_num_workers`) apply the
 paper's augmentation (§5.1: scale and aspect-ratio crop, flip; a JPEG decoded at reduced size where the crop
-allows) and deliver uint8 batches, which are copied to the device (pinned memory; on CUDA the next batch on
+allows, by libjpeg-turbo otherwise: :mod:`lbsgd_cli.decode`) and deliver uint8 batches, which are copied to the device (pinned memory; on CUDA the next batch on
 a side stream) and normalised there (:func:`device_batches`); one persistent val loader per run. With
 ``data.decode=gpu`` the workers send the JPEG bytes and crop boxes instead (:class:`RawCrop`) and the device
 decodes (:func:`decode_on_device`).
