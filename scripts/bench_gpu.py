@@ -52,7 +52,7 @@ from lbsgd_cli.optim import build_optimizer
 from lbsgd_cli.source import IMAGENET_MEAN, IMAGENET_STD
 
 ODD_EVERY = 400  # one in this many of each odd kind: grayscale, CMYK, progressive, PNG named .JPEG
-ODD = {7: "grayscale", 107: "cmyk", 207: "progressive", 307: "png"}
+ODD = {1: "grayscale", 2: "cmyk", 3: "progressive", 4: "png"}  # index % odd_every -> kind
 TARGET_KB = 110.0
 
 # --------------------------------------------------------------------------- ImageNet-like JPEGs
@@ -132,11 +132,11 @@ def _save(im, path: Path, quality: int, kind: str | None) -> int:
 
 
 def _make_one(job: tuple) -> tuple[int, int, int]:
-    """One file: (index, path, quality, seed, scale) -> (bytes, width, height)."""
-    index, path, quality, seed, scale = job
+    """One file: (index, path, quality, seed, scale, odd_every) -> (bytes, width, height)."""
+    index, path, quality, seed, scale, odd_every = job
     rng = np.random.default_rng((seed, index))
     w, h = image_size(rng, scale)
-    return _save(picture(rng, w, h), Path(path), quality, ODD.get(index % ODD_EVERY)), w, h
+    return _save(picture(rng, w, h), Path(path), quality, ODD.get(index % odd_every)), w, h
 
 
 def _sizes_at(job: tuple) -> list[int]:
@@ -155,9 +155,9 @@ def _sizes_at(job: tuple) -> list[int]:
 
 
 def make_imagenet_like(root: Path, images: int, classes: int, *, scale: float = 1.0, seed: int = 0,
-                       procs: int | None = None, target_kb: float = TARGET_KB) -> dict:
+                       procs: int | None = None, target_kb: float = TARGET_KB, odd_every: int = ODD_EVERY) -> dict:
     """``root/{train,val}/cNNN/*.JPEG`` (val: 2 % more), generated in ``procs`` processes; kept for reuse."""
-    marker = root / f".done-{images}-{classes}-{scale}-{seed}"
+    marker = root / f".done-{images}-{classes}-{scale}-{seed}-{odd_every}"
     if marker.exists():
         return json.loads(marker.read_text())
     t0 = time.perf_counter()
@@ -178,14 +178,14 @@ def make_imagenet_like(root: Path, images: int, classes: int, *, scale: float = 
             for c in range(classes):
                 (root / split / f"c{c:03d}").mkdir(parents=True, exist_ok=True)
             jobs += [(offset + i, str(root / split / f"c{i % classes:03d}" / f"{offset + i:06d}.JPEG"), quality, seed,
-                      scale) for i in range(count)]
+                      scale, odd_every) for i in range(count)]
         made = pool.map(_make_one, jobs, chunksize=64)
     made_train = np.array(made[:images])
     info = {"root": str(root), "train_images": images, "val_images": val, "classes": classes, "quality": quality,
             "mean_kb": round(float(made_train[:, 0].mean()) / 1e3, 1),
             "mean_width": round(float(made_train[:, 1].mean()), 1),
             "mean_height": round(float(made_train[:, 2].mean()), 1),
-            "odd_files_each": sum(1 for i in range(images) if i % ODD_EVERY == 7), "odd_kinds": sorted(ODD.values()),
+            "odd_files_each": sum(1 for i in range(images) if i % odd_every == 1), "odd_kinds": sorted(ODD.values()),
             "generate_s": round(time.perf_counter() - t0, 1), "processes": procs}
     marker.write_text(json.dumps(info))
     return info
@@ -376,7 +376,41 @@ def _per_core(a, cpu: torch.device) -> dict:
                       "ratio_cpu_over_pil": round(statistics.median(ratio), 2),
                       "ratio_range": [round(min(ratio), 2), round(max(ratio), 2)]}
     out["rounds"], out["images_per_side_round"] = a.rounds, len(sides[("cpu", 0)]) * a.batch
+    out["decode_only_ms_per_image"] = decode_only(sides[("cpu", 0)].data.train.paths[:200], a.rounds)
     return out
+
+
+def decode_only(paths: list, rounds: int) -> dict:
+    """The full decode alone, CPU ms per file: PIL (open, decode, RGB array) against libjpeg-turbo (the file's
+    bytes, ``simplejpeg``'s decode), on the JPEGs libjpeg-turbo takes; alternating rounds, medians."""
+    from PIL import Image
+
+    from lbsgd_cli import decode
+
+    files = []
+    for p in paths:
+        with Image.open(p) as im:
+            if decode.turbo_decodable(im):
+                files.append(p)
+
+    def pil(p):
+        with Image.open(p) as im:
+            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+
+    def turbo(p):
+        with Image.open(p) as im:
+            return decode.decode_rgb(im)
+
+    times: dict = {"pil": [], "turbo": []}
+    for r in range(rounds):
+        for name, fn in (("pil", pil), ("turbo", turbo))[:: 1 if r % 2 == 0 else -1]:
+            t = time.thread_time()
+            for p in files:
+                fn(p)
+            times[name].append((time.thread_time() - t) / max(1, len(files)) * 1e3)
+    ratio = [p / t for p, t in zip(times["pil"], times["turbo"])]
+    return {"files": len(files), "pil": round(statistics.median(times["pil"]), 3),
+            "turbo": round(statistics.median(times["turbo"]), 3), "ratio_pil_over_turbo": round(statistics.median(ratio), 2)}
 
 
 def end_to_end(a, device: torch.device, decode: str, precision: str, channels_last: bool) -> dict:
@@ -422,6 +456,9 @@ def table(results: dict) -> str:
             r = pc[label]
             lines.append(f"| {label} | {r['pil']} | {r['cpu']} | {r['ratio_cpu_over_pil']} | "
                          f"{r['ratio_range'][0]}-{r['ratio_range'][1]} |")
+        d = pc["decode_only_ms_per_image"]
+        lines.append(f"| decode alone, CPU ms per file ({d['files']} files) | {d['pil']} | {d['turbo']} | "
+                     f"{d['ratio_pil_over_turbo']} (pil / turbo) | |")
     return "\n".join(lines)
 
 
@@ -479,7 +516,8 @@ def main(argv=None) -> dict:
                      "host": platform.node(), "cpu": _cpu_model(), "cpus": len(os.sched_getaffinity(0))}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
-    results["data"] = make_imagenet_like(Path(a.root), a.images, a.classes, scale=a.scale)
+    results["data"] = make_imagenet_like(Path(a.root), a.images, a.classes, scale=a.scale,
+                                         odd_every=8 if a.smoke else ODD_EVERY)
     print(f"data: {json.dumps(results['data'])}", flush=True)
     results["per_core"] = per_core(a, device)
     if not a.per_core_only:
