@@ -297,16 +297,16 @@ def step_alone(a, device: torch.device, precision: str, channels_last: bool, com
     return row
 
 
-def _data(a, decode: str):
+def _data(a, decode: str, subset: int = 0):
     dcfg = OmegaConf.structured(DataConfig(name="imagefolder", root=a.root, in_memory="false", decode=decode,
                                            crop_size=a.size, val_resize=int(a.size * 8 / 7),
-                                           num_workers=a.workers))
+                                           num_workers=a.workers, train_subset=subset))
     return load_data(dcfg)
 
 
-def _train_loader(a, decode: str, device: torch.device, workers=None) -> TrainLoader:
+def _train_loader(a, decode: str, device: torch.device, workers=None, subset: int = 0) -> TrainLoader:
     """lbsgd's loader; ``decode=pil`` is ``cpu`` with libjpeg-turbo off (the workers' decode before issue 23)."""
-    data = _data(a, "cpu" if decode == "pil" else decode)
+    data = _data(a, "cpu" if decode == "pil" else decode, subset)
     if workers is not None:
         data.dcfg.num_workers = workers
     loader = TrainLoader(data, a.batch // a.n, a.n, 0, 1, seed=0, device=device)
@@ -354,7 +354,8 @@ def per_core(a, device: torch.device) -> dict:
 
 
 def _per_core(a, cpu: torch.device) -> dict:
-    sides = {(d, w): _train_loader(a, d, cpu, workers=w) for w in (0, 1) for d in ("pil", "cpu")}
+    sides = {(d, w): _train_loader(a, d, cpu, workers=w, subset=a.per_core_images) for w in (0, 1)
+             for d in ("pil", "cpu")}
     rates: dict = {key: [] for key in sides}
     for r in range(a.rounds):
         for key in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
@@ -489,15 +490,18 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--loader-steps", type=int, default=25)
     p.add_argument("--e2e-steps", type=int, default=30)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="per-core rounds")
+    p.add_argument("--per-core-images", type=int, default=1536, help="per-core epochs: this many images (0 = all)")
     p.add_argument("--workers", default="auto")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-after-s", type=float, default=200,
+                   help="the compiled rows start only while the run has taken less than this (the 6-minute budget)")
     p.add_argument("--out", default="bench_gpu", help="writes OUT.json and OUT.md")
     a = p.parse_args(argv)
     if a.smoke:
         a.device, a.images, a.classes, a.arch, a.batch, a.n, a.size = "cpu", 24, 3, "resnet18", 4, 2, 32
         a.steps, a.warmup, a.loader_steps, a.e2e_steps, a.rounds = 1, 1, 2, 2, 2
-        a.workers, a.no_compile, a.scale = 1, True, 0.2
+        a.workers, a.no_compile, a.scale, a.per_core_images = 0, True, 0.2, 0
     else:
         a.scale = 1.0
     if a.root is None:
@@ -526,16 +530,19 @@ def main(argv=None) -> dict:
             for ghost in (True, False):
                 name = f"{precision} {'channels_last' if cl else 'NCHW'} eager {'ghost BN n=' + str(a.n) if ghost else 'plain BN'}"
                 _guarded(results, "step", name, step_alone, a, device, precision, cl, False, ghost)
-        if not a.no_compile:
-            for ghost in (True, False):
-                name = f"bf16 channels_last compiled {'ghost BN n=' + str(a.n) if ghost else 'plain BN'}"
-                _guarded(results, "step", name, step_alone, a, device, "bf16", True, True, ghost)
         modes = ["pil", "cpu"] + (["gpu"] if device.type == "cuda" or a.smoke else [])
         for mode in modes:
             _guarded(results, "loader", f"decode={mode}", loader_alone, a, device, mode)
         for mode in modes[1:]:
             _guarded(results, "end_to_end", f"decode={mode} bf16 channels_last eager ghost BN n={a.n}", end_to_end,
                      a, device, mode, "bf16", True)
+        if not a.no_compile:  # last: compiling ResNet-50 takes a minute or two
+            for ghost in (True, False):
+                name = f"bf16 channels_last compiled {'ghost BN n=' + str(a.n) if ghost else 'plain BN'}"
+                if time.perf_counter() - t0 > a.compile_after_s:
+                    results["step"][name] = {"error": f"skipped: over {a.compile_after_s} s already (--compile-after-s)"}
+                    continue
+                _guarded(results, "step", name, step_alone, a, device, "bf16", True, True, ghost)
     results["total_s"] = round(time.perf_counter() - t0, 1)
     md = table(results)
     Path(f"{a.out}.json").write_text(json.dumps(results, indent=1))
