@@ -273,7 +273,10 @@ def train_transform(dcfg):
     """§5.1 augmentation: scale and aspect-ratio crop (``crop_size``), flip; uint8 out (the device normalises),
     or the raw file and its box with ``data.decode=gpu``."""
     crop = RandomResizedCropDecode(dcfg.crop_size, dcfg.flip)
-    return RawCrop(train=crop) if _gpu_decode(dcfg) else crop
+    if _gpu_decode(dcfg):
+        return RawCrop(train=crop)
+    decode.turbo_available()  # without simplejpeg: one line here, not one per worker (they fork after it)
+    return crop
 
 
 def val_transform(dcfg, raw: bool | None = None):

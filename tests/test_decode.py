@@ -103,7 +103,7 @@ def test_gpu_decode_gets_bytes_of_baseline_jpegs_and_pixels_of_every_other_file(
     for name, path in _odd_files(tmp_path).items():
         with Image.open(path) as im:
             data, box, _ = raw(im, torch.Generator().manual_seed(1))
-            pil = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+            pil = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
         if name in ("cmyk", "progressive", "png"):
             assert data.shape == (3, 300, 420) and torch.equal(data, pil), name
         else:
