@@ -315,6 +315,16 @@ def _train_loader(a, decode: str, device: torch.device, workers=None, subset: in
     return loader
 
 
+def _close(loader: TrainLoader) -> None:
+    """Stops a loader's persistent workers, so that they do not decode ahead during the next row."""
+    inner = getattr(loader, "_loader", None)
+    iterator = getattr(inner, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if inner is not None:
+        inner._iterator = None
+
+
 def loader_alone(a, device: torch.device, decode: str) -> dict:
     loader = _train_loader(a, decode, device)
     it = loader.epoch(0)
@@ -325,7 +335,8 @@ def loader_alone(a, device: torch.device, decode: str) -> dict:
             x, _ = next(it)
         row = t.stop(steps, steps * x.shape[0])
     row["workers"] = loader.data.num_workers
-    del it
+    it.close()
+    _close(loader)
     return row
 
 
@@ -376,6 +387,8 @@ def _per_core(a, cpu: torch.device) -> dict:
                       "cpu": round(statistics.median(rates[("cpu", w)]), 1),
                       "ratio_cpu_over_pil": round(statistics.median(ratio), 2),
                       "ratio_range": [round(min(ratio), 2), round(max(ratio), 2)]}
+    for loader in sides.values():
+        _close(loader)
     out["rounds"], out["images_per_side_round"] = a.rounds, len(sides[("cpu", 0)]) * a.batch
     out["decode_only_ms_per_image"] = decode_only(sides[("cpu", 0)].data.train.paths[:200], a.rounds)
     return out
@@ -432,7 +445,8 @@ def end_to_end(a, device: torch.device, decode: str, precision: str, channels_la
                 train_step(model, opt, batch, plan)
         row = t.stop(steps, steps * a.batch)
     row["workers"] = loader.data.num_workers
-    del it
+    it.close()
+    _close(loader)
     return row
 
 
