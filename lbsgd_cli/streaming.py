@@ -2,10 +2,10 @@
 
 Workers (persistent, as many as ``data.num_workers``, ``auto``: :func:`resolve_num_workers`) apply the
 paper's augmentation (§5.1: scale and aspect-ratio crop, flip; a JPEG decoded at reduced size where the crop
-allows, by libjpeg-turbo otherwise: :mod:`lbsgd_cli.decode`) and deliver uint8 batches, which are copied to the device (pinned memory; on CUDA the next batch on
-a side stream) and normalised there (:func:`device_batches`); one persistent val loader per run. With
-``data.decode=gpu`` the workers send the JPEG bytes and crop boxes instead (:class:`RawCrop`) and the device
-decodes (:func:`decode_on_device`).
+allows, by libjpeg-turbo otherwise: :mod:`lbsgd_cli.decode`) and deliver uint8 batches, which are copied to
+the device (pinned memory; on CUDA the next batch on a side stream) and normalised there
+(:func:`device_batches`); one persistent val loader per run. With ``data.decode=gpu`` the workers send the JPEG
+bytes and crop boxes instead (:class:`RawCrop`) and the device decodes (:func:`decode_on_device`).
 
 Every draw comes from the sample's own generator, seeded by :class:`lbsgd_cli.data.TrainLoader` from
 ``(seed, epoch, position)`` (Remark 4, §3): never from the worker, the process or the global RNG.
@@ -99,8 +99,8 @@ class RandomResizedCropDecode:
     dimensions; the box is mapped to the reduced image's coordinates (sub-pixel, as a float box) and
     resized to ``size`` there. Without reduction (``draft=False``, a small box, not a JPEG) the pixels are
     those of today's ``v2.RandomResizedCrop`` on the full image exactly; such a JPEG is decoded by
-    libjpeg-turbo (``turbo``, :func:`lbsgd_cli.decode.decode_rgb`: PIL's pixels, about 1.5x fewer CPU
-    seconds per sample), other files by PIL. Returns uint8 CHW."""
+    libjpeg-turbo (``turbo``, :func:`lbsgd_cli.decode.decode_rgb`: PIL's pixels, 1.06-1.18x the samples
+    per CPU second on ImageNet-like files, ``results/performance.md``), other files by PIL. Returns uint8 CHW."""
 
     def __init__(self, size: int, flip: bool = True, draft: bool = True,
                  scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
@@ -194,7 +194,8 @@ class ResizeCenterCropDecode:
 
 class RawCrop:
     """``data.decode=gpu``, the worker side: the file's bytes (a baseline JPEG in RGB or grayscale; any other
-    file, CMYK and progressive JPEGs included, is decoded here into uint8 CHW: :func:`decode.needs_cpu_decode`), its crop box in original pixels ``(x0, y0, x1, y1)`` and the flip. The box and flip are
+    file, CMYK and progressive JPEGs included, is decoded here into uint8 CHW: :func:`decode.needs_cpu_decode`),
+    its crop box in original pixels ``(x0, y0, x1, y1)`` and the flip. The box and flip are
     drawn as :class:`RandomResizedCropDecode` draws them (train) or are :class:`ResizeCenterCropDecode`'s
     centre crop mapped back to the original image (val); :func:`decode_on_device` does the rest."""
 

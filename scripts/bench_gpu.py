@@ -424,7 +424,8 @@ def decode_only(paths: list, rounds: int) -> dict:
             times[name].append((time.thread_time() - t) / max(1, len(files)) * 1e3)
     ratio = [p / t for p, t in zip(times["pil"], times["turbo"])]
     return {"files": len(files), "pil": round(statistics.median(times["pil"]), 3),
-            "turbo": round(statistics.median(times["turbo"]), 3), "ratio_pil_over_turbo": round(statistics.median(ratio), 2)}
+            "turbo": round(statistics.median(times["turbo"]), 3),
+            "ratio_pil_over_turbo": round(statistics.median(ratio), 2)}
 
 
 def end_to_end(a, device: torch.device, decode: str, precision: str, channels_last: bool) -> dict:
@@ -542,7 +543,8 @@ def main(argv=None) -> dict:
         variants = [(p, cl) for p in ("fp32", "bf16") for cl in (False, True)]
         for precision, cl in variants:
             for ghost in (True, False):
-                name = f"{precision} {'channels_last' if cl else 'NCHW'} eager {'ghost BN n=' + str(a.n) if ghost else 'plain BN'}"
+                bn = f"ghost BN n={a.n}" if ghost else "plain BN"
+                name = f"{precision} {'channels_last' if cl else 'NCHW'} eager {bn}"
                 _guarded(results, "step", name, step_alone, a, device, precision, cl, False, ghost)
         modes = ["pil", "cpu"] + (["gpu"] if device.type == "cuda" or a.smoke else [])
         for mode in modes:
@@ -554,7 +556,7 @@ def main(argv=None) -> dict:
             for ghost in (True, False):
                 name = f"bf16 channels_last compiled {'ghost BN n=' + str(a.n) if ghost else 'plain BN'}"
                 if time.perf_counter() - t0 > a.compile_after_s:
-                    results["step"][name] = {"error": f"skipped: over {a.compile_after_s} s already (--compile-after-s)"}
+                    results["step"][name] = {"error": f"skipped: over {a.compile_after_s} s (--compile-after-s)"}
                     continue
                 _guarded(results, "step", name, step_alone, a, device, "bf16", True, True, ghost)
     results["total_s"] = round(time.perf_counter() - t0, 1)
