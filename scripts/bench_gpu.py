@@ -14,12 +14,16 @@
 2. **Step alone**: ResNet-50 (1000 classes) with ghost BN over n = 32, 256 images per GPU (8 workers in one
    pass), :func:`lbsgd_cli.engine.train_step` on uint8 batches already on the device (normalised there as
    the loader does), per precision (fp32, bf16), memory format (NCHW, channels_last) and compile mode
-   (eager; ``torch.compile`` for bf16 channels_last); plain BN over the 256 beside each.
+   (eager; ``torch.compile`` for bf16 channels_last, see 5); plain BN over the 256 beside each.
 3. **Loader alone**: :class:`lbsgd_cli.data.TrainLoader` batches on the device, per decode mode (``pil`` =
    the workers' decode before issue 23, ``cpu`` = libjpeg-turbo in the workers, ``gpu`` = the workers send
    bytes, the device decodes), with all the CPUs but one as workers; and per core: ``pil`` against ``cpu``
-   in this process (no workers, CPU seconds of this thread) and with one worker (wall), in alternating rounds.
+   as images per CPU second, in this process (no workers: this thread) and from one worker (its process),
+   whole epochs of ``--per-core-images`` in alternating rounds, and the decode alone.
 4. **End to end**: loader and step together (bf16, channels_last), per decode mode.
+5. Last, while the run has taken under ``--compile-after-s`` (200 s): the compiled rows of 2.
+
+On CUDA ``cudnn.benchmark`` is on (what ``deterministic=false`` runs; ``--deterministic``: off).
 
 Each timed row reports ms per step or images/s, the GPU's idle share (1 - the steps' time on the GPU by
 CUDA events / wall time), peak memory and the training thread's CPU ms per step. Everything uses lbsgd's
@@ -509,6 +513,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--per-core-images", type=int, default=1536, help="per-core epochs: this many images (0 = all)")
     p.add_argument("--workers", default="auto")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--deterministic", action="store_true", help="cudnn.benchmark off (deterministic=true)")
     p.add_argument("--compile-after-s", type=float, default=200,
                    help="the compiled rows start only while the run has taken less than this (the 6-minute budget)")
     p.add_argument("--out", default="bench_gpu", help="writes OUT.json and OUT.md")
@@ -535,6 +540,9 @@ def main(argv=None) -> dict:
                      "host": platform.node(), "cpu": _cpu_model(), "cpus": len(os.sched_getaffinity(0))}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
+        # what deterministic=false (and auto on a GPU) runs: cuDNN picks the fastest kernels per shape
+        torch.backends.cudnn.benchmark = not a.deterministic
+        results["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     results["data"] = make_imagenet_like(Path(a.root), a.images, a.classes, scale=a.scale,
                                          odd_every=8 if a.smoke else ODD_EVERY)
     print(f"data: {json.dumps(results['data'])}", flush=True)
