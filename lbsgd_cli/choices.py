@@ -31,9 +31,9 @@ class Warmup(Choice):
 
 
 class Decode(Choice):
-    """Where the streaming loader decodes images: ``cpu`` (PIL in the loader workers, reduced-size JPEG
-    decoding) or ``gpu`` (the workers send the files' bytes and crop boxes; ``torchvision.io.decode_jpeg``
-    on the run's device, crops by ``torchvision.ops.roi_align``)."""
+    """Where the streaming loader decodes images: ``cpu`` (the loader workers: libjpeg-turbo, PIL's pixels,
+    PIL for CMYK and non-JPEG files, reduced-size JPEG decoding) or ``gpu`` (the workers send the files' bytes
+    and crop boxes; ``torchvision.io.decode_jpeg`` on the run's device, crops by ``torchvision.ops.roi_align``)."""
 
     cpu = "cpu"
     gpu = "gpu"

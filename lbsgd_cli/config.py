@@ -139,8 +139,8 @@ class DataConfig:
     # (lbsgd_cli.streaming.resolve_num_workers). Any, not int, so that "auto" and 8 both parse
     num_workers: Any = no_effect("auto")
     cache_dir: Optional[str] = no_effect(None)  # decoded in-memory sets are cached here; None = ~/.cache/lbsgd
-    # streaming loaders only: cpu (PIL in the workers) | gpu (decode_jpeg on the device, roi_align crops:
-    # the same crop boxes, other resampling, so it names the run)
+    # streaming loaders only: cpu (the workers: libjpeg-turbo, PIL's pixels; PIL for CMYK/PNG/odd files) |
+    # gpu (decode_jpeg on the device, roi_align crops: the same crop boxes, other resampling, so it names the run)
     decode: Decode = Decode.cpu
     mean: Optional[list[float]] = None  # None = computed from the training set (in memory) or ImageNet's
     std: Optional[list[float]] = None

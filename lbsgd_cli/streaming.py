@@ -2,10 +2,10 @@
 
 Workers (persistent, as many as ``data.num_workers``, ``auto``: :func:`resolve_num_workers`) apply the
 paper's augmentation (§5.1: scale and aspect-ratio crop, flip; a JPEG decoded at reduced size where the crop
-allows) and deliver uint8 batches, which are copied to the device (pinned memory; on CUDA the next batch on
-a side stream) and normalised there (:func:`device_batches`); one persistent val loader per run. With
-``data.decode=gpu`` the workers send the JPEG bytes and crop boxes instead (:class:`RawCrop`) and the device
-decodes (:func:`decode_on_device`).
+allows, by libjpeg-turbo otherwise: :mod:`lbsgd_cli.decode`) and deliver uint8 batches, which are copied to
+the device (pinned memory; on CUDA the next batch on a side stream) and normalised there
+(:func:`device_batches`); one persistent val loader per run. With ``data.decode=gpu`` the workers send the JPEG
+bytes and crop boxes instead (:class:`RawCrop`) and the device decodes (:func:`decode_on_device`).
 
 Every draw comes from the sample's own generator, seeded by :class:`lbsgd_cli.data.TrainLoader` from
 ``(seed, epoch, position)`` (Remark 4, §3): never from the worker, the process or the global RNG.
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import decode
 from .errors import UserError, first_line
 from .bad_data import MAX_REPLACEMENTS, BadData, bad_file_error, reason, replacement
 from .source import ImageList, mean_std, normalise, rgb_image
@@ -107,11 +108,15 @@ class RandomResizedCropDecode:
     DCT scale (1/2, 1/4, 1/8; PIL's ``Image.draft``) that keeps the box at least ``size`` in both
     dimensions; the box is mapped to the reduced image's coordinates (sub-pixel, as a float box) and
     resized to ``size`` there. Without reduction (``draft=False``, a small box, not a JPEG) the pixels are
-    those of today's ``v2.RandomResizedCrop`` on the full image exactly. Returns uint8 CHW."""
+    those of today's ``v2.RandomResizedCrop`` on the full image exactly; such a JPEG is decoded by
+    libjpeg-turbo (``turbo``, :func:`lbsgd_cli.decode.decode_rgb`: PIL's pixels, 1.06-1.18x the samples
+    per CPU second on ImageNet-like files, ``results/performance.md``), other files by PIL. Returns uint8 CHW."""
 
     def __init__(self, size: int, flip: bool = True, draft: bool = True,
-                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)):
+                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+                 turbo: bool = True):
         self.size, self.flip, self.draft, self.scale, self.ratio = size, flip, draft, scale, ratio
+        self.turbo = turbo
         self._log_ratio = torch.log(torch.tensor(ratio))
 
     def box(self, height: int, width: int, g: torch.Generator | None) -> tuple[int, int, int, int]:
@@ -156,17 +161,20 @@ class RandomResizedCropDecode:
                            box=(left / s, top / s, (left + w) / s, (top + h) / s))
             x = _pil_to_uint8(im)
         else:
-            x = _resize(_pil_to_uint8(im.crop((left, top, left + w, top + h))), [self.size, self.size])
+            region = (left, top, left + w, top + h)
+            x = decode.decode_rgb(im, region) if self.turbo else None  # libjpeg-turbo, PIL's pixels
+            x = _resize(x if x is not None else _pil_to_uint8(im.crop(region)), [self.size, self.size])
         return x.flip(-1) if flip else x.contiguous()
 
 
 class ResizeCenterCropDecode:
     """Val preprocessing: shorter side to ``resize`` (v2.Resize's output size), centre crop ``crop``; a JPEG
     whose shorter side is at least twice ``resize`` is decoded at the largest DCT scale that keeps it at
-    least ``resize``. Returns uint8 CHW."""
+    least ``resize``; other JPEGs by libjpeg-turbo (``turbo``, as :class:`RandomResizedCropDecode`). Returns
+    uint8 CHW."""
 
-    def __init__(self, resize: int, crop: int, draft: bool = True) -> None:
-        self.resize, self.crop, self.draft = resize, crop, draft
+    def __init__(self, resize: int, crop: int, draft: bool = True, turbo: bool = True) -> None:
+        self.resize, self.crop, self.draft, self.turbo = resize, crop, draft, turbo
 
     def __call__(self, im, g: torch.Generator | None = None) -> torch.Tensor:
         from PIL import Image
@@ -181,7 +189,8 @@ class ResizeCenterCropDecode:
             im, s = _decode_reduced(im, s)
             x = _pil_to_uint8(im.resize((new_w, new_h), Image.Resampling.BILINEAR, box=(0, 0, width / s, height / s)))
         else:
-            x = _resize(_pil_to_uint8(im), [new_h, new_w])
+            x = decode.decode_rgb(im) if self.turbo else None  # libjpeg-turbo, PIL's pixels
+            x = _resize(x if x is not None else _pil_to_uint8(im), [new_h, new_w])
         top, left = int(round((new_h - self.crop) / 2.0)), int(round((new_w - self.crop) / 2.0))
         if top < 0 or left < 0:  # smaller than the crop: v2.CenterCrop pads with zeros
             from torchvision.transforms.v2 import functional as TF
@@ -194,8 +203,9 @@ class ResizeCenterCropDecode:
 
 
 class RawCrop:
-    """``data.decode=gpu``, the worker side: the file's bytes (a JPEG; any other file is decoded here into
-    uint8 CHW), its crop box in original pixels ``(x0, y0, x1, y1)`` and the flip. The box and flip are
+    """``data.decode=gpu``, the worker side: the file's bytes (a baseline JPEG in RGB or grayscale; any other
+    file, CMYK and progressive JPEGs included, is decoded here into uint8 CHW: :func:`decode.needs_cpu_decode`),
+    its crop box in original pixels ``(x0, y0, x1, y1)`` and the flip. The box and flip are
     drawn as :class:`RandomResizedCropDecode` draws them (train) or are :class:`ResizeCenterCropDecode`'s
     centre crop mapped back to the original image (val); :func:`decode_on_device` does the rest."""
 
@@ -217,11 +227,11 @@ class RawCrop:
 
     def __call__(self, im, g: torch.Generator | None):
         box, flip = self.box(*im.size, g)
-        if getattr(im, "format", None) == "JPEG":
-            with open(im.filename, "rb") as f:
-                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        if decode.needs_cpu_decode(im):  # CMYK, progressive, PNG-in-.JPEG: decoded here, the pixels sent
+            data = decode.decode_rgb(im)
+            data = (data if data is not None else _pil_to_uint8(im)).contiguous()
         else:
-            data = _pil_to_uint8(im).contiguous()
+            data = torch.frombuffer(bytearray(decode.file_bytes(im)), dtype=torch.uint8)
         return data, torch.tensor(box, dtype=torch.float32), flip
 
 
@@ -242,6 +252,12 @@ def decode_on_device(raw, size: int, device: torch.device) -> torch.Tensor:
     jpeg = [i for i, d in enumerate(datas) if d.dim() == 1]
     images = [d.to(device, non_blocking=True) if d.dim() == 3 else None for d in datas]
     if jpeg:
+        if device.type == "cuda":
+            # torchvision's CUDA decoder allocates its outputs on the current stream but writes them on a
+            # private one that does not wait for it (pytorch/vision#9606): a block freed by this stream's
+            # queued kernels could be overwritten before they read it. Waiting for this stream first (the
+            # loader's side stream under device_batches: the previous batch's crops) closes that window.
+            torch.cuda.current_stream(device).synchronize()
         try:
             decoded = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
         except RuntimeError as exc:
@@ -268,7 +284,10 @@ def train_transform(dcfg):
     """§5.1 augmentation: scale and aspect-ratio crop (``crop_size``), flip; uint8 out (the device normalises),
     or the raw file and its box with ``data.decode=gpu``."""
     crop = RandomResizedCropDecode(dcfg.crop_size, dcfg.flip)
-    return RawCrop(train=crop) if _gpu_decode(dcfg) else crop
+    if _gpu_decode(dcfg):
+        return RawCrop(train=crop)
+    decode.turbo_available()  # without simplejpeg: one line here, not one per worker (they fork after it)
+    return crop
 
 
 def val_transform(dcfg, raw: bool | None = None):

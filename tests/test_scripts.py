@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -88,3 +89,53 @@ def test_exp_beyond_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) 
         assert cfg.optim.base_lr * cfg.batch.k * cfg.batch.n / cfg.optim.ref_batch == pytest.approx(named_peak)
         assert cfg.schedule.decay == "poly"
     assert sum("checkpoint.stop_after_epoch=6" in r for r in runs) == 3  # the probes
+
+
+def _bench_gpu():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gpu"] = mod  # its generator's pool pickles functions by module name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_gpu_smoke_measures_every_section_through_lbsgds_own_path(tmp_path: Path) -> None:
+    """scripts/bench_gpu.py --smoke: tiny generated ImageNet-like files (the odd kinds included), the step
+    per precision and memory format with ghost and plain BN, the loader per decode mode, end to end, the
+    per-core comparison; JSON and markdown written, no row failed."""
+    import torch
+
+    bench, threads = _bench_gpu(), torch.get_num_threads()
+    try:
+        res = bench.main(["--smoke", "--root", str(tmp_path / "jpegs"), "--out", str(tmp_path / "out")])
+    finally:
+        torch.set_num_threads(threads)
+    assert res["data"]["train_images"] == 24 and res["data"]["odd_files_each"] == 3
+    kinds = {}
+    from PIL import Image
+
+    for path in sorted((tmp_path / "jpegs" / "train").rglob("*.JPEG")):
+        with Image.open(path) as im:
+            kinds.setdefault((im.format, im.mode, bool(im.info.get("progressive"))), path)
+    assert {("JPEG", "RGB", False), ("JPEG", "L", False), ("JPEG", "CMYK", False), ("JPEG", "RGB", True),
+            ("PNG", "RGB", False)} <= set(kinds)
+    assert len(res["step"]) == 8 and len(res["loader"]) == 3 and len(res["end_to_end"]) == 2
+    for section in ("step", "loader", "end_to_end"):
+        for name, row in res[section].items():
+            assert "error" not in row, (name, row)
+            assert row["img_per_s"] > 0 and row["cpu_ms_per_step"] >= 0
+    assert res["per_core"]["in_process_img_per_cpu_s"]["ratio_cpu_over_pil"] > 0
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["step"].keys() == res["step"].keys()
+    assert "| step | fp32 NCHW eager ghost BN n=2 |" in (tmp_path / "out.md").read_text()
+
+
+def test_bench_gpu_generates_imagenet_like_sizes(tmp_path: Path) -> None:
+    """The size draw: mean about 400x350 with ImageNet's mix of landscape and portrait images."""
+    import numpy as np
+
+    bench = _bench_gpu()
+    rng = np.random.default_rng(0)
+    sizes = np.array([bench.image_size(rng) for _ in range(4000)])
+    assert 370 < sizes[:, 0].mean() < 430 and 320 < sizes[:, 1].mean() < 380
+    assert 0.7 < (sizes[:, 0] >= sizes[:, 1]).mean() < 0.85 and sizes.max() < 1000 and sizes.min() >= 16

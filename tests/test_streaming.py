@@ -308,3 +308,21 @@ def test_decode_on_the_device_matches_the_worker_decode_with_the_cpu_as_device(t
         g = torch.Generator().manual_seed(seed)
         top, left, h, w = crop.box(60, 80, g)
         assert box == (left, top, left + w, top + h) and flip == (torch.rand(1, generator=g).item() < 0.5)
+
+
+def test_a_samples_crop_and_flip_depend_on_seed_epoch_and_position_only(tmp_path):
+    """Remark 4: the same samples, pixel for pixel, from 0 or 2 loader workers and from 1 or 2 processes
+    (each process's share equals its slice of the one-process batch), with libjpeg-turbo decoding."""
+    root = make_image_tree(tmp_path / "d", size=120, per_class=4, val_per_class=1)
+    ref = None
+    for workers in (0, 2):
+        data = load_data(dcfg(root=str(root), crop_size=48, val_resize=56, num_workers=workers))
+        one = TrainLoader(data, 2, 2, 0, 1, seed=3, device=torch.device("cpu"))
+        batches = [x for epoch in (0, 1) for x, _ in one.host_batches(epoch)]
+        if ref is None:
+            ref = batches
+        assert all(torch.equal(a, b) for a, b in zip(batches, ref)) and len(batches) == len(ref) == 6
+        for rank in (0, 1):
+            share = TrainLoader(data, 2, 2, rank, 2, seed=3, device=torch.device("cpu"))
+            mine = [x for epoch in (0, 1) for x, _ in share.host_batches(epoch)]
+            assert all(torch.equal(a, b[share.part]) for a, b in zip(mine, ref))
