@@ -17,6 +17,7 @@ import torch._dynamo
 from omegaconf import OmegaConf
 
 from lbsgd_cli.config import ModelConfig
+from lbsgd_cli.ghost_bn import deferred_running_stats
 from lbsgd_cli.models import build_model
 
 CASES = {  # name: (model config, num classes, input shape)
@@ -25,14 +26,21 @@ CASES = {  # name: (model config, num classes, input shape)
 }
 
 
-def explain(arch: str, kernel: str, train: bool, n: int = 32):
-    """``(graph_count, graph_break_count, first break reason or '')`` of one forward."""
+MODES = ("train", "train deferred", "eval")  # deferred: running statistics as lbsgd's train_step collects them
+
+
+def explain(arch: str, kernel: str, mode: str, n: int = 32, size: int | None = None):
+    """``(graph_count, graph_break_count, first break reason or '')`` of one forward (``size``: another
+    image side, e.g. a smaller one for a faster trace; graph breaks do not depend on it)."""
     model_kw, classes, shape = CASES[arch]
+    if size is not None:
+        shape = (*shape[:2], size, size)
     torch.manual_seed(0)
     cfg = OmegaConf.structured(ModelConfig(bn_kernel=kernel, **model_kw))
-    model = build_model(cfg, classes, 3, bn_group=n).train(train)
+    model = build_model(cfg, classes, 3, bn_group=n).train(mode != "eval")
     torch._dynamo.reset()
-    with torch.no_grad() if not train else torch.enable_grad():
+    with deferred_running_stats(model) if mode == "train deferred" else torch.no_grad() if mode == "eval" else \
+            torch.enable_grad():
         out = torch._dynamo.explain(model)(torch.randn(shape))
     reason = out.break_reasons[0].reason.splitlines()[0] if out.break_reasons else ""
     return out.graph_count, out.graph_break_count, reason
@@ -45,10 +53,10 @@ def main() -> None:
     print(f"torch {torch.__version__}")
     print("| model | mode | bn_kernel | graphs | graph breaks | first break |\n|---|---|---|---|---|---|")
     for arch in ("resnet20",) if args.no_r50 else ("resnet50", "resnet20"):
-        for train in (True, False):
+        for mode in MODES:
             for kernel in ("native", "fused"):
-                graphs, breaks, reason = explain(arch, kernel, train)
-                print(f"| {arch} | {'train' if train else 'eval'} | {kernel} | {graphs} | {breaks} | {reason[:70]} |",
+                graphs, breaks, reason = explain(arch, kernel, mode)
+                print(f"| {arch} | {mode} | {kernel} | {graphs} | {breaks} | {reason[:70]} |",
                       flush=True)
 
 
