@@ -27,6 +27,13 @@ same kernel, and a hand-written backward (two reductions and one elementwise pas
 for any ``g``, in either memory format; on this project's CPU it is faster than both the per-slice calls
 and PyTorch's plain batch norm (``results/performance.md``). Its first call per shape compiles (seconds).
 
+Under torch.compile of the whole model (``compile=true``) neither autograd Function is traced: with
+either kernel the training forward is :func:`_traced_forward`, the fused kernel's formula in plain tensor
+ops (backward derived by AOTAutograd), and every running-statistic update is an in-place update of a
+buffer, which dynamo and AOTAutograd trace as input mutation. The whole network is one graph (no graph
+break; tests/test_compile.py), and inductor fuses BN with the layers around it. Eagerly the kernels above
+run, as before; tests check the traced formula against them in float64.
+
 Running statistics follow the paper's workers: every worker updates its own
 running average with its own batch statistics; since the update is linear, the
 average over workers of their running statistics is updated with the average over
