@@ -6,9 +6,11 @@ measures that eager training did not slow down: CIFAR ResNet-20, batch 128, ghos
 one training step (forward, cross-entropy, backward, SGD step, the deferred running-statistics flush of
 lbsgd's train_step), with the ``--old`` revision's module (read with ``git show``, default ``23daf4c``, the
 last commit before issue 23) and the current one, on one thread. The two variants alternate (the order
-reverses every round); the ratio is the median over rounds of old/new within a round. Usage::
+reverses every round); the ratio is the median over rounds of old/new within a round. With ``--compile``
+both models are compiled (``nn.Module.compile``, as ``compile=true``; NCHW, native kernel only): the old
+module's ghost BN breaks the graph at every BN layer, the new one is traced into one graph. Usage::
 
-    PYTHONPATH=. python scripts/bench_ghost_bn_eager.py [--rounds 9] [--old REV] [--fused]
+    PYTHONPATH=. python scripts/bench_ghost_bn_eager.py [--rounds 9] [--old REV] [--fused] [--compile]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
@@ -69,20 +72,29 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--fused", action="store_true", help="also model.bn_kernel=fused (compiles first)")
+    ap.add_argument("--compile", action="store_true", help="compile both models (NCHW, native only)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     old_module = load_old(args.old)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread; ResNet-20, batch "
-          f"{args.batch}, n = {args.n}; old = {args.old}, {args.rounds} rounds")
+          f"{args.batch}, n = {args.n}; old = {args.old}, {args.rounds} rounds"
+          + ("; both compiled (nn.Module.compile)" if args.compile else "; eager"))
     print("| bn_kernel | format | old ms | new ms | old/new (median of round ratios) |\n|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     x0, y = torch.randn(args.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
-    for kernel in ("native", "fused") if args.fused else ("native",):
-        for name, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+    formats = (("nchw", torch.contiguous_format),) if args.compile else \
+        (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last))
+    for kernel in ("native", "fused") if args.fused and not args.compile else ("native",):
+        for name, fmt in formats:
             x = x0.contiguous(memory_format=fmt)
             variants = {"old": (old_module, *make(old_module, kernel, fmt, args.n)),
                         "new": (new_module, *make(new_module, kernel, fmt, args.n))}
-            for mod, model, opt in variants.values():  # warm-up (the fused kernel compiles here)
+            if args.compile:
+                # two models (old and new ghost BN) share the network's code: room for both sets of entries
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                for _, model, _ in variants.values():
+                    model.compile()
+            for mod, model, opt in variants.values():  # warm-up (the fused kernel, or --compile, compiles here)
                 for _ in range(2):
                     step(mod, model, opt, x, y)
             times: dict[str, list[float]] = {"old": [], "new": []}
