@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .choices import (Backend, BNKernel, CommHook, CompileMode, DataName, Decode, Device, Granularity, LRRule, MomentumForm,
-                      OffloadMode, Optimizer, Precision, Progress, RangeMethod, Warmup)
+from .choices import (Backend, BNKernel, CommHook, CompileMode, DataName, Decode, Device, Granularity, LRRule,
+                      MomentumForm, OffloadMode, Optimizer, Precision, Progress, RangeMethod, Warmup)
 from .errors import UserError
 
 # Field metadata of a key whose value does not change the result (weights, metrics): it does not name
