@@ -135,11 +135,27 @@ class BNKernel(Choice):
 
 
 class Precision(Choice):
-    """Autocast of forward and loss in training (fp16 with a gradient scaler); evaluation is always fp32."""
+    """Autocast of forward and loss in training (fp16 with a gradient scaler); evaluation is always fp32.
+    ``auto``: bf16 on a CUDA device that supports it, fp32 elsewhere (:mod:`lbsgd_cli.device_defaults`)."""
 
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+class CompileMode(Choice):
+    """``compile_mode``: torch.compile's mode for ``compile=true``. ``reduce_overhead`` records CUDA graphs
+    (shapes are static: equal forward passes, validation padded to ``batch.eval_batch``); ``max_autotune``
+    also benchmarks kernel choices (long compiles). :attr:`torch_mode` is torch's spelling."""
+
+    default = "default"
+    reduce_overhead = "reduce_overhead"
+    max_autotune = "max_autotune"
+
+    @property
+    def torch_mode(self) -> str:
+        return self.value.replace("_", "-")
 
 
 class OffloadMode(Choice):

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .choices import (Backend, BNKernel, CommHook, DataName, Decay, Decode, Device, Granularity, Labels, LRRule,
-                      MomentumForm, OffloadMode, Optimizer, Precision, Progress, RangeMethod, Stem, Warmup)
+from .choices import (Backend, BNKernel, CommHook, CompileMode, DataName, Decay, Decode, Device, Granularity, Labels,
+                      LRRule, MomentumForm, OffloadMode, Optimizer, Precision, Progress, RangeMethod, Stem, Warmup)
 from .errors import UserError
 
 # Field metadata of a key whose value does not change the result (weights, metrics): it does not name
@@ -92,8 +92,9 @@ class ModelConfig:
     fc_init_std: float = 0.01  # final FC from N(0, 0.01^2)
     # NHWC (torch.channels_last) weights and activations: the same network, faster convolutions on GPUs
     # and oneDNN CPUs; conv kernels then sum in another order, so results differ in the last bits and the
-    # key names the run like any other
-    channels_last: bool = False
+    # key names the run like any other. auto | true | false; auto: true on a CUDA device with bf16, false
+    # elsewhere (lbsgd_cli/device_defaults.py; the run's config.yaml records the resolved value)
+    channels_last: Any = "auto"
     # training-mode BN (ghost BN over n, §2.3): native (PyTorch's kernel, one call per worker's slice) |
     # fused (one torch.compile-generated kernel for all workers of a pass, statistics in fp32; needs
     # torch.compile's C++ compiler on a CPU). Sums in another order, so results differ in the last bits and
@@ -219,14 +220,21 @@ class TrainConfig:
     seed: int = 0
     device: Device = no_effect(Device.auto)  # auto | cpu | cuda
     threads: int = no_effect(0)  # torch intra-op threads; 0 = torch's default
-    deterministic: bool = True
-    # autocast precision of forward and loss: fp32 | bf16 | fp16 (fp16 with a GradScaler; weights, gradients,
-    # optimizer state and BN statistics stay fp32). Changes the result in the last bits, so it names the run.
-    precision: Precision = Precision.fp32
+    # true: cuDNN's fixed algorithms (bit-exact resume and 1-vs-W); false: cudnn.benchmark autotunes and fp32
+    # matmuls may use TF32. auto | true | false; auto: false on a CUDA device with bf16, true elsewhere
+    deterministic: Any = "auto"
+    # autocast precision of forward and loss: auto | fp32 | bf16 | fp16 (fp16 with a GradScaler; weights,
+    # gradients, optimizer state and BN statistics stay fp32). auto: bf16 on a CUDA device that supports it,
+    # fp32 elsewhere. Changes the result in the last bits, so it names the run (config.yaml: the resolved value).
+    precision: Precision = Precision.auto
     # torch.compile of the model (nn.Module.compile: in place, checkpoints unchanged), before DDP/FSDP2 wrap it;
     # fused kernels sum in another order, so the result differs from eager in the last bits and the key names
-    # the run (measured: not bit-equal on CPU)
+    # the run (measured: not bit-equal on CPU). Ghost BN is traced too: one graph for the whole network.
     compile: bool = False
+    # with compile=true: default | reduce_overhead (CUDA graphs; static shapes: equal forward passes, the
+    # last validation batch padded) | max_autotune (kernel autotuning; long compiles). Picks other kernels, so
+    # it names the run.
+    compile_mode: CompileMode = CompileMode.default
 
 
 @dataclass
@@ -399,6 +407,11 @@ def validate(cfg: DictConfig | Any) -> None:
         _fail("dist.backend", "nccl needs CUDA devices; use gloo (or auto) with device=cpu")
     if not cfg.dist.timeout_s > 0:
         _fail("dist.timeout_s", f"must be a positive number of seconds, got {cfg.dist.timeout_s}")
+    for key, value in (("model.channels_last", m.channels_last), ("deterministic", cfg.deterministic)):
+        if value != "auto" and not isinstance(value, bool):
+            _fail(key, f"must be auto, true or false, got {value!r}")
+    if cfg.compile_mode != CompileMode.default and not cfg.compile:
+        _fail("compile_mode", f"{cfg.compile_mode} is a torch.compile mode; it needs compile=true")
     _validate_train_memory(cfg)
     _validate_beyond(cfg)
 

@@ -89,6 +89,8 @@ def autocast(precision: Precision | str, device: torch.device) -> contextlib.Abs
     Backward runs outside the context as autocast prescribes; parameters, gradients, the optimizer
     and BN running statistics stay fp32 (ghost BN computes its statistics in fp32 from low-precision
     inputs, lbsgd_cli/ghost_bn.py)."""
+    if precision == Precision.auto:
+        raise ValueError("precision=auto is resolved before training (lbsgd_cli.device_defaults.resolve_auto)")
     if precision == Precision.fp32:
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == Precision.fp16 else torch.bfloat16
@@ -153,16 +155,22 @@ def _no_reduce(sums: dict[str, float]) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
              reduce: Callable[[dict[str, float]], dict[str, float]] = _no_reduce, *,
-             channels_last: bool = False) -> dict[str, float]:
+             channels_last: bool = False, static_batch: int | None = None) -> dict[str, float]:
     """Top-1/top-5 error, mean loss and image count over ``batches``, in eval mode, in fp32.
 
     ``reduce`` sums the partial sums over processes (:meth:`Parallel.reduce_sums`); a batch whose
-    labels are None is run for its collectives only (FSDP2's padding of uneven val shares)."""
+    labels are None is run for its collectives only (FSDP2's padding of uneven val shares).
+    ``static_batch``: a smaller batch is padded with zeros to this size and its padding's outputs dropped,
+    so a compiled model sees one shape (CUDA graphs of ``compile_mode=reduce_overhead`` replay one shape;
+    in eval mode BN uses running statistics, so a sample's output does not depend on its batch)."""
     was_training = model.training
     model.eval()
     sums = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
     for x, y in batches:
-        out = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        b = x.shape[0]
+        if static_batch is not None and b < static_batch:
+            x = torch.cat([x, x.new_zeros(static_batch - b, *x.shape[1:])])
+        out = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)[:b]
         if y is None:
             continue
         sums["loss"] += float(F.cross_entropy(out, y, reduction="sum"))

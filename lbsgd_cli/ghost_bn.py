@@ -27,6 +27,13 @@ same kernel, and a hand-written backward (two reductions and one elementwise pas
 for any ``g``, in either memory format; on this project's CPU it is faster than both the per-slice calls
 and PyTorch's plain batch norm (``results/performance.md``). Its first call per shape compiles (seconds).
 
+Under torch.compile of the whole model (``compile=true``) neither autograd Function is traced: with
+either kernel the training forward is :func:`_traced_forward`, the fused kernel's formula in plain tensor
+ops (backward derived by AOTAutograd), and every running-statistic update is an in-place update of a
+buffer, which dynamo and AOTAutograd trace as input mutation. The whole network is one graph (no graph
+break; tests/test_compile.py), and inductor fuses BN with the layers around it. Eagerly the kernels above
+run, as before; tests check the traced formula against them in float64.
+
 Running statistics follow the paper's workers: every worker updates its own
 running average with its own batch statistics; since the update is linear, the
 average over workers of their running statistics is updated with the average over
@@ -204,8 +211,37 @@ class _FusedGhostBatchNormFn(torch.autograd.Function):
                 db.to(weight.dtype) if need_b else None, None, None, None, None)
 
 
+def _traced_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, n: int, eps: float):
+    """Ghost BN as plain tensor ops that torch.compile traces (``y``, group means, unbiased group variances).
+
+    The fused kernel's formula over the ``(g, n, C, H*W)`` view; autograd (AOTAutograd under torch.compile)
+    derives the backward, and inductor fuses both with the convolutions' neighbours. No custom autograd
+    Function and no write into a scratch buffer: dynamo traces it without a graph break."""
+    c = x.shape[1]
+    weight = weight if weight is not None else torch.ones(c, device=x.device, dtype=x.dtype)
+    bias = bias if bias is not None else torch.zeros(c, device=x.device, dtype=x.dtype)
+    y, mean, var, _ = _fused_forward(x, weight, bias, n, eps)
+    count = x.numel() // (mean.shape[0] * c)
+    return y, mean.detach(), (var * (count / max(count - 1, 1))).detach()
+
+
+def _traceable() -> bool:
+    """Whether this forward is being traced by torch.compile (then ghost BN is :func:`_traced_forward`).
+
+    Eagerly, the per-slice native calls (``native``) or the separately compiled kernel (``fused``) stay the
+    faster choice; tests make this True to check the traced formula against them."""
+    return torch.compiler.is_compiling()
+
+
 class GhostBatchNorm2d(nn.BatchNorm2d):
-    """``BatchNorm2d`` whose training statistics are taken over groups of ``group_size`` samples."""
+    """``BatchNorm2d`` whose training statistics are taken over groups of ``group_size`` samples.
+
+    Under torch.compile (``compile=true``) the training forward is :func:`_traced_forward` and the running
+    statistics move by in-place updates of buffers, which dynamo and AOTAutograd trace: the whole network is
+    one graph. Pending (deferred) statistics live in three non-persistent buffers (``pending_mean``,
+    ``pending_var``, ``pending_count``: not in the state dict), updated in place, so a deferred pass traces
+    the same way; ``_dirty`` (a plain attribute, only ever set) tells :meth:`flush` whether there is anything
+    to apply without reading the device."""
 
     def __init__(self, num_features: int, group_size: int, kernel: str = "native", **kwargs) -> None:
         super().__init__(num_features, **kwargs)
@@ -214,7 +250,14 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         self.group_size = group_size
         self.kernel = kernel
         self.defer = False
-        self._pending: list[torch.Tensor] | None = None  # [sum of means, sum of vars, groups]
+        self._dirty = False  # pending statistics since the last flush
+        if self.track_running_stats:
+            like = self.running_mean
+            self.register_buffer("pending_mean", torch.zeros_like(like), persistent=False)
+            self.register_buffer("pending_var", torch.zeros_like(like), persistent=False)
+            self.register_buffer("pending_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        else:
+            self.pending_mean = self.pending_var = self.pending_count = None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}, kernel={self.kernel}"
@@ -224,10 +267,6 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         return self._train_forward(x)
 
-    # torch.compile (compile=true) cannot trace the custom autograd.Function, which writes each group's
-    # statistics into scratch buffers (AOTAutograd rejects the mutation): it runs eagerly, the convolutions
-    # around it are compiled.
-    @torch.compiler.disable
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[0], x.shape[1]
         n = self.group_size
@@ -235,16 +274,22 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             raise ValueError(f"GhostBatchNorm2d: batch {b} is not a multiple of the BN batch n={n}")
         g = b // n
         track = self.track_running_stats and self.running_mean is not None
-        # momentum=1 turns the scratch buffers into this batch's per-group mean and unbiased var.
-        stat_dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
-        mean_buf = torch.zeros(g, c, device=x.device, dtype=stat_dtype) if track else None
-        var_buf = torch.ones(g, c, device=x.device, dtype=stat_dtype) if track else None
-        if g > 1 or self.kernel == "fused":  # F.batch_norm's checks (it makes them itself for one native group)
+        traced = _traceable()
+        if g > 1 or self.kernel == "fused" or traced:  # F.batch_norm's checks (it makes them for one native group)
             if n * math.prod(x.shape[2:]) == 1:  # as on the former (n, g*C, ...) input
                 raise ValueError("Expected more than 1 value per channel when training, "
                                  f"got input size {torch.Size([n, g * c, *x.shape[2:]])}")
             if self.eps <= 0.0:
                 raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        if traced:
+            y, mean_buf, var_buf = _traced_forward(x, self.weight, self.bias, n, self.eps)
+            if track:
+                self._update_running(mean_buf, var_buf)
+            return y
+        # momentum=1 turns the scratch buffers into this batch's per-group mean and unbiased var.
+        stat_dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        mean_buf = torch.zeros(g, c, device=x.device, dtype=stat_dtype) if track else None
+        var_buf = torch.ones(g, c, device=x.device, dtype=stat_dtype) if track else None
         if self.kernel == "fused":
             weight = self.weight if self.weight is not None else torch.ones(c, device=x.device)
             bias = self.bias if self.bias is not None else torch.zeros(c, device=x.device)
@@ -260,15 +305,12 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
 
     @torch.no_grad()
     def _update_running(self, means: torch.Tensor, vars_: torch.Tensor) -> None:
-        # No host->device copy here: the group count enters through device-side fills and adds.
+        # No host->device copy here: the group count enters through an in-place add on the device.
         if self.defer:
-            if self._pending is None:
-                count = torch.full((), means.shape[0], dtype=torch.int64, device=means.device)
-                self._pending = [means.sum(0), vars_.sum(0), count]
-            else:
-                self._pending[0] += means.sum(0)
-                self._pending[1] += vars_.sum(0)
-                self._pending[2] += means.shape[0]
+            self.pending_mean.add_(means.sum(0).to(self.pending_mean.dtype))
+            self.pending_var.add_(vars_.sum(0).to(self.pending_var.dtype))
+            self.pending_count.add_(means.shape[0])
+            self._dirty = True
             return
         self._apply_update(means.mean(0), vars_.mean(0))
 
@@ -283,26 +325,45 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         self.running_var.lerp_(var.to(self.running_var.dtype), momentum)
 
     def pending_stats(self) -> list[torch.Tensor] | None:
-        """Sums of group means and variances since the last flush, and the group count."""
-        return self._pending
+        """Sums of group means and variances since the last flush, and the group count (the buffers
+        themselves); None when nothing is pending."""
+        if not self._dirty or self.pending_mean is None:
+            return None
+        return [self.pending_mean, self.pending_var, self.pending_count]
 
+    @torch.no_grad()
     def restore_pending_stats(self, pending: list[torch.Tensor] | None) -> None:
         """Put back pending sums saved from :meth:`pending_stats` (e.g. by a clone before a recomputation).
 
         Activation checkpointing recomputes forward passes; restoring the pending sums taken before
         the recomputation keeps it from counting a batch's statistics twice.
         """
-        self._pending = None if pending is None else list(pending)
+        if self.pending_mean is None:
+            return
+        if pending is None:
+            self._clear_pending()
+            return
+        for buf, value in zip((self.pending_mean, self.pending_var, self.pending_count), pending):
+            buf.copy_(value)
+        self._dirty = True
+
+    @torch.no_grad()
+    def _clear_pending(self) -> None:
+        self.pending_mean.zero_()
+        self.pending_var.zero_()
+        self.pending_count.zero_()
+        self._dirty = False
 
     @torch.no_grad()
     def flush(self, pending: list[torch.Tensor] | None = None) -> None:
         """Apply the deferred update: running stats move once, towards the mean over all groups."""
-        pending = self._pending if pending is None else pending
-        self._pending = None
+        pending = self.pending_stats() if pending is None else pending
         if pending is None:
             return
         count = pending[2].to(pending[0].dtype)
-        self._apply_update(pending[0] / count, pending[1] / count)
+        mean, var = pending[0] / count, pending[1] / count
+        self._clear_pending()
+        self._apply_update(mean, var)
 
 
 def ghost_bn_layers(model: nn.Module) -> list[GhostBatchNorm2d]:

@@ -156,10 +156,12 @@ class RunDir:
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
 
-    def resume_or_start(self, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
+    def resume_or_start(self, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        auto_chosen: tuple[str, ...] = ()) -> RunState:
         """The state of the run in this directory (weights, optimizer and RNG loaded), or a fresh start.
 
-        A run that diverged is not retrained over: its checkpoint would diverge again at the same step."""
+        A run that diverged is not retrained over: its checkpoint would diverge again at the same step.
+        ``auto_chosen``: the keys whose ``auto`` value this start resolved (a refusal names the way back)."""
         diverged = D.broadcast_object(self._diverged() if self.parallel.is_main else None)
         if diverged:
             raise Diverged(diverged)
@@ -168,7 +170,7 @@ class RunDir:
             raise UserError(f"rank {self.parallel.rank} does not see {self.ckpt_path} as rank 0 does; "
                             "the run directory must be on a file system shared by all nodes")
         if exists:
-            return self._resume(cfg, model, optimizer)
+            return self._resume(cfg, model, optimizer, auto_chosen)
         if self.parallel.is_main:
             leftovers = [p.name for p in self.path.iterdir() if p.name in ("metrics.jsonl", "summary.json")]
             if leftovers:
@@ -190,13 +192,20 @@ class RunDir:
         return (f"run directory {self.path} holds a run that diverged at iteration {s.get('diverged_at_iteration')} "
                 f"(lr {s.get('lr')}); nothing was run: choose another hydra.run.dir or a smaller rate")
 
-    def _resume(self, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
+    def _resume(self, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                auto_chosen: tuple[str, ...] = ()) -> RunState:
         p = self.parallel
         ckpt = load_checkpoint(self.ckpt_path, map_location=p.device)
         diff = config_difference(ckpt["config"], OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         if diff:
-            raise UserError(f"run directory {self.path} holds a run with another config ({diff}); "
-                            "choose another hydra.run.dir or restore the config")
+            hint = "choose another hydra.run.dir or restore the config"
+            if diff.split(":", 1)[0] in auto_chosen:  # e.g. started on a CPU (auto: fp32), resumed on a GPU (bf16)
+                was, now = _flatten(ckpt["config"]), _flatten(OmegaConf.to_container(cfg, enum_to_str=True))
+                keep = " ".join(f"{k}={str(was.get(k)).lower() if isinstance(was.get(k), bool) else was.get(k)}"
+                                for k in auto_chosen if was.get(k) != now.get(k))
+                hint = f"auto chose other values on this device; set {keep} to resume it, or choose another " \
+                       "hydra.run.dir"
+            raise UserError(f"run directory {self.path} holds a run with another config ({diff}); {hint}")
         p.load_full_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"], str(self.ckpt_path))
         if ckpt["meta"].get("world_size") == p.world_size:
             set_rng_state({k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()})

@@ -25,9 +25,10 @@ from omegaconf import DictConfig
 
 from . import distributed as D
 from .checkpoint import unwrap
-from .choices import Decay, LRRule, Warmup
+from .choices import CompileMode, Decay, LRRule, Warmup
 from .config import validate
 from .data import TrainLoader, load_data
+from .device_defaults import DeviceCaps, Resolved, resolve_auto, set_backend_flags
 from .divergence import DivergenceWatch
 from .engine import StepPlan, StepResult, evaluate, make_grad_scaler, pass_workers, train_step
 from .errors import Diverged, Preempted, UserError
@@ -51,9 +52,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise UserError(f"batch.k: {k} workers cannot be split evenly over {W} processes")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    auto = resolve_device_defaults(cfg, dist.device)  # cfg holds the resolved values from here on
     # deterministic: cuDNN's fixed algorithms (bit-exact resume and 1-vs-W); else benchmark picks the fastest
-    torch.backends.cudnn.deterministic = bool(cfg.deterministic)
-    torch.backends.cudnn.benchmark = not cfg.deterministic
+    set_backend_flags(cfg.deterministic, dist.device)
     parallel = make_parallel(dist, cfg.memory, cfg.dist)
 
     # ---- data (Remark 4: one shuffle per epoch, divided among the k workers)
@@ -70,12 +71,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         rate, peak = learning_rate(cfg, ipe)
         optimizer = build_optimizer(unwrap(model), cfg.optim, rate(0))
         per_pass = pass_workers(cfg.batch.workers_per_pass, k // W, n, parallel.device)
+        if cfg.compile and cfg.compile_mode == CompileMode.reduce_overhead and (k // W) % per_pass:
+            raise UserError(f"batch.workers_per_pass: compile_mode=reduce_overhead replays CUDA graphs of one "
+                            f"shape; {per_pass} worker(s) per pass do not divide the {k // W} of this process")
         plan = StepPlan(per_process=k // W, per_pass=per_pass, n=n,
                         loss_scale=W / loss_normaliser(k, n),  # Remark 3: sum/(k*n); DDP's mean over W undone
                         precision=cfg.precision, channels_last=cfg.model.channels_last, parallel=parallel)
 
         # ---- resume from the run directory, or start it
-        state = rundir.resume_or_start(cfg, model, optimizer)
+        state = rundir.resume_or_start(cfg, model, optimizer, auto_chosen=auto.chosen)
         t_start -= state.elapsed_s  # wall time counts every start of the run, not only this one
         already_complete = state.iteration >= ipe * cfg.schedule.epochs
         loop = Loop(cfg=cfg, parallel=parallel, rundir=rundir, model=model, optimizer=optimizer, loader=loader,
@@ -83,14 +87,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if loop.scaler is not None and state.scaler:  # fp16: the loss scale and its growth tracker resume
             loop.scaler.load_state_dict(state.scaler)
         if parallel.is_main:
-            _print_header(loop, data, peak, state, already_complete)
+            _print_header(loop, data, peak, state, already_complete, auto)
         last_epoch = min(cfg.schedule.epochs, cfg.checkpoint.stop_after_epoch or cfg.schedule.epochs)
         try:
             while state.epoch < last_epoch:
                 images, seconds = train_one_epoch(loop, state)
                 last_val = evaluate(parallel.eval_model(model),  # fp32 in every precision, as lbsgd eval
                                     parallel.val_batches(data, cfg.batch.eval_batch), parallel.reduce_sums,
-                                    channels_last=cfg.model.channels_last)
+                                    channels_last=cfg.model.channels_last,
+                                    static_batch=cfg.batch.eval_batch if cfg.compile else None)
                 end_epoch(loop, state, last_val, images / max(seconds, 1e-9), data.num_classes)
         except Diverged as exc:  # nothing was written after the non-finite loss; the summary says so
             rundir.finish_diverged(state.last_val, time.monotonic() - loop.t_start, exc.iteration, exc.lr)
@@ -115,6 +120,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def resolve_device_defaults(cfg: DictConfig, device: torch.device) -> Resolved:
+    """Replace the ``auto`` values of precision, model.channels_last and deterministic in ``cfg`` (in place)
+    by what :func:`lbsgd_cli.device_defaults.resolve_auto` chooses for ``device``; config.yaml and the
+    checkpoints then record the arithmetic that ran."""
+    auto = resolve_auto(cfg.precision, cfg.model.channels_last, cfg.deterministic, DeviceCaps.of(device))
+    cfg.precision, cfg.model.channels_last, cfg.deterministic = auto.precision, auto.channels_last, auto.deterministic
+    return auto
+
+
 def _build_model(cfg: DictConfig, data: DataSource, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.in_channels, bn_group=cfg.batch.n).to(device)
@@ -123,7 +137,11 @@ def _build_model(cfg: DictConfig, data: DataSource, device: torch.device) -> tor
     if cfg.memory.checkpointing:  # same result, less activation memory (lbsgd_cli/memory.py)
         enable_stage_checkpointing(model)
     if cfg.compile:  # torch.compile in place (state dict keys unchanged), before DDP/FSDP2 wrap it, as torch advises
-        model.compile()
+        mode = CompileMode(cfg.compile_mode)
+        if mode == CompileMode.default:
+            model.compile()
+        else:  # CUDA graphs / autotuned kernels are recorded per shape: shapes are static (train_step, evaluate)
+            model.compile(mode=mode.torch_mode, dynamic=False)
     return model
 
 
@@ -390,7 +408,8 @@ FP16_CPU_WARNING = ("warning: precision=fp16 on a CPU is about 9x slower than fp
                     "on the digits preset; CPUs have few fp16 kernels); use precision=bf16 (687 img/s) or fp32")
 
 
-def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, complete: bool) -> None:
+def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, complete: bool,
+                  auto: Resolved | None = None) -> None:
     cfg, W = loop.cfg, loop.parallel.world_size
     k, n = cfg.batch.k, cfg.batch.n
     resumed = f", resuming at iteration {state.iteration}" if state.iteration else ""
@@ -402,7 +421,8 @@ def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, co
         f"{cfg.schedule.epochs} epochs{resumed}\n{loop.plan.passes} forward pass(es) of {loop.plan.per_pass} "
         f"worker(s) per step and process (batch.workers_per_pass={cfg.batch.workers_per_pass}), "
         f"ghost BN over n = {n} (model.bn_kernel={cfg.model.bn_kernel})\n"
-        f"run dir: {loop.rundir.path}",
+        + (f"{auto.note}\n" if auto is not None and auto.note else "")
+        + f"run dir: {loop.rundir.path}",
         flush=True,
     )
     if data.bad.header():

@@ -119,7 +119,11 @@ def test_resume_check_ignores_exactly_the_no_effect_keys():
     assert config_difference(base, changed("batch.eval_batch", 64)) is None  # named the run before: a bug
     assert config_difference(base, changed("offload.mode", "model")) is None
     assert config_difference(base, changed("memory.fsdp", True)) is None
-    assert config_difference(base, changed("precision", "bf16")) == "precision: 'fp32' -> 'bf16'"
+    assert config_difference(base, changed("precision", "bf16")) == "precision: 'auto' -> 'bf16'"
+    assert config_difference(base, changed("compile_mode", "reduce_overhead")) == \
+        "compile_mode: 'default' -> 'reduce_overhead'"
+    before_compile_mode = {k: v for k, v in base.items() if k != "compile_mode"}  # a run started before the key
+    assert config_difference(before_compile_mode, base) is None
     assert config_difference(base, changed("optim.base_lr", 0.2)) == "optim.base_lr: 0.1 -> 0.2"
 
 

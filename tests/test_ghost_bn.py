@@ -160,7 +160,7 @@ class _ReferenceGhostBN(nn.BatchNorm2d):
 
 def _new_and_reference(c, n, dtype=torch.float64, kernel="native", **kw):
     torch.manual_seed(1)
-    new = GhostBatchNorm2d(c, n, kernel, **kw).to(dtype)
+    new = GhostBatchNorm2d(c, n, _k(kernel), **kw).to(dtype)
     ref = _ReferenceGhostBN(c, n, **kw).to(dtype)
     with torch.no_grad():
         if new.affine:
@@ -197,13 +197,31 @@ def _run_both(new, ref, x, dy, mode="train"):
     return out
 
 
-KERNELS = ["native", "fused"]  # model.bn_kernel: one native call per worker's slice | one compiled kernel
+# model.bn_kernel: one native call per worker's slice | one compiled kernel; "traced": the plain-op formula
+# that torch.compile traces (compile=true, either key value), run eagerly here (the autouse fixture below)
+KERNELS = ["native", "fused", "traced"]
+
+
+def _k(kernel: str) -> str:
+    """The model.bn_kernel value of a test kernel ("traced" is what either becomes under torch.compile)."""
+    return "native" if kernel == "traced" else kernel
+
+
+@pytest.fixture(autouse=True)
+def _traced_kernel(request, monkeypatch):
+    """A test parametrized with kernel="traced" runs ghost BN's torch.compile path (_traced_forward) eagerly."""
+    params = getattr(request.node, "callspec", None)
+    if params is not None and params.params.get("kernel") == "traced":
+        from lbsgd_cli import ghost_bn
+
+        monkeypatch.setattr(ghost_bn, "_traceable", lambda: True)
 
 
 # the fused kernel at g = 1 and 4 in training (g = 32 is g = 4's code at another size, one more compile;
 # evaluation runs PyTorch's BN with either kernel)
 _CASES = [(g, fmt, mode, "native") for g in (1, 4, 32) for fmt in _FORMATS for mode in ("train", "eval")] + \
-         [(g, fmt, "train", "fused") for g in (1, 4) for fmt in _FORMATS]
+         [(g, fmt, "train", "fused") for g in (1, 4) for fmt in _FORMATS] + \
+         [(g, fmt, "train", "traced") for g in (1, 4, 32) for fmt in _FORMATS]
 
 
 @pytest.mark.parametrize("g,fmt,mode,kernel", _CASES)
@@ -277,7 +295,7 @@ def test_no_affine_no_tracking_and_frozen_input_equal_former_algorithm(kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_one_value_per_channel_is_still_an_error(kernel):
     _, ghost = _pair(n=1)
-    ghost.kernel = kernel
+    ghost.kernel = _k(kernel)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         ghost(torch.randn(4, 5, 1, 1))
 
@@ -301,7 +319,7 @@ def test_forward_makes_no_host_to_device_tensor(monkeypatch):
 @pytest.mark.parametrize("fmt", list(_FORMATS))
 def test_bf16_autocast_keeps_fp32_statistics(fmt, kernel):
     torch.manual_seed(0)
-    ghost = GhostBatchNorm2d(8, 4, kernel)
+    ghost = GhostBatchNorm2d(8, 4, _k(kernel))
     fp32 = copy.deepcopy(ghost)
     x = (torch.randn(16, 8, 6, 6) * 2 + 0.5).contiguous(memory_format=_FORMATS[fmt])
     xb = x.to(torch.bfloat16).requires_grad_(True)
