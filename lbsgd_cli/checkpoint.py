@@ -85,6 +85,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _unpickler_reason(exc: Exception) -> str:
+    """What torch's weights-only unpickler stopped at (``Unsupported operand 110``), not its advice paragraph."""
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+    return found.group(1).strip() if found else first_line(exc)
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(weights_only=True)`` of any file (training or quantized checkpoint, or anything else):
     data only, no code runs. A missing file, a directory, an unreadable file or one that names anything
@@ -97,11 +103,14 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only's unpickler met a global it does not allow
+    except pickle.UnpicklingError as exc:  # weights_only's unpickler met a global it does not allow, or no pickle
         found = re.search(r"(?:unsupported|Unsupported) (?:global|GLOBAL):? ?(?:GLOBAL )?([\w.]+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
-        raise UserError(f"checkpoint: {path} holds code or objects other than tensors and plain data{what}; "
-                        "refused without running any of it (lbsgd's checkpoints hold data only)") from None
+        if found is None:  # not a global: a file that is no pickle at all (text, truncated)
+            raise UserError(f"checkpoint: {path} is not a readable checkpoint (truncated or foreign): "
+                            f"{_unpickler_reason(exc)}") from None
+        raise UserError(f"checkpoint: {path} holds code or objects other than tensors and plain data "
+                        f"({found.group(1)}); refused without running any of it (lbsgd's checkpoints hold data "
+                        "only)") from None
     except Exception as exc:
         raise UserError(f"checkpoint: {path} is not a readable checkpoint (truncated or foreign): "
                         f"{first_line(exc)}") from None
