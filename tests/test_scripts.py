@@ -17,18 +17,22 @@ from lbsgd_cli.config import validate
 from .conftest import ROOT, compose
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_exp_cifar_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -> None:
+def _recorded_runs(tmp_path: Path, script: str, parts: list[str], **env: str) -> list[list[str]]:
+    """The `lbsgd` command lines ``scripts/SCRIPT PARTS`` starts, recorded by a fake lbsgd instead of training."""
     calls = tmp_path / "calls.jsonl"
-    fake = tmp_path / "lbsgd"  # records the command line instead of training
+    fake = tmp_path / "lbsgd"
     fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
                     f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
     fake.chmod(0o755)
-    env = {**os.environ, "DATA": str(tmp_path), "SCALE": "cpu", "RUNS": str(tmp_path / "runs"), "LBSGD": str(fake)}
+    env = {**os.environ, "DATA": str(tmp_path), "RUNS": str(tmp_path / "runs"), "LBSGD": str(fake), **env}
+    subprocess.run(["bash", str(ROOT / "scripts" / script), *parts], env=env, check=True, capture_output=True)
+    return [json.loads(line) for line in calls.read_text().splitlines()]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_exp_cifar_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -> None:
     parts = ["ladder", "table1", "seeds", "rules", "nozg", "fp32", "probe"]
-    subprocess.run(["bash", str(ROOT / "scripts" / "exp_cifar.sh"), *parts], env=env, check=True,
-                   capture_output=True)
-    runs = [json.loads(line) for line in calls.read_text().splitlines()]
+    runs = _recorded_runs(tmp_path, "exp_cifar.sh", parts, SCALE="cpu")
     assert len(runs) == 7 + 4 + 7 + 6 + 14 + 2 + 7
     dirs = [next(a for a in r if a.startswith("hydra.run.dir=")) for r in runs]
     assert len(set(dirs)) == len(dirs), "two runs of the script share a run directory"
@@ -64,15 +68,7 @@ def test_exp_cifar_with_jobs_starts_the_same_runs_at_once_each_logging_to_its_ow
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_exp_beyond_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -> None:
-    calls = tmp_path / "calls.jsonl"
-    fake = tmp_path / "lbsgd"  # records the command line instead of training
-    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                    f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
-    fake.chmod(0o755)
-    env = {**os.environ, "DATA": str(tmp_path), "RUNS": str(tmp_path / "runs"), "LBSGD": str(fake)}
-    subprocess.run(["bash", str(ROOT / "scripts" / "exp_beyond.sh"), "noise", "lars-probe", "lars", "warmup"],
-                   env=env, check=True, capture_output=True)
-    runs = [json.loads(line) for line in calls.read_text().splitlines()]
+    runs = _recorded_runs(tmp_path, "exp_beyond.sh", ["noise", "lars-probe", "lars", "warmup"])
     assert len(runs) == 1 + 3 + 4 + 4
     dirs = [next(a for a in r if a.startswith("hydra.run.dir=")) for r in runs]
     shared = {d for d in dirs if dirs.count(d) > 1}  # only a probe and the run that continues it (LARS_PEAK 10)
