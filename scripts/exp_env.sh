@@ -12,7 +12,7 @@ RUNS=${RUNS:-runs/results}
 SCALE=${SCALE:-cpu}
 SEEDS=${SEEDS:-0,1}
 case "$SCALE" in
-  cpu)  BASE_K=2; LARGE_K=8; LADDER=4,32,16,1; SCALE_ARG=(scale=cpu_5k) ;;  # the 5k-subset regime of beyond.md
+  cpu)  BASE_K=2; LARGE_K=8; LADDER=4,32,16,1; SCALE_ARG=(scale=cpu_5k) ;;  # the 5k-subset regime of starved_5k/beyond.md
   full) BASE_K=4; LARGE_K=64; LADDER=1,2,8,16,32,128,256; SCALE_ARG=() ;;  # n=32: kn 128 / 2048
   *) echo "SCALE must be cpu or full" >&2; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Figures and table of results/beyond.md, from the run directories of scripts/exp_beyond.sh alone.
+"""Figures and table of results/starved_5k/beyond.md, from the run directories of scripts/exp_beyond.sh starved.
 
-    python scripts/plot_beyond.py runs/results --out results
+    python scripts/plot_beyond.py runs/results --out results/starved_5k
 
 Reads ``<runs>/kn_sweep`` and ``<runs>/warmup`` (plain SGD, seed 0), ``<runs>/lars`` (LARS),
 ``<runs>/noise_scale`` (the baseline with ``log.noise_scale=true``) and ``<runs>/comm_hook/<hook>``
