@@ -316,7 +316,8 @@ class PreemptionFlag:
                 pass
 
     def _handler(self, signum, frame) -> None:
-        self.raised = signal.Signals(signum).name
+        # the first reason stays: `scontrol requeue` sends SIGTERM to a job that is already stopping
+        self.raised = self.raised or signal.Signals(signum).name
 
     def agreed(self, device, iteration: int | None = None, force: bool = False) -> bool:
         """True on every rank when any rank got a signal (one tiny allreduce with several processes, at
