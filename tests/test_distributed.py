@@ -246,9 +246,10 @@ def test_requeue_command_and_runner():
     assert "failed (Invalid job id specified)" in D.requeue_slurm_job({"SLURM_JOB_ID": "42"}, runner=fake)
     assert calls == [["scontrol", "show", "job", "-o", "42"], ["scontrol", "requeue", "42"]] * 2
     assert "not a SLURM job" in D.requeue_slurm_job({}, runner=fake) and len(calls) == 4
-    state[0] = "CANCELLED"  # `scancel` (SIGTERM): the user stops the job; no requeue
-    assert D.requeue_slurm_job({"SLURM_JOB_ID": "42"}, runner=fake) == "not requeued: job 42 was cancelled (scancel)"
-    assert calls[4:] == [["scontrol", "show", "job", "-o", "42"]]
+    for state[0] in ("COMPLETING", "CANCELLED"):  # `scancel` (SIGTERM): the user stops the job; no requeue
+        assert D.requeue_slurm_job({"SLURM_JOB_ID": "42"}, runner=fake) == (
+            f"not requeued: job 42 is ending ({state[0]}: cancelled, or past its time limit)")
+    assert calls[4:] == [["scontrol", "show", "job", "-o", "42"]] * 2
 
 
 def test_peer_failure_messages_and_fault_switch():
