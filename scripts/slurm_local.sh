@@ -9,8 +9,10 @@
 # their submitter. No systemd: munged runs as the munge user, then slurmctld, then `slurmd -N localhost`.
 # Settings (environment): SLURM_LOCAL_CPUS (CPUs the node declares, default 8: slurmd takes it as given,
 # SlurmdParameters=config_overrides), SLURM_LOCAL_PORT (slurmctld's port; slurmd's is the next one; default:
-# two free ports). AuthInfo=cred_expire=10 lets a requeued job start ~13 s after it ends (120 s by default).
+# two free ports). AuthInfo=cred_expire=10 lets a requeued job start again ~13 s after it ends on an idle
+# machine (20-40 s on a loaded one; 120 s by default).
 set -euo pipefail
+PATH=$PATH:/usr/sbin:/sbin  # munged, slurmctld, slurmd, runuser
 
 usage() { echo "usage: $0 up|down DIR" >&2; exit 2; }
 [ $# -eq 2 ] || usage
