@@ -285,6 +285,8 @@ def _save(loop: Loop, state: RunState) -> None:
 
 
 def _leave_preempted(loop: Loop, iteration: int) -> None:
+    if loop.cfg.dist.requeue and D.requeue_command() is not None:
+        loop.stopper.hold()  # `scontrol requeue` ends the job at once: SIGTERM to every task, this one too
     note = D.requeue_slurm_job() if loop.cfg.dist.requeue and loop.parallel.is_main else ""
     D.barrier()  # nobody exits before the requeue (srun --kill-on-bad-exit)
     raise Preempted(f"preempted by {loop.stopper.raised} at iteration {iteration}; checkpoint written"
@@ -335,6 +337,11 @@ class PreemptionFlag:
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+    def hold(self) -> None:
+        """Keep catching the signals until the process exits (``restore`` then leaves them alone): the process
+        is leaving with status 3 and a signal now (SLURM's SIGTERM after a requeue) must not kill it first."""
+        self._old.clear()
 
 
 # --------------------------------------------------------------------------- noise scale and console

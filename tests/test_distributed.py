@@ -296,6 +296,13 @@ def test_sigterm_and_sigusr2_set_the_preemption_flag():
         assert flag.agreed(torch.device("cpu")) and flag.raised == sig.name
         flag.restore()
         assert signal.getsignal(sig) == before
+    flag = PreemptionFlag(["SIGUSR2"])
+    flag.hold()  # leaving after a requeue: the handler stays, restore() leaves it
+    flag.restore()
+    os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(0.01)
+    assert flag.raised == "SIGUSR2"
+    signal.signal(signal.SIGUSR2, before)
 
 
 def test_dist_keys_are_checked_and_do_not_name_the_run(tmp_path):
