@@ -165,6 +165,8 @@ def preflight(command: str, args: list[str]) -> None:
     printing_only = any(a in ("--cfg", "-c") for a in args)  # `--cfg job` shows a config, runs nothing
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        if "hydra/launcher=slurm" in args:
+            _check_slurm_launcher(compose, command, args)
         for extra in variants:
             try:
                 cfg = compose(config_name=command, overrides=base + extra)
@@ -175,6 +177,31 @@ def preflight(command: str, args: list[str]) -> None:
 
                 config.VALIDATORS[command](cfg)
     GlobalHydra.instance().clear()
+
+
+def slurm_sweep_args(args: list[str]) -> list[str]:
+    """``lbsgd train ... hydra/launcher=slurm`` adds ``dist.requeue=true`` unless the user set ``dist.requeue``: a sweep's job
+    that is preempted writes its checkpoint, requeues itself, and submitit runs it again (it resumes). Without
+    it the preempted job would end with no result and the sweep would wait for it. The key names no run."""
+    if "hydra/launcher=slurm" in args and not any(a.lstrip("+").startswith("dist.requeue=") for a in args):
+        i = args.index("hydra/launcher=slurm")  # among the overrides: argparse takes them as one run
+        return [*args[:i], "dist.requeue=true", *args[i:]]
+    return args
+
+
+def _check_slurm_launcher(compose: Callable, command: str, args: list[str]) -> None:
+    """The launcher keys sbatch would refuse with a traceback, as one line before anything is submitted."""
+    overrides = [o for o in _override_args(args) if o.startswith(("hydra/launcher=", "hydra.launcher."))]
+    try:
+        launcher = compose(config_name=command, overrides=overrides, return_hydra_config=True).hydra.launcher
+    except Exception as exc:  # Hydra/OmegaConf composition errors
+        raise UserError(_composition_message(exc)) from None
+    for key in ("nodes", "tasks_per_node", "cpus_per_task"):
+        value = launcher.get(key)
+        if value is not None and int(value) < 1:
+            hint = " (gpus_per_node=0, a CPU partition: set hydra.launcher.tasks_per_node=N)" \
+                if key == "tasks_per_node" else ""
+            raise UserError(f"hydra.launcher.{key}={value}: SLURM needs at least 1{hint}")
 
 
 def _composition_message(exc: Exception) -> str:
@@ -260,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], quote_paths(argv[1:])
+    if command == "train":
+        rest = slurm_sweep_args(rest)
     if command == "plot":  # not a Hydra app: it reads run directories, not a config
         from .plot import main as plot_main
 

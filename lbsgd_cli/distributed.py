@@ -235,11 +235,24 @@ def requeue_command(environ: dict[str, str] | None = None) -> list[str] | None:
     return None
 
 
+def _job_state(job: str, runner=subprocess.run) -> str | None:
+    """The job's state as ``scontrol show job`` reports it (COMPLETING once ``scancel`` has run), or None."""
+    try:
+        done = runner(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"\bJobState=(\w+)", done.stdout or "") if done.returncode == 0 else None
+    return m.group(1) if m else None
+
+
 def requeue_slurm_job(environ: dict[str, str] | None = None, runner=subprocess.run) -> str:
     """Ask SLURM to requeue this job (call after the preemption checkpoint); a note for the exit message."""
     cmd = requeue_command(environ)
     if cmd is None:
         return "dist.requeue is set but this is not a SLURM job (no SLURM_JOB_ID): not requeued"
+    state = _job_state(cmd[2], runner)
+    if state in ("CANCELLED", "COMPLETING"):  # `scancel` sends SIGTERM too: the user (or the time limit) ended it
+        return f"not requeued: job {cmd[2]} is ending ({state}: cancelled, or past its time limit)"
     try:
         done = runner(cmd, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:

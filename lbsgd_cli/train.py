@@ -317,8 +317,10 @@ def _save(loop: Loop, state: RunState) -> None:
 
 
 def _leave_preempted(loop: Loop, iteration: int) -> None:
-    requeue = loop.cfg.dist.requeue and loop.parallel.is_main and loop.stopper.raised != "SIGINT"  # not Ctrl-C
-    note = D.requeue_slurm_job() if requeue else ""
+    requeue = loop.cfg.dist.requeue and loop.stopper.raised != "SIGINT"  # not Ctrl-C
+    if requeue and D.requeue_command() is not None:
+        loop.stopper.hold()  # `scontrol requeue` ends the job at once: SIGTERM to every task, this one too
+    note = D.requeue_slurm_job() if requeue and loop.parallel.is_main else ""
     D.barrier()  # nobody exits before the requeue (srun --kill-on-bad-exit)
     by = "stopped by SIGINT (Ctrl-C)" if loop.stopper.raised == "SIGINT" else f"preempted by {loop.stopper.raised}"
     raise Preempted(f"{by} at iteration {iteration}; checkpoint written; the same command resumes"
@@ -340,7 +342,8 @@ class PreemptionFlag:
     at the same iteration."""
 
     def __init__(self, names: list[str], check_every: int = 1) -> None:
-        self.raised: str | None = None
+        self.raised: str | None = None  # the first signal's name: why the run stops
+        self.interrupted = False  # a Ctrl-C came: the next one stops at once
         self.check_every = max(1, check_every)
         self._old: dict[int, Any] = {}
         for name in [*names, *(["SIGINT"] if "SIGINT" not in names else [])]:  # Ctrl-C: always
@@ -355,11 +358,13 @@ class PreemptionFlag:
     def _handler(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if signum == signal.SIGINT:  # Ctrl-C: the first checkpoints and stops, a second stops at once
-            if self.raised == "SIGINT":
+            if self.interrupted:
                 raise KeyboardInterrupt
+            self.interrupted = True
             print("lbsgd: Ctrl-C: writing a checkpoint at the next iteration, then stopping (status 3); "
                   "Ctrl-C again stops at once", file=sys.stderr, flush=True)
-        self.raised = name
+        # the first reason stays: `scontrol requeue` sends SIGTERM to a job that is already stopping
+        self.raised = self.raised or name
 
     def agreed(self, device, iteration: int | None = None, force: bool = False) -> bool:
         """True on every rank when any rank got a signal (one tiny allreduce with several processes, at
@@ -377,6 +382,11 @@ class PreemptionFlag:
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+    def hold(self) -> None:
+        """Keep catching the signals until the process exits (``restore`` then leaves them alone): the process
+        is leaving with status 3 and a signal now (SLURM's SIGTERM after a requeue) must not kill it first."""
+        self._old.clear()
 
 
 # --------------------------------------------------------------------------- noise scale and console

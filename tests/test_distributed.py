@@ -123,7 +123,8 @@ def test_w2_equals_w1_resumes_across_w_and_survives_preemption(tmp_path):
     assert "lbsgd: preempted: preempted by SIGUSR2 at iteration" in errs[1]
     assert "preempted by a signal on another rank" in errs[0] and "requeued with `scontrol requeue" in errs[0]
     job = (tmp_path / "job").read_text()
-    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", job]  # once, by rank 0 only
+    calls = [c for c in (tmp_path / "scontrol.log").read_text().splitlines() if c.startswith("requeue")]
+    assert calls == [f"requeue {job}"]  # once, by rank 0 only
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert 4 <= stopped["iteration"] < ITERS and stopped["meta"]["world_size"] == 2
     out0, out1 = (tmp_path / "rank0.out").read_text(), (tmp_path / "rank1.out").read_text()
@@ -232,16 +233,23 @@ def test_requeue_command_and_runner():
     assert D.requeue_command({"SLURM_JOB_ID": "43", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "3"}) == [
         "scontrol", "requeue", "40_3"]
     assert D.requeue_command({}) is None
-    calls = []
+    calls, state = [], ["RUNNING"]
 
     def fake(cmd, **kw):
         calls.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0 if len(calls) == 1 else 1, "", "Invalid job id specified\n")
+        if cmd[1] == "show":
+            return subprocess.CompletedProcess(cmd, 0, f"JobId=42 JobName=lbsgd JobState={state[0]} Reason=None\n", "")
+        requeues = sum(c[1] == "requeue" for c in calls)
+        return subprocess.CompletedProcess(cmd, 0 if requeues == 1 else 1, "", "Invalid job id specified\n")
 
     assert D.requeue_slurm_job({"SLURM_JOB_ID": "42"}, runner=fake) == "requeued with `scontrol requeue 42`"
     assert "failed (Invalid job id specified)" in D.requeue_slurm_job({"SLURM_JOB_ID": "42"}, runner=fake)
-    assert calls == [["scontrol", "requeue", "42"]] * 2
-    assert "not a SLURM job" in D.requeue_slurm_job({}, runner=fake) and len(calls) == 2
+    assert calls == [["scontrol", "show", "job", "-o", "42"], ["scontrol", "requeue", "42"]] * 2
+    assert "not a SLURM job" in D.requeue_slurm_job({}, runner=fake) and len(calls) == 4
+    for state[0] in ("COMPLETING", "CANCELLED"):  # `scancel` (SIGTERM): the user stops the job; no requeue
+        assert D.requeue_slurm_job({"SLURM_JOB_ID": "42"}, runner=fake) == (
+            f"not requeued: job 42 is ending ({state[0]}: cancelled, or past its time limit)")
+    assert calls[4:] == [["scontrol", "show", "job", "-o", "42"]] * 2
 
 
 def test_peer_failure_messages_and_fault_switch():
@@ -288,6 +296,13 @@ def test_sigterm_and_sigusr2_set_the_preemption_flag():
         assert flag.agreed(torch.device("cpu")) and flag.raised == sig.name
         flag.restore()
         assert signal.getsignal(sig) == before
+    flag = PreemptionFlag(["SIGUSR2"])
+    flag.hold()  # leaving after a requeue: the handler stays, restore() leaves it
+    flag.restore()
+    os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(0.01)
+    assert flag.raised == "SIGUSR2"
+    signal.signal(signal.SIGUSR2, before)
 
 
 def test_dist_keys_are_checked_and_do_not_name_the_run(tmp_path):
@@ -344,6 +359,24 @@ def test_sbatch_script_is_valid_bash_and_forwards_overrides():
     assert "#SBATCH --signal=USR2@120" in text and "#SBATCH --requeue" in text
     assert "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-node=8" in text
     assert 'python -m lbsgd_cli train dist.requeue=true "$@"' in text and "srun " in text
+
+
+def test_slurm_sweep_requeues_itself_and_a_cpu_partition_needs_tasks_per_node():
+    """hydra/launcher=slurm adds dist.requeue=true (a preempted task must come back, or the sweep waits for it);
+    gpus_per_node=0 leaves tasks_per_node at 0, which sbatch refuses with a traceback: one line instead."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from lbsgd_cli import cli
+
+    sweep = ["-m", "batch.k=1,2", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0"]
+    assert cli.slurm_sweep_args(sweep) == ["-m", "batch.k=1,2", "dist.requeue=true", *sweep[2:]]
+    assert cli.slurm_sweep_args([*sweep, "dist.requeue=false"]) == [*sweep, "dist.requeue=false"]
+    assert cli.slurm_sweep_args(["-m", "batch.k=1,2"]) == ["-m", "batch.k=1,2"]
+    job = lbsgd("train", "batch.k=2", "hydra/launcher=slurm", "--cfg", "job")
+    assert job.returncode == 0 and OmegaConf.create(job.stdout).dist.requeue is True
+    proc = lbsgd("train", *sweep)
+    assert proc.returncode == 2 and proc.stderr == (
+        "lbsgd: error: hydra.launcher.tasks_per_node=0: SLURM needs at least 1 (gpus_per_node=0, a CPU partition: "
+        "set hydra.launcher.tasks_per_node=N)\n")
 
 
 def test_slurm_launcher_without_the_plugin_is_a_one_line_error(monkeypatch):
