@@ -167,8 +167,8 @@ def test_a_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_same_wei
     info = cluster.wait(job)
     out = (tmp_path / f"slurm-{job}.out").read_text()  # --open-mode=append: both starts in one log
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), out
-    stopped = int(re.search(r"preempted by SIGUSR2 at iteration (\d+); checkpoint written; requeued with "
-                            rf"`scontrol requeue {job}`", out).group(1))
+    stopped = int(re.search(r"preempted by SIGUSR2 at iteration (\d+); checkpoint written; the same command "
+                            rf"resumes; requeued with `scontrol requeue {job}`", out).group(1))
     assert f"job {job} (restart 1)" in out and f"resuming at iteration {stopped}" in out
     # the first start left with status 3 (scontrol requeue's SIGTERM to the tasks did not kill them first)
     assert "status 4" not in out and "Terminated" not in out and out.rstrip().endswith("lbsgd exited with status 0")
@@ -209,7 +209,7 @@ def test_a_sweep_runs_as_an_array_and_a_preempted_task_is_requeued_and_completes
     assert cluster.job(f"{array}_0")["Restarts"] == "0" and cluster.job(f"{array}_1")["Restarts"] == "1"
     log = sweep / ".submitit" / f"{array}_1"
     err1, out1 = (log / f"{array}_1_0_log.err").read_text(), (log / f"{array}_1_0_log.out").read_text()
-    assert f"checkpoint written; requeued with `scontrol requeue {array}_1`" in err1
+    assert f"checkpoint written; the same command resumes; requeued with `scontrol requeue {array}_1`" in err1
     assert re.search(r"resuming at iteration \d+", out1)
     assert (log / f"{array}_1_0_result.pkl").exists()  # submitit ran it again to the end
 
@@ -270,4 +270,5 @@ def test_a_second_job_on_the_same_run_directory_is_refused_with_one_line(cluster
     first_info = cluster.wait(first, timeout=120)
     first_out = (tmp_path / "first.out").read_text()
     assert (first_info["JobState"], first_info["Restarts"]) == ("CANCELLED", "0"), first_out
-    assert f"checkpoint written; not requeued: job {first} is ending (COMPLETING: cancelled" in first_out
+    assert (f"checkpoint written; the same command resumes; not requeued: job {first} is ending (COMPLETING: "
+            "cancelled") in first_out
