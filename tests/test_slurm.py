@@ -184,7 +184,8 @@ def test_a_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_same_wei
 
 def test_a_sweep_runs_as_an_array_and_a_preempted_task_is_requeued_and_completes(cluster, tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["train", "-m", "batch.k=1,2", "experiment=debug", "log.tensorboard=false", "checkpoint.every_iters=2", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0",
+    args = ["train", "-m", "batch.k=1,2", "experiment=debug", "log.tensorboard=false", "checkpoint.every_iters=2",
+            "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0",
             "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=1", "hydra.launcher.partition=debug",
             "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen([sys.executable, "-m", "lbsgd_cli", *args], cwd=tmp_path, env=cluster.env,
