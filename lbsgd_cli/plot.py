@@ -58,7 +58,8 @@ from .errors import UserError
 from .metrics import read_metrics
 
 FIELDS = ["experiment", "kn", "k", "n", "lr", "warmup", "zero_gamma", "seed", "epochs", "val_err", "train_err",
-          "steps", "diverged", "rule", "arch", "precision", "run", "base_lr", "device"]
+          "steps", "diverged", "rule", "arch", "precision", "run", "base_lr", "device", "optim", "decay",
+          "warmup_epochs", "planned_epochs"]
 
 
 @dataclass
@@ -135,6 +136,11 @@ def load_run(path: Path) -> Run | None:
         "run": path.name,
         "base_lr": cfg["optim"]["base_lr"],
         "device": run_device(path / "run_info.json"),
+        # beyond the paper (results/beyond.md): runs from before these keys existed had the paper's values
+        "optim": cfg["optim"].get("name", "sgd"),
+        "decay": cfg["schedule"].get("decay", "step"),
+        "warmup_epochs": float(cfg["schedule"].get("warmup_epochs", 5.0)),
+        "planned_epochs": cfg["schedule"]["epochs"],
     }
     return run
 
@@ -402,6 +408,146 @@ def setting_tables(study: Study) -> list[str]:
     return out
 
 
+# --------------------------------------------------------------------------- beyond the paper
+
+
+def paper_warmup_epochs(runs: list[Run]) -> float:
+    """The gradual warmup's length in the study's SGD runs with step decay: the paper's 5 epochs (§2.2) unless
+    a whole study changed it."""
+    values = [r.row["warmup_epochs"] for r in runs
+              if r.row["optim"] == "sgd" and r.row["decay"] == "step" and r.row["warmup"] != "none"]
+    return usual(values, 5.0) if values else 5.0
+
+
+def method_of(row: dict[str, Any], paper_warmup: float) -> str:
+    """The method beyond the paper a run tries, by name (``""`` for the paper's SGD with step decay).
+
+    Another optimizer (``LARS``, You et al. 2017), another decay after warmup (``poly decay``), or, for the
+    paper's SGD, another warmup length (``SGD, longer warmup``). A method's settings (rate, warmup length)
+    are compared with each other at each kn; the best finished one stands for the method."""
+    extras = [f"{row['decay']} decay"] if row["decay"] != "step" else []
+    if row["optim"] == "sgd" and not extras:
+        if row["warmup"] == "none" or row["warmup_epochs"] == paper_warmup:
+            return ""
+        extras.append("longer warmup" if row["warmup_epochs"] > paper_warmup else "shorter warmup")
+    return ", ".join([row["optim"].upper(), *extras])
+
+
+def split_methods(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """The study's runs of the paper's recipe and its ablations, and those of methods beyond it."""
+    paper_warmup = paper_warmup_epochs(runs)
+    beyond = [r for r in runs if method_of(r.row, paper_warmup)]
+    return [r for r in runs if r not in beyond], beyond
+
+
+def finished(run: Run) -> bool:
+    """Whether the run trained all its planned epochs (a probe, ``checkpoint.stop_after_epoch``, did not)."""
+    return run.diverged or run.row["epochs"] >= run.row["planned_epochs"]
+
+
+@dataclass
+class Methods:
+    """Runs of methods beyond the paper beside the recipe's ladder they try to extend (results/beyond.md).
+
+    The reference is the study's recipe with the methods' zero-gamma (a gamma = 1 study is compared with
+    the gamma = 1 ladder): its baseline gives the gaps, its ladder the line the methods are drawn against."""
+
+    reference: Study | None
+    runs: list[Run]
+    paper_warmup: float
+
+    @classmethod
+    def of(cls, paper: list[Run], beyond: list[Run]) -> Methods:
+        zero_gamma = usual([r.row["zero_gamma"] for r in beyond], True)
+        same = [r for r in paper if r.row["zero_gamma"] == zero_gamma]
+        reference = None
+        if same:
+            default = {"rule": "linear", "zero_gamma": zero_gamma,
+                       "base_lr": usual([r.row["base_lr"] for r in same], None)}
+            reference = Study.of(paper, default)
+        return cls(reference, beyond, paper_warmup_epochs(paper + beyond))
+
+    def method(self, run: Run) -> str:
+        return method_of(run.row, self.paper_warmup)
+
+    def best(self) -> dict[str, dict[int, list[Run]]]:
+        """method -> kn -> the runs (seeds) of its finished setting (rate, warmup) with the lowest mean val error;
+        a setting whose every run diverged counts as worst."""
+        groups: dict[tuple[str, int, tuple], list[Run]] = defaultdict(list)
+        for r in self.runs:
+            if finished(r):
+                groups[(self.method(r), r.row["kn"], (r.row["lr"], r.row["warmup"], r.row["warmup_epochs"]))].append(r)
+
+        def score(rs: list[Run]) -> float:
+            vals = [r.row["val_err"] for r in rs if not r.diverged and r.row["val_err"] is not None]
+            return statistics.mean(vals) if vals else math.inf
+
+        out: dict[str, dict[int, list[Run]]] = defaultdict(dict)
+        for (method, kn, _), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], score(kv[1]))):
+            out[method].setdefault(kn, rs)  # sorted by score: the first is the best
+        return {m: dict(sorted(by_kn.items())) for m, by_kn in sorted(out.items())}
+
+    def recipe_at_epoch(self, run: Run, epoch: int) -> float | None:
+        """The val error of the recipe's run of ``run``'s kn and seed at ``epoch`` (to set a probe beside)."""
+        if self.reference is None:
+            return None
+        for r in self.reference.recipe(kn=run.row["kn"], seed=run.row["seed"], warmup=run.row["warmup"]):
+            for e in r.epochs:
+                if e["epoch"] == epoch:
+                    return e["val/err"]
+        return None
+
+
+def setting_label(runs: list[Run]) -> str:
+    x = runs[0].row
+    return f"lr {x['lr']:.3g}, {x['warmup']} warmup {x['warmup_epochs']:g} ep"
+
+
+def beyond_tables(methods: Methods) -> list[str]:
+    """Markdown: every run beyond the recipe (a probe beside the recipe at its last epoch), then Figure 1
+    (methods): the recipe's ladder and each method's best setting at each kn, as gaps from the baseline."""
+    ref = methods.reference
+    base = ref.baseline() if ref else []
+    zg = methods.runs[0].row["zero_gamma"]
+    out = ["", "## Beyond the paper: other methods at large kn", "",
+           f"Runs of the study beyond its recipe; gaps are from the recipe's baseline (kn {ref.base_kn if ref else '-'}, "
+           f"{cell(base)} %, zero-gamma {zg}). A run stopped before its planned epochs (a probe) shows its last "
+           "epoch's val error beside the recipe's run of the same kn and seed at that epoch.", "",
+           "| method | kn | lr | warmup | epochs | val error % | vs baseline (points) | last epoch: train / val error % "
+           "| seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for r in methods.runs:
+        x = r.row
+        groups[(methods.method(r), x["kn"], x["lr"], x["warmup"], x["warmup_epochs"], finished(r), x["epochs"])].append(r)
+    for (method, kn, lr, warmup, w_ep, done, ep), rs in sorted(groups.items()):
+        planned = rs[0].row["planned_epochs"]
+        if done:
+            value, vs = cell(rs), gap(ref, rs) if ref else "-"
+            epochs = str(ep)
+        else:  # a probe: the last epoch, beside the recipe at the same epoch
+            value = f"{100 * statistics.mean(r.epochs[-1]['val/err'] for r in rs):.2f} (epoch {ep})"
+            ref_vals = [v for v in (methods.recipe_at_epoch(r, ep) for r in rs) if v is not None]
+            vs = f"recipe at epoch {ep}: {100 * statistics.mean(ref_vals):.2f}" if ref_vals else "-"
+            epochs = f"{ep} of {planned} (probe)"
+        out.append(f"| {method} | {kn} | {lr:.3g} | {warmup} {w_ep:g} ep | {epochs} | {value} | {vs} | {last(rs)} "
+                   f"| {seeds(rs)} |")
+    best = methods.best()
+    if ref is None or not best:
+        return out
+    ladder = ref.ladder()
+    kns = sorted(set(ladder) | {kn for by_kn in best.values() for kn in by_kn})
+    out += ["", "Figure 1 (methods): val error % (vs the baseline, points) of the recipe and each method's best "
+            "finished setting", "", "| kn | recipe (SGD, step decay, warmup "
+            f"{methods.paper_warmup:g} ep) | " + " | ".join(best) + " |", "|---|---|" + "---|" * len(best)]
+    for kn in kns:
+        cells = [f"{cell(ladder[kn])} ({gap(ref, ladder[kn])})" if kn in ladder else "-"]
+        for by_kn in best.values():
+            rs = by_kn.get(kn)
+            cells.append(f"{cell(rs)} ({gap(ref, rs)}; {setting_label(rs)}; seeds {seeds(rs)})" if rs else "-")
+        out.append(f"| {kn} | " + " | ".join(cells) + " |")
+    return out
+
+
 def write_summary(runs: list[Run], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -476,6 +622,44 @@ def comparison_figure(studies: dict[str, Study], out: Path) -> list[Path]:
     fig.savefig(out / "fig1_err_vs_kn_studies.png", dpi=110)
     plt.close(fig)
     return [out / "fig1_err_vs_kn_studies.png"]
+
+
+def methods_figure(methods: Methods, out: Path) -> list[Path]:
+    """Figure 1 (methods), ``fig1_methods.png``: the recipe's ladder and each method's best finished setting
+    per kn, val error against kn, with the baseline and 1 point above it marked."""
+    best, ref = methods.best(), methods.reference
+    if ref is None or not best:
+        return []
+    plt = _pyplot()
+    base = [100 * r.row["val_err"] for r in ref.baseline() if not r.diverged]
+    ref_err = statistics.mean(base) if base else None
+    top = (ref_err or 0) + 25.0  # a point beyond is drawn at the edge with its value written
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+
+    def draw(ladder: dict[int, list[Run]], name: str, fmt: str) -> None:
+        kns, means, stds, div = ladder_points(ladder)
+        line = ax.errorbar(kns, [min(m, top) for m in means], yerr=stds, fmt=fmt, capsize=3, label=name)
+        for kn, m in zip(kns, means):
+            if m > top:
+                ax.annotate(f"{m:.1f}", (kn, top), textcoords="offset points", xytext=(0, -12), ha="center",
+                            fontsize=8, color=line[0].get_color())
+        for kn in div:
+            ax.annotate("diverged", (kn, top), rotation=90, ha="center", va="top", fontsize=8)
+
+    draw(ref.ladder(), f"recipe: SGD, step decay, warmup {methods.paper_warmup:g} ep", "o-")
+    for method, by_kn in best.items():
+        draw(by_kn, f"{method} (best setting per kn)", "s--")
+    if ref_err is not None:
+        ax.axhline(ref_err + 1.0, color="grey", ls="--", lw=0.8, label="1 point above the baseline")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(top=top + 1)
+    ax.set(xlabel="minibatch size kn", ylabel="val error (%)", title="beyond the paper: error vs kn per method")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "fig1_methods.png", dpi=110)
+    plt.close(fig)
+    return [out / "fig1_methods.png"]
 
 
 def figures(study: Study, out: Path) -> list[Path]:
@@ -554,22 +738,33 @@ def main(argv: list[str]) -> int:
     runs = find_runs(args.paths)
     args.out.mkdir(parents=True, exist_ok=True)
     write_summary(runs, args.out / "summary.csv")
-    studies = {name: Study.of(members) for name, members in split_studies(runs).items()}
+    studies: dict[str, Study] = {}
+    methods: dict[str, Methods] = {}  # runs beyond the paper (results/beyond.md), per study
+    for name, members in split_studies(runs).items():
+        paper, beyond = split_methods(members)
+        if paper:
+            studies[name] = Study.of(paper)
+        if beyond:
+            methods[name] = Methods.of(paper, beyond)
     variants = {f"{name}_{v}": vs for name, study in studies.items() for v, vs in study.variants.items()}
     every = {**studies, **variants}  # the variants' tables are in their study's; their figures are their own
+    several = len(studies.keys() | methods.keys()) > 1
     lines: list[str] = comparison(every) + device_pairs(runs)
-    for name, study in studies.items():
-        if len(studies) > 1:  # several networks or schedules: one set of tables and figures each
+    for name in sorted(studies.keys() | methods.keys()):
+        if several:  # several networks or schedules: one set of tables and figures each
             lines += [f"## {name}", ""]
-        lines += tables(study) + [""]
+        lines += (tables(studies[name]) if name in studies else []) + (
+            beyond_tables(methods[name]) if name in methods else []) + [""]
     (args.out / "tables.md").write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {args.out / 'summary.csv'} ({len(runs)} runs), {args.out / 'tables.md'}", file=sys.stderr)
     if not args.no_figures:
         written = comparison_figure(every, args.out)
         for name, study in every.items():
-            out = args.out / name if len(studies) > 1 or name in variants else args.out
+            out = args.out / name if several or name in variants else args.out
             written += figures(study, out)
+        for name, m in methods.items():
+            written += methods_figure(m, args.out / name if several else args.out)
         for p in written:
             print(f"wrote {p}", file=sys.stderr)
     return 0

@@ -15,13 +15,18 @@ from lbsgd_cli.plot import FIELDS, Study, find_runs, tables
 
 def make_run(root: Path, name: str, k: int, warmup: str = "gradual", seed: int = 0, rule: str = "linear",
              zero_gamma: bool = True, errs: tuple[float, ...] = (0.5, 0.4, 0.3), diverged: bool = False,
-             epochs: int = 3, precision: str = "bf16", base_lr: float = 0.1, device: str | None = None) -> Path:
+             epochs: int = 3, precision: str = "bf16", base_lr: float = 0.1, device: str | None = None,
+             optim: str | None = None, decay: str | None = None, warmup_epochs: float | None = None) -> Path:
     d = root / name
     d.mkdir(parents=True)
     cfg = {"batch": {"k": k, "n": 32}, "optim": {"base_lr": base_lr, "ref_batch": 128, "lr_rule": rule},
            "schedule": {"warmup": warmup, "epochs": epochs}, "model": {"arch": "cifar_resnet", "depth": 8,
                                                       "zero_init_residual": zero_gamma},
            "seed": seed, "precision": precision}
+    for group, key, value in (("optim", "name", optim), ("schedule", "decay", decay),
+                              ("schedule", "warmup_epochs", warmup_epochs)):
+        if value is not None:  # runs from before these keys existed have none
+            cfg[group][key] = value
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     lines = []
     for e, err in enumerate(errs, 1):
@@ -228,3 +233,41 @@ def test_a_study_without_runs_at_the_baseline_kn_is_left_out_of_the_comparison(s
     text = (out / "tables.md").read_text()
     assert "| kn | cifar_resnet-8_3ep | cifar_resnet-8_6ep |" in text  # both from kn 128
     assert "## cifar_resnet-8_3ep_cuda" in text  # its own tables still, gaps from its smallest kn
+
+
+def test_methods_beyond_the_paper_get_their_own_table_and_figure_1(study_dir: Path, tmp_path: Path) -> None:
+    """LARS and a longer warmup (results/beyond.md) are not rows of the recipe's tables: each method's best
+    finished setting per kn is set beside the recipe's ladder, and a probe beside the recipe at its epoch."""
+    beyond = tmp_path / "beyond"
+    for seed, err in ((0, 0.24), (1, 0.26)):  # LARS at its best rate, 2 seeds; a worse rate; a diverged one
+        make_run(beyond, f"lars-lr8-s{seed}", 64, seed=seed, optim="lars", decay="poly", base_lr=0.5,
+                 errs=(0.9, err, err))
+    make_run(beyond, "lars-lr16-s0", 64, optim="lars", decay="poly", base_lr=1.0, errs=(0.9, 0.4, 0.4))
+    make_run(beyond, "lars-lr32-s0", 64, optim="lars", decay="poly", base_lr=2.0, diverged=True)
+    make_run(beyond, "lars-lr8-probe", 128, optim="lars", decay="poly", base_lr=0.25, errs=(0.8, 0.6))  # 2 of 3 epochs
+    make_run(beyond, "sgd-w10", 64, warmup_epochs=10.0, errs=(0.9, 0.28, 0.28))
+    make_run(study_dir, "ladder-4096", 128, errs=(0.9, 0.5, 0.45))  # the recipe at the probe's kn
+    make_run(study_dir, "w5", 16, seed=1, warmup_epochs=5.0, errs=(0.5, 0.3, 0.23))  # the paper's 5 epochs, said
+
+    out = tmp_path / "out"
+    assert main(["plot", str(study_dir), str(beyond), "--out", str(out), "--no-figures"]) == 0
+    text = (out / "tables.md").read_text()
+    recipe = text[:text.index("## Beyond the paper")]
+    assert "lars" not in recipe.lower() and "| 2048 | 1.6 | gradual | linear | True | 3 |" in recipe
+    assert "Table 2a: the rate rule at kn = 2048" in recipe and "| linear | 0.5 |" not in recipe
+    assert "| 512 | 0.4 | 30 | 30.00 ± 0.00 | +8.00 | 0,1 |" in recipe  # warmup_epochs=5 is the recipe's
+    methods = text[text.index("## Beyond the paper"):]
+    assert "| LARS, poly decay | 2048 | 8 | gradual 5 ep | 3 | 25.00 ± 1.41 | +3.00 | 26.00 / 25.00 | 0,1 |" in methods
+    assert "| LARS, poly decay | 2048 | 32 | gradual 5 ep | 3 | diverged | - | diverged | 0 |" in methods
+    assert "| LARS, poly decay | 4096 | 8 | gradual 5 ep | 2 of 3 (probe) | 60.00 (epoch 2) | recipe at epoch 2: 50.00 |" \
+        in methods
+    assert "| SGD, longer warmup | 2048 | 1.6 | gradual 10 ep | 3 | 28.00 | +6.00 |" in methods
+    assert "| 2048 | 30.00 (+8.00) | 25.00 ± 1.41 (+3.00; lr 8, gradual warmup 5 ep; seeds 0,1) " \
+           "| 28.00 (+6.00; lr 1.6, gradual warmup 10 ep; seeds 0) |" in methods
+    assert "| 4096 | 50.00 (+28.00) | - | - |" in methods  # a probe is no finished setting
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert {(r["run"], r["optim"], r["decay"]) for r in rows if r["experiment"] == "beyond"} >= {
+        ("lars-lr8-s0", "lars", "poly"), ("sgd-w10", "sgd", "step")}
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(study_dir), str(beyond), "--out", str(out)]) == 0
+    assert (out / "fig1_methods.png").exists() and (out / "fig1_err_vs_kn.png").exists()
