@@ -395,7 +395,77 @@ def _per_core(a, cpu: torch.device) -> dict:
         _close(loader)
     out["rounds"], out["images_per_side_round"] = a.rounds, len(sides[("cpu", 0)]) * a.batch
     out["decode_only_ms_per_image"] = decode_only(sides[("cpu", 0)].data.train.paths[:200], a.rounds)
+    out["region_decode_ms_per_sample"] = region_decode(sides[("cpu", 0)].data.train.paths[:600], a.rounds, a.size)
     return out
+
+
+def region_decode(paths: list, rounds: int, size: int, batch: int = 32) -> dict:
+    """Decoding only the crop's region, where a library offers it: NVIDIA DALI's CPU decoder
+    (``fn.decoders.image_slice``: libjpeg-turbo told the region, so it skips the IDCT outside it and stops
+    after its last row) with lbsgd's own crop boxes, against today's sample (libjpeg-turbo's full decode,
+    the crop, the resize to ``size``); CPU ms per sample (process CPU time, one DALI thread), alternating
+    rounds, medians. ``{"skipped": ...}`` without ``nvidia-dali`` (``pip install nvidia-dali-cuda120``)."""
+    try:
+        import nvidia.dali as dali
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+    except ImportError:
+        return {"skipped": "nvidia-dali is not installed"}
+    import simplejpeg
+    from PIL import Image
+
+    from lbsgd_cli import decode
+    from lbsgd_cli.streaming import RandomResizedCropDecode, _resize
+
+    crop, g = RandomResizedCropDecode(size), torch.Generator().manual_seed(0)
+    files, boxes = [], []
+    for p in paths:
+        with Image.open(p) as im:
+            if not decode.turbo_decodable(im):
+                continue
+            top, left, h, w = crop.box(im.height, im.width, g)
+        files.append(np.fromfile(p, np.uint8))
+        boxes.append((left, top, w, h))
+    files, boxes = files[: len(files) // batch * batch], boxes[: len(files) // batch * batch]
+    if not files:
+        return {"skipped": f"fewer than {batch} files libjpeg-turbo takes"}
+
+    def today() -> None:
+        for f, (left, top, w, h) in zip(files, boxes):
+            a = simplejpeg.decode_jpeg(f.tobytes(), colorspace="RGB")
+            _resize(torch.from_numpy(a[top:top + h, left:left + w].copy()).permute(2, 0, 1), [size, size])
+
+    def sample(info):
+        i = info.idx_in_epoch % len(files)
+        left, top, w, h = boxes[i]
+        return files[i], np.array([left, top], np.float32), np.array([w, h], np.float32)
+
+    @dali.pipeline_def(batch_size=batch, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def pipeline():
+        enc, anchor, shape = fn.external_source(source=sample, num_outputs=3, batch=False,
+                                                dtype=[types.UINT8, types.FLOAT, types.FLOAT])
+        img = fn.decoders.image_slice(enc, anchor, shape, device="cpu", output_type=types.RGB, axis_names="WH",
+                                      normalized_anchor=False, normalized_shape=False)
+        return fn.resize(img, resize_x=size, resize_y=size)
+
+    pipe = pipeline()
+    pipe.build()
+
+    def dali_region() -> None:
+        for _ in range(len(files) // batch):
+            pipe.run()
+
+    times: dict = {"today": [], "dali_region": []}
+    for r in range(rounds + 1):  # round 0 warms both up (caches, DALI's buffers) and is not counted
+        for name, fn_ in (("today", today), ("dali_region", dali_region))[:: 1 if r % 2 == 0 else -1]:
+            t = time.process_time()
+            fn_()
+            if r:
+                times[name].append((time.process_time() - t) / len(files) * 1e3)
+    ratio = [t / d for t, d in zip(times["today"], times["dali_region"])]
+    return {"files": len(files), "dali": dali.__version__, "today": round(statistics.median(times["today"]), 3),
+            "dali_region": round(statistics.median(times["dali_region"]), 3),
+            "ratio_today_over_dali": round(statistics.median(ratio), 2)}
 
 
 def decode_only(paths: list, rounds: int) -> dict:
@@ -479,6 +549,11 @@ def table(results: dict) -> str:
         d = pc["decode_only_ms_per_image"]
         lines.append(f"| decode alone, CPU ms per file ({d['files']} files) | {d['pil']} | {d['turbo']} | "
                      f"{d['ratio_pil_over_turbo']} (pil / turbo) | |")
+        r = pc.get("region_decode_ms_per_sample", {})
+        if "skipped" not in r and r:
+            lines.append(f"| crop region only (DALI {r['dali']}), CPU ms per sample ({r['files']} files) | | "
+                         f"today {r['today']}, region {r['dali_region']} | {r['ratio_today_over_dali']} "
+                         "(today / region) | |")
     return "\n".join(lines)
 
 
