@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Recommend the largest useful minibatch ``kn`` from a run's measured gradient noise scale.
 
-    python scripts/recommend_kn.py RUN_DIR [--after-epoch E] [--before-epoch B]
+    python scripts/recommend_kn.py RUN_DIR [--after-epoch E] [--before-epoch B] [--by-epoch]
 
 RUN_DIR is a directory of ``lbsgd train ... log.noise_scale=true`` (its ``metrics.jsonl`` and
 ``config.yaml``). The script takes the median ``train/noise_scale`` (``B_simple``) of the
@@ -9,6 +9,7 @@ per-iteration records from ``--after-epoch`` (default: the end of a real warmup,
 peak is above its start, else epoch 1: the first iterations, where the gradient is large, give
 small values that do not represent the run) up to ``--before-epoch`` (default: the end of the run).
 ``--before-epoch 5`` predicts from the first epochs of a run alone, before the ladder is trained.
+``--by-epoch`` also prints the median of every epoch: how the noise scale grows as the loss falls.
 
 Why that number: McCandlish et al. 2018 (§2.2) show that a step on a minibatch of ``B`` makes
 ``1/(1 + B_noise/B)`` of the progress of a full-batch step, ``B_noise ~ B_simple``. Below
@@ -45,6 +46,15 @@ def noise_scales(records: list[dict], after_epoch: float, before_epoch: float = 
     return out
 
 
+def by_epoch(records: list[dict]) -> dict[int, tuple[float, int]]:
+    """Epoch -> (median ``B_simple``, records) of the per-iteration records of each epoch."""
+    out: dict[int, list[float]] = {}
+    for r in records:
+        for b in noise_scales([r], 0):
+            out.setdefault(int(r.get("epoch", 0)), []).append(b)
+    return {e: (statistics.median(v), len(v)) for e, v in sorted(out.items())}
+
+
 def warmup_end(cfg: dict) -> float:
     """The epoch where the run's warmup ends; 1 where it has none, or a flat one (``kn <= optim.ref_batch``
     under the linear rule: warmup starts at the peak), so that the first epoch is still left out."""
@@ -75,7 +85,7 @@ def recommend(run_dir: Path, after_epoch: float | None = None, before_epoch: flo
     batch = cfg.get("batch", {})
     kn = batch.get("k", 0) * batch.get("n", 0) or None
     return {"b_simple": b, "records": len(values), "after_epoch": after_epoch, "before_epoch": before_epoch, "kn": kn,
-            "recommended_kn": nearest_power_of_two(b)}
+            "recommended_kn": nearest_power_of_two(b), "by_epoch": by_epoch(records)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,8 +95,13 @@ def main(argv: list[str] | None = None) -> None:
                     "(default: the end of the run's warmup, or 1 where it has none)")
     ap.add_argument("--before-epoch", type=float, default=math.inf, help="ignore records from this epoch on "
                     "(e.g. 5: a prediction from the first 5 epochs alone)")
+    ap.add_argument("--by-epoch", action="store_true", help="also print each epoch's median B_simple")
     args = ap.parse_args(argv)
     r = recommend(args.run_dir, args.after_epoch, args.before_epoch)
+    if args.by_epoch:
+        print("epoch  median B_simple  records")
+        for e, (b, n) in r["by_epoch"].items():
+            print(f"{e:5d}  {b:15.1f}  {n:7d}")
     window = f"epochs [{r['after_epoch']:g}, {r['before_epoch']:g})"
     print(f"median B_simple = {r['b_simple']:.1f} over {r['records']} records in {window}"
           + (f" (this run: kn = {r['kn']})" if r["kn"] else ""))

@@ -134,6 +134,10 @@ def test_recommend_kn_on_a_fabricated_run(tmp_path, capsys):
     # the first epochs alone: [1, 2.5) holds iterations 10..24 (10 at 10.0, 5 at 300 + i)
     r = rk.recommend(tmp_path, after_epoch=1, before_epoch=2.5)
     assert r["records"] == 15 and r["b_simple"] == 10.0 and r["recommended_kn"] == 8
+    # each epoch's median, the unusable record left out: how B_simple grows as the loss falls
+    assert r["by_epoch"] == {0: (10.0, 9), 1: (10.0, 10), 2: (324.0, 9), 3: (334.5, 10), 4: (340.0, 1)}
+    rk.main([str(tmp_path), "--by-epoch"])
+    assert "    2            324.0        9" in capsys.readouterr().out
     # a flat warmup (kn <= ref_batch: it starts at the peak) is no warmup: epoch 1 on
     (tmp_path / "config.yaml").write_text("batch:\n  k: 4\n  n: 32\noptim:\n  ref_batch: 128\n"
                                           "schedule:\n  warmup: gradual\n  warmup_epochs: 5\n")

@@ -85,6 +85,10 @@ def test_exp_beyond_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) 
         assert cfg.optim.base_lr * cfg.batch.k * cfg.batch.n / cfg.optim.ref_batch == pytest.approx(named_peak)
         assert cfg.schedule.decay == "poly"
     assert sum("checkpoint.stop_after_epoch=6" in r for r in runs) == 3  # the probes
+    # the noise-scale baseline is seed 0's arithmetic again: its own folder, beside the plotted runs
+    noise = [d for r, d in zip(runs, dirs) if "experiment=cifar_baseline" in r]
+    assert len(noise) == 1 and noise[0].endswith("/noise/kn128-noise-s0") and "/beyond/" not in noise[0]
+    assert all("log.noise_scale=true" in r for r in runs if any(a.startswith("schedule.warmup_epochs=") for a in r))
 
 
 def _bench_gpu():
