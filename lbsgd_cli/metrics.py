@@ -5,10 +5,14 @@ Only rank 0 writes. Per-iteration records (``iter``, ``epoch``, ``lr``,
 (``epoch``, ``train/err``, ``val/err``, ``val/top5_err``, ``images_per_sec``...)
 at each epoch's end; errors are fractions. A resumed run appends, after dropping
 records past the checkpoint it resumes from, so the file reads as one run.
+A record that cannot be written (a full disk) stops the writing and is reported
+at the next checkpoint, which is then not written (:meth:`MetricsLogger.failure`):
+the run resumes from the previous one and writes the lost records again.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -32,6 +36,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_iteration: int | None = None) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self.failed: str | None = None  # why a record could not be written (then nothing more is)
         self._tb = None
         if not enabled:
             return
@@ -62,9 +67,14 @@ class MetricsLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record; ``step`` (the global iteration) indexes TensorBoard scalars."""
-        if not self.enabled:
+        if not self.enabled or self.failed:
             return
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as exc:  # no later record is written: the file must not skip one
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            self.failed = f"cannot write {self.path}: {'the disk is full' if full else exc.strerror or exc}"
+            return
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():
@@ -75,7 +85,10 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # the buffered rest of a failed line
+            pass
         if self._tb is not None:
             self._tb.close()
 

@@ -214,13 +214,23 @@ class RunDir:
             self._append_run_info(cfg.seed, resumed_from=ckpt["iteration"])
         return RunState.from_checkpoint(ckpt, p.is_main)
 
-    def save(self, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
-        """An atomic checkpoint of ``state`` with plain full state dicts (a collective: every rank calls it)."""
+    def save(self, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState,
+             metrics_failed: str | None = None) -> None:
+        """An atomic checkpoint of ``state`` with plain full state dicts (a collective: every rank calls it).
+
+        ``metrics_failed`` (rank 0: a metrics record could not be written) skips the checkpoint and stops
+        every rank with status 6: the previous checkpoint stays the last, so the same command resumes
+        before the lost records and writes them again."""
         p = self.parallel
         epoch_sums = p.reduce_sums(state.epoch_sums)
         model_sd, optim_sd = p.full_state_dicts(model, optimizer)
         failed = None
-        if p.is_main:
+        if p.is_main and metrics_failed:
+            kept = (f"the checkpoint {self.ckpt_path} is kept" if self.ckpt_path.exists()
+                    else "no checkpoint exists yet")
+            failed = (f"{metrics_failed}; {kept}. Free space and run the same command again to resume from it "
+                      "(the records after it are written again)")
+        elif p.is_main:
             try:
                 self._write(model_sd, optim_sd, state, epoch_sums, cfg)
             except CheckpointWriteError as exc:  # a full disk: the previous checkpoint is kept

@@ -312,7 +312,7 @@ def _save(loop: Loop, state: RunState) -> None:
         loop.store_sums(state)
     state.elapsed_s = time.monotonic() - loop.t_start
     state.scaler = loop.scaler.state_dict() if loop.scaler is not None else {}
-    loop.rundir.save(loop.cfg, loop.model, loop.optimizer, state)
+    loop.rundir.save(loop.cfg, loop.model, loop.optimizer, state, metrics_failed=loop.logger.failed)
     loop.saved_at = state.iteration
 
 

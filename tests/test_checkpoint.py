@@ -110,6 +110,42 @@ def test_a_full_disk_keeps_the_previous_checkpoint_exits_6_and_resumes(tmp_path,
     assert checkpoint.load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 3
 
 
+def test_a_full_disk_under_the_metrics_keeps_the_checkpoint_before_it_and_loses_no_record(tmp_path, monkeypatch):
+    """metrics.jsonl cannot take a record: the next checkpoint is not written (it would follow the lost
+    record), the run exits 6 with one line, and the same command resumes and writes the lost records again."""
+    from lbsgd_cli import metrics
+
+    run, real_open, written = tmp_path / "run", open, []
+
+    class FullDisk:
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def write(self, text: str) -> int:
+            written.append(text)
+            if len(written) > 12:  # after epoch 1's records (its checkpoint is written)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def close(self) -> None:
+            self.f.close()
+
+    monkeypatch.setattr(metrics, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    proc = lbsgd("train", *FAST, "log.every=1", f"hydra.run.dir={run}")
+    assert proc.returncode == 6, proc.stderr
+    assert proc.stderr.startswith(f"lbsgd: error: cannot write {run / 'metrics.jsonl'}: the disk is full; the "
+                                  "checkpoint") and proc.stderr.count("\n") == 1 and "is kept" in proc.stderr
+    kept = checkpoint.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert kept["epoch"] == 1
+    monkeypatch.setattr(metrics, "open", real_open, raising=False)  # space freed
+    again = lbsgd("train", *FAST, "log.every=1", f"hydra.run.dir={run}")
+    assert again.returncode == 0, again.stderr
+    records = metrics.read_metrics(run / "metrics.jsonl")
+    iters = [r["iter"] for r in records if "iter" in r]
+    assert iters == list(range(1, iters[-1] + 1))  # every iteration once, none lost, none twice
+    assert [r["epoch"] for r in records if "val/err" in r] == [1, 2, 3]
+
+
 def test_read_checkpoint_refuses_globals_with_one_line(tmp_path):
     evil = hostile_checkpoint(tmp_path / "evil.pt", tmp_path / "PWNED")
     with pytest.raises(UserError, match="refused without running any of it") as info:
