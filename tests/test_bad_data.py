@@ -297,11 +297,7 @@ def test_files_without_an_image_name_are_ignored(tmp_path):
 def test_skip_bad_on_two_processes_trains_the_one_process_weights_and_counts_alike(tmp_path):
     """2 gloo processes (torchrun), each with a loader worker process, meet the bad files in other places than
     one process does; the replacements, the weights (bit for bit) and data/bad_files are the same."""
-    import subprocess
-    import sys
-
-    from .conftest import ROOT
-    from .test_distributed import _clean_env, _free_port, _weights
+    from .test_distributed import _weights, train
 
     root = make_image_tree(tmp_path / "d", size=BIG, per_class=4, val_per_class=2)
     make_bad(root / "train" / "a" / "0001.jpg", "truncated")
@@ -312,12 +308,9 @@ def test_skip_bad_on_two_processes_trains_the_one_process_weights_and_counts_ali
             "schedule.epochs=2", "schedule.warmup_epochs=1", "schedule.milestones=[1]", "model.width=8", "threads=1",
             "log.tensorboard=false", "log.progress=plain"]
     one, two = tmp_path / "w1", tmp_path / "w2"
-    proc = subprocess.run([sys.executable, "-m", "lbsgd_cli", "train", f"hydra.run.dir={one}", *args], cwd=ROOT,
-                          env=_clean_env(), capture_output=True, text=True, timeout=300)
+    proc = train(one, args)
     assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", "-m", "lbsgd_cli", "train", f"hydra.run.dir={two}", *args],
-                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    proc = train(two, args, processes=2)
     assert proc.returncode == 0, proc.stderr
     w1, w2 = _weights(one), _weights(two)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -75,6 +75,14 @@ def srun_like(args: list[str], logs: Path, env: dict[str, str] | None = None, wo
     return procs
 
 
+def train(run: Path, args: list[str], processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``lbsgd train`` in ``run``: one plain process, or ``processes`` gloo processes under torchrun."""
+    launch = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
+    return subprocess.run([sys.executable, *(launch if processes > 1 else []), "-m", "lbsgd_cli", "train",
+                           f"hydra.run.dir={run}", *args], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
 
@@ -394,12 +402,9 @@ def test_w2_equals_w1_in_bf16(tmp_path):
     making the same passes, bit for bit, and with the same val errors (issue 13 item 1)."""
     args = [*CFG, "precision=bf16"]
     ref, run = tmp_path / "ref", tmp_path / "w2"
-    ref_proc = subprocess.run([sys.executable, "-m", "lbsgd_cli", "train", f"hydra.run.dir={ref}", *args], cwd=ROOT,
-                              env=_clean_env(), capture_output=True, text=True, timeout=300)
+    ref_proc = train(ref, args)
     assert ref_proc.returncode == 0, ref_proc.stderr
-    w2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                         f"--master_port={_free_port()}", "-m", "lbsgd_cli", "train", f"hydra.run.dir={run}", *args],
-                        cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    w2 = train(run, args, processes=2)
     assert w2.returncode == 0, w2.stderr
     w_ref, w_run = _weights(ref), _weights(run)
     assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
