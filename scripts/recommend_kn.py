@@ -18,6 +18,12 @@ al.'s linear scaling rule holds); at ``B = B_simple`` a step has half the full-b
 and beyond it each doubling buys less and less. So ``B_simple`` is the largest ``kn`` worth its
 compute; the script prints the power of two nearest to it (in log scale), as minibatches are
 chosen in powers of two. The noise scale grows as training proceeds, so measure late enough.
+
+A record whose ``|G|^2`` estimate is not positive (logged as ``null``: the gradient's mean is lost in
+its noise at these two batch sizes, which happens late in training, after the rate drops) counts as an
+infinite ``B_simple``, not as a missing one: leaving such records out would bias the median low exactly
+where the noise scale is largest. Where they are more than half, the median is infinite and no ``kn``
+is recommended: measure with larger batches (``batch.workers_per_pass``, ``k``).
 """
 
 from __future__ import annotations
@@ -37,22 +43,28 @@ def nearest_power_of_two(x: float) -> int:
 
 
 def noise_scales(records: list[dict], after_epoch: float, before_epoch: float = math.inf) -> list[float]:
-    """The finite positive ``train/noise_scale`` values of records with ``after_epoch <= epoch < before_epoch``."""
+    """The ``train/noise_scale`` values of records with ``after_epoch <= epoch < before_epoch``: positive ones,
+    and ``inf`` for a ``null`` one (the ``|G|^2`` estimate not positive); a negative one (a negative
+    ``tr(Sigma)`` estimate) says nothing and is left out."""
     out = []
     for r in records:
-        b = r.get("train/noise_scale")
-        if isinstance(b, int | float) and math.isfinite(b) and b > 0 and after_epoch <= r.get("epoch", 0) < before_epoch:
+        if "train/noise_scale" not in r or not after_epoch <= r.get("epoch", 0) < before_epoch:
+            continue
+        b = r["train/noise_scale"]
+        if b is None:
+            out.append(math.inf)
+        elif isinstance(b, int | float) and b > 0:
             out.append(float(b))
     return out
 
 
-def by_epoch(records: list[dict]) -> dict[int, tuple[float, int]]:
-    """Epoch -> (median ``B_simple``, records) of the per-iteration records of each epoch."""
+def by_epoch(records: list[dict]) -> dict[int, tuple[float, int, int]]:
+    """Epoch -> (median ``B_simple``, records, of them unresolved: ``inf``) of each epoch's records."""
     out: dict[int, list[float]] = {}
     for r in records:
         for b in noise_scales([r], 0):
             out.setdefault(int(r.get("epoch", 0)), []).append(b)
-    return {e: (statistics.median(v), len(v)) for e, v in sorted(out.items())}
+    return {e: (statistics.median(v), len(v), sum(math.isinf(b) for b in v)) for e, v in sorted(out.items())}
 
 
 def warmup_end(cfg: dict) -> float:
@@ -82,10 +94,12 @@ def recommend(run_dir: Path, after_epoch: float | None = None, before_epoch: flo
         raise SystemExit(f"recommend_kn: {run_dir / 'metrics.jsonl'} has no train/noise_scale in epochs "
                          f"[{after_epoch:g}, {before_epoch:g}) (train with log.noise_scale=true, long enough)")
     b = statistics.median(values)
+    unresolved = sum(math.isinf(v) for v in values)
     batch = cfg.get("batch", {})
     kn = batch.get("k", 0) * batch.get("n", 0) or None
-    return {"b_simple": b, "records": len(values), "after_epoch": after_epoch, "before_epoch": before_epoch, "kn": kn,
-            "recommended_kn": nearest_power_of_two(b), "by_epoch": by_epoch(records)}
+    return {"b_simple": b, "records": len(values), "unresolved": unresolved, "after_epoch": after_epoch,
+            "before_epoch": before_epoch, "kn": kn,
+            "recommended_kn": nearest_power_of_two(b) if math.isfinite(b) else None, "by_epoch": by_epoch(records)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,13 +113,17 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     r = recommend(args.run_dir, args.after_epoch, args.before_epoch)
     if args.by_epoch:
-        print("epoch  median B_simple  records")
-        for e, (b, n) in r["by_epoch"].items():
-            print(f"{e:5d}  {b:15.1f}  {n:7d}")
+        print("epoch  median B_simple  records  unresolved (|G|^2 estimate <= 0: inf)")
+        for e, (b, n, inf) in r["by_epoch"].items():
+            print(f"{e:5d}  {b:15.1f}  {n:7d}  {inf:10d}")
     window = f"epochs [{r['after_epoch']:g}, {r['before_epoch']:g})"
-    print(f"median B_simple = {r['b_simple']:.1f} over {r['records']} records in {window}"
-          + (f" (this run: kn = {r['kn']})" if r["kn"] else ""))
-    print(f"recommended largest kn: {r['recommended_kn']}")
+    print(f"median B_simple = {r['b_simple']:.1f} over {r['records']} records in {window}, {r['unresolved']} of them "
+          "unresolved (inf)" + (f" (this run: kn = {r['kn']})" if r["kn"] else ""))
+    if r["recommended_kn"] is None:
+        print("no recommendation: the |G|^2 estimate is not positive in half the records or more (the gradient's mean "
+              "is lost in its noise at these batch sizes); measure with larger ones (batch.workers_per_pass, k)")
+    else:
+        print(f"recommended largest kn: {r['recommended_kn']}")
 
 
 if __name__ == "__main__":

@@ -123,21 +123,30 @@ def test_recommend_kn_on_a_fabricated_run(tmp_path, capsys):
     lines.append({"step": 40, "epoch": 4, "val/err": 0.3})  # an epoch record
     text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 41, "tr'  # a line cut by a kill
     (tmp_path / "metrics.jsonl").write_text(text)
-    r = rk.recommend(tmp_path)  # warmup: epochs < 2 (iterations < 20) are left out
-    assert r["records"] == 20 and r["b_simple"] == pytest.approx(300 + 30.5) and r["recommended_kn"] == 256
+    r = rk.recommend(tmp_path)  # warmup: epochs < 2 (iterations < 20) are left out; the null counts as inf
+    assert r["records"] == 21 and r["unresolved"] == 1 and r["b_simple"] == 331.0 and r["recommended_kn"] == 256
     assert r["kn"] == 256
     rk.main([str(tmp_path), "--after-epoch", "0"])
     out = capsys.readouterr().out
-    assert "recommended largest kn: 256" in out and "over 39 records" in out and "this run: kn = 256" in out
+    assert "recommended largest kn: 256" in out and "over 40 records" in out and "this run: kn = 256" in out
+    assert "1 of them unresolved (inf)" in out
     with pytest.raises(SystemExit, match="no train/noise_scale"):
         rk.recommend(tmp_path, after_epoch=10)
     # the first epochs alone: [1, 2.5) holds iterations 10..24 (10 at 10.0, 5 at 300 + i)
     r = rk.recommend(tmp_path, after_epoch=1, before_epoch=2.5)
     assert r["records"] == 15 and r["b_simple"] == 10.0 and r["recommended_kn"] == 8
     # each epoch's median, the unusable record left out: how B_simple grows as the loss falls
-    assert r["by_epoch"] == {0: (10.0, 9), 1: (10.0, 10), 2: (324.0, 9), 3: (334.5, 10), 4: (340.0, 1)}
+    assert r["by_epoch"] == {0: (10.0, 9, 0), 1: (10.0, 10, 0), 2: (324.5, 10, 1), 3: (334.5, 10, 0), 4: (340.0, 1, 0)}
     rk.main([str(tmp_path), "--by-epoch"])
-    assert "    2            324.0        9" in capsys.readouterr().out
+    assert "    2            324.5       10           1" in capsys.readouterr().out
+    # late in training the |G|^2 estimate is mostly not positive: the median is inf, no recommendation
+    for rec in lines[30:40]:
+        rec["train/noise_scale"] = None
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = rk.recommend(tmp_path, after_epoch=3)
+    assert r["b_simple"] == math.inf and r["unresolved"] == 10 and r["recommended_kn"] is None
+    rk.main([str(tmp_path), "--after-epoch", "3"])
+    assert "no recommendation" in capsys.readouterr().out
     # a flat warmup (kn <= ref_batch: it starts at the peak) is no warmup: epoch 1 on
     (tmp_path / "config.yaml").write_text("batch:\n  k: 4\n  n: 32\noptim:\n  ref_batch: 128\n"
                                           "schedule:\n  warmup: gradual\n  warmup_epochs: 5\n")
