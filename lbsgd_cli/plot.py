@@ -511,8 +511,9 @@ def beyond_tables(methods: Methods) -> list[str]:
     zg = methods.runs[0].row["zero_gamma"]
     out = ["", "## Beyond the paper: other methods at large kn", "",
            f"Runs of the study beyond its recipe; gaps are from the recipe's baseline (kn {ref.base_kn if ref else '-'}, "
-           f"{cell(base)} %, zero-gamma {zg}). A run stopped before its planned epochs (a probe) shows its last "
-           "epoch's val error beside the recipe's run of the same kn and seed at that epoch.", "",
+           f"{cell(base)} %, zero-gamma {zg}). A run stopped before its planned epochs (a probe, "
+           "`checkpoint.stop_after_epoch`, or a run not finished yet) shows its last epoch's val error beside the "
+           "recipe's run of the same kn and seed at that epoch.", "",
            "| method | kn | lr | warmup | epochs | val error % | vs baseline (points) | last epoch: train / val error % "
            "| seeds |", "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[Run]] = defaultdict(list)
@@ -528,7 +529,8 @@ def beyond_tables(methods: Methods) -> list[str]:
             value = f"{100 * statistics.mean(r.epochs[-1]['val/err'] for r in rs):.2f} (epoch {ep})"
             ref_vals = [v for v in (methods.recipe_at_epoch(r, ep) for r in rs) if v is not None]
             vs = f"recipe at epoch {ep}: {100 * statistics.mean(ref_vals):.2f}" if ref_vals else "-"
-            epochs = f"{ep} of {planned} (probe)"
+            probe = any((r.cfg.get("checkpoint") or {}).get("stop_after_epoch") for r in rs)
+            epochs = f"{ep} of {planned} ({'probe' if probe else 'unfinished'})"
         out.append(f"| {method} | {kn} | {lr:.3g} | {warmup} {w_ep:g} ep | {epochs} | {value} | {vs} | {last(rs)} "
                    f"| {seeds(rs)} |")
     best = methods.best()

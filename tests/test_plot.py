@@ -244,7 +244,10 @@ def test_methods_beyond_the_paper_get_their_own_table_and_figure_1(study_dir: Pa
                  errs=(0.9, err, err))
     make_run(beyond, "lars-lr16-s0", 64, optim="lars", decay="poly", base_lr=1.0, errs=(0.9, 0.4, 0.4))
     make_run(beyond, "lars-lr32-s0", 64, optim="lars", decay="poly", base_lr=2.0, diverged=True)
-    make_run(beyond, "lars-lr8-probe", 128, optim="lars", decay="poly", base_lr=0.25, errs=(0.8, 0.6))  # 2 of 3 epochs
+    probe = make_run(beyond, "lars-lr8-probe", 128, optim="lars", decay="poly", base_lr=0.25, errs=(0.8, 0.6))
+    cfg = yaml.safe_load((probe / "config.yaml").read_text())  # 2 of 3 epochs: checkpoint.stop_after_epoch=2
+    (probe / "config.yaml").write_text(yaml.safe_dump({**cfg, "checkpoint": {"stop_after_epoch": 2}}))
+    make_run(beyond, "sgd-w10-s1", 128, seed=1, warmup_epochs=10.0, errs=(0.9,))  # still running
     make_run(beyond, "sgd-w10", 64, warmup_epochs=10.0, errs=(0.9, 0.28, 0.28))
     make_run(study_dir, "ladder-4096", 128, errs=(0.9, 0.5, 0.45))  # the recipe at the probe's kn
     make_run(study_dir, "w5", 16, seed=1, warmup_epochs=5.0, errs=(0.5, 0.3, 0.23))  # the paper's 5 epochs, said
@@ -262,6 +265,7 @@ def test_methods_beyond_the_paper_get_their_own_table_and_figure_1(study_dir: Pa
     assert "| LARS, poly decay | 4096 | 8 | gradual 5 ep | 2 of 3 (probe) | 60.00 (epoch 2) | recipe at epoch 2: 50.00 |" \
         in methods
     assert "| SGD, longer warmup | 2048 | 1.6 | gradual 10 ep | 3 | 28.00 | +6.00 |" in methods
+    assert "| SGD, longer warmup | 4096 | 3.2 | gradual 10 ep | 1 of 3 (unfinished) | 90.00 (epoch 1) | - |" in methods
     assert "| 2048 | 30.00 (+8.00) | 25.00 ± 1.41 (+3.00; lr 8, gradual warmup 5 ep; seeds 0,1) " \
            "| 28.00 (+6.00; lr 1.6, gradual warmup 10 ep; seeds 0) |" in methods
     assert "| 4096 | 50.00 (+28.00) | - | - |" in methods  # a probe is no finished setting
