@@ -5,7 +5,9 @@ paper's augmentation (§5.1: scale and aspect-ratio crop, flip; a JPEG decoded a
 allows, by libjpeg-turbo otherwise: :mod:`lbsgd_cli.decode`) and deliver uint8 batches, which are copied to
 the device (pinned memory; on CUDA the next batch on a side stream) and normalised there
 (:func:`device_batches`); one persistent val loader per run. With ``data.decode=gpu`` the workers send the JPEG
-bytes and crop boxes instead (:class:`RawCrop`) and the device decodes (:func:`decode_on_device`).
+bytes and crop boxes instead (:class:`RawCrop`) and the device decodes (:func:`decode_on_device`), on a thread
+of its own one batch ahead (on CUDA, on a stream of its own), so the training thread goes on launching the
+step's kernels while the decoder waits for its stream.
 
 Every draw comes from the sample's own generator, seeded by :class:`lbsgd_cli.data.TrainLoader` from
 ``(seed, epoch, position)`` (Remark 4, §3): never from the worker, the process or the global RNG.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -241,6 +244,9 @@ def collate_raw(items):
             torch.tensor([it[0][2] for it in items])), torch.tensor([it[1] for it in items])
 
 
+CROP_GROUP = 32  # images per roi_align call at most (data.decode=gpu)
+
+
 def decode_on_device(raw, size: int, device: torch.device) -> torch.Tensor:
     """``data.decode=gpu``: decode a batch of JPEGs on ``device`` (``torchvision.io.decode_jpeg``, nvJPEG on
     CUDA) and crop each box to ``size`` x ``size`` by ``roi_align`` (bilinear, ``ceil(box / size)`` samples
@@ -265,10 +271,19 @@ def decode_on_device(raw, size: int, device: torch.device) -> torch.Tensor:
         for i, img in zip(jpeg, decoded):
             images[i] = img
     out = torch.empty(len(images), 3, size, size, device=device)
-    rois = torch.cat([torch.zeros(len(images), 1), boxes], 1).to(device, non_blocking=True)  # image 0 of 1 each
+    # one roi_align per group of images of one shape and sampling ratio (ImageNet's photos come in a few
+    # sizes): a kernel per group, not per image; groups of at most CROP_GROUP bound the float copy's memory
+    groups: dict[tuple, list[int]] = {}
     for i, (img, b) in enumerate(zip(images, boxes.tolist())):  # the host copy of the boxes: no device sync
         ratio = max(1, math.ceil(max(b[2] - b[0], b[3] - b[1]) / size))
-        out[i] = roi_align(img[None].float(), rois[i : i + 1], (size, size), 1.0, ratio, aligned=True)[0]
+        groups.setdefault((tuple(img.shape), ratio), []).append(i)
+    for (_, ratio), members in groups.items():
+        for lo in range(0, len(members), CROP_GROUP):
+            idx = members[lo : lo + CROP_GROUP]
+            stack = torch.stack([images[i] for i in idx]).float()
+            rois = torch.cat([torch.arange(len(idx), dtype=torch.float32)[:, None], boxes[idx]], 1)
+            crops = roi_align(stack, rois.to(device, non_blocking=True), (size, size), 1.0, ratio, aligned=True)
+            out[torch.tensor(idx, device=device)] = crops
     flips = flips.to(device, non_blocking=True).view(-1, 1, 1, 1)
     return torch.where(flips, out.flip(3), out)
 
@@ -392,6 +407,9 @@ def device_batches(batches, device: torch.device, mean: torch.Tensor, std: torch
             return decode_on_device(x, decode_size, device).mul_(scale).sub_(shift)
         return x.float().mul_(scale).sub_(shift)
 
+    if decode_size:  # data.decode=gpu: the decoder on a thread of its own (and a stream: on CUDA)
+        yield from _decoded_ahead(batches, lambda x, y: (norm(x), y.to(device, non_blocking=True)), device)
+        return
     if not _side_stream_prefetch(device):
         for x, y in batches:
             yield norm(x if decode_size else x.to(device)), y.to(device)
@@ -417,6 +435,41 @@ def device_batches(batches, device: torch.device, mean: torch.Tensor, std: torch
         nxt = next(it, None)
         ahead = load(nxt) if nxt is not None else None  # issued before batch i is handed over
         yield x, y
+
+
+def _decoded_ahead(batches, load, device: torch.device):
+    """``load(x, y)`` of batch ``i+1`` on a helper thread while batch ``i`` trains (``data.decode=gpu``).
+
+    torchvision's device decoder waits for its own stream; on the training thread that wait would stall
+    the launches of the step's kernels. On the helper thread it stalls only the next batch. On CUDA the
+    helper works on a side stream, which first waits for the training stream (the scale and shift were
+    made there); the training stream waits for the side stream before it takes a batch and records the
+    batch's memory as its own (``record_stream``). The batches come in order; an error of the helper (a
+    JPEG the device cannot decode) is raised on the training thread when it takes that batch."""
+    side = torch.cuda.Stream(device) if _side_stream_prefetch(device) else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(device))
+
+    def work(batch):
+        if side is None:
+            return load(*batch)
+        with torch.cuda.stream(side):
+            return load(*batch)
+
+    it = iter(batches)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lbsgd-decode") as helper:
+        nxt = next(it, None)
+        ahead = helper.submit(work, nxt) if nxt is not None else None
+        while ahead is not None:
+            x, y = ahead.result()
+            if side is not None:
+                main = torch.cuda.current_stream(device)
+                main.wait_stream(side)
+                x.record_stream(main)
+                y.record_stream(main)
+            nxt = next(it, None)  # the loader's next raw batch (bytes and boxes), read on this thread
+            ahead = helper.submit(work, nxt) if nxt is not None else None  # issued before batch i is handed over
+            yield x, y
 
 
 def _side_stream_prefetch(device: torch.device) -> bool:

@@ -3,6 +3,8 @@ former float pipeline's samples, persistent loaders, worker counts, device prefe
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -269,6 +271,105 @@ def test_device_batches_prefetch_on_a_side_stream_with_cuda_stubbed(monkeypatch)
     for (x, y), (xu, yu) in zip(got, batches):
         torch.testing.assert_close(x, normalise(xu, mean, std), rtol=0, atol=1e-5)
         assert torch.equal(y, yu)
+
+
+def test_decode_gpu_runs_on_a_helper_thread_and_stream_in_order_with_cuda_stubbed(tmp_path, monkeypatch):
+    """data.decode=gpu: batch i+1 is decoded on the helper thread, on the side stream, while batch i trains;
+    the training stream waits for the side stream and records the batch; the batches equal a plain decode on
+    this thread, in order; a JPEG the decoder refuses is one line on the training thread."""
+    import contextlib
+    import threading
+
+    from PIL import Image
+
+    import lbsgd_cli.streaming as S
+
+    events, local = [], threading.local()
+
+    class FakeStream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+    main = FakeStream("main")
+
+    def current(device=None):
+        return getattr(local, "stack", [main])[-1]
+
+    @contextlib.contextmanager
+    def on(stream):
+        local.stack = [*getattr(local, "stack", [main]), stream]
+        yield
+        local.stack.pop()
+
+    monkeypatch.setattr(S, "_side_stream_prefetch", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", current)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: events.append(f"record {stream.name}"),
+                        raising=False)
+    real = S.decode_on_device
+    started = [threading.Event() for _ in range(3)]
+
+    def decode(raw, size, device):
+        events.append(f"decode on {threading.current_thread().name.split('_')[0]} {current().name}")
+        for e in started:  # the first not set yet
+            if not e.is_set():
+                e.set()
+                break
+        return real(raw, size, device)
+
+    monkeypatch.setattr(S, "decode_on_device", decode)
+    raws = []
+    for i, (h, w) in enumerate(((60, 80), (80, 60), (60, 80))):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(_smooth_image(h, w).numpy()).save(path, quality=90)
+        with Image.open(path) as im:
+            raws.append(S.RawCrop(train=RandomResizedCropDecode(32))(im, torch.Generator().manual_seed(i)))
+    batches = [S.collate_raw([(raws[i], i), (raws[(i + 1) % 3], i)]) for i in range(3)]
+    mean, std = _mean_std()
+    got = []
+    for x, y in S.device_batches(iter(batches), torch.device("cpu"), mean, std, decode_size=32):
+        i = int(y[0])
+        if i < 2:  # batch i+1 is being decoded while batch i trains (it was issued before i was handed over)
+            assert started[i + 1].wait(timeout=30)
+        events.append(f"train {i}")
+        got.append(x)
+    on_main = [e for e in events if not e.startswith("decode")]
+    assert on_main == ["side waits main", "main waits side", "record main", "record main", "train 0",
+                       "main waits side", "record main", "record main", "train 1",
+                       "main waits side", "record main", "record main", "train 2"]
+    decodes = [i for i, e in enumerate(events) if e.startswith("decode")]
+    handovers = [i for i, e in enumerate(events) if e == "main waits side"]
+    assert [events[i] for i in decodes] == ["decode on lbsgd-decode side"] * 3
+    assert all(d < h for d, h in zip(decodes, handovers))  # each batch decoded before it is taken
+    scale, shift = 1.0 / (255.0 * std), mean / std
+    for x, (raw, _) in zip(got, batches):
+        assert torch.equal(x, real(raw, 32, torch.device("cpu")).mul_(scale).sub_(shift))
+    bad = S.collate_raw([((torch.frombuffer(bytearray(b"\xff\xd8 not a jpeg"), dtype=torch.uint8),
+                           torch.tensor([0.0, 0.0, 8.0, 8.0]), False), 0)])
+    with pytest.raises(UserError, match="data.decode=gpu: cannot decode a JPEG of this batch"):
+        list(S.device_batches(iter([batches[0], bad, batches[1]]), torch.device("cpu"), mean, std, decode_size=32))
+
+
+def test_decode_on_device_crops_by_shape_groups_as_image_by_image():
+    """One roi_align per group of same-shaped images (at most CROP_GROUP): each crop equals its own call."""
+    from torchvision.ops import roi_align
+
+    import lbsgd_cli.streaming as S
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 40, 50), (3, 50, 40), (3, 40, 50), (3, 40, 50), (3, 30, 30)] * 8  # 24 of one shape: 2 groups
+    images = [torch.randint(0, 256, s, dtype=torch.uint8, generator=g) for s in shapes]
+    boxes = torch.tensor([[2.0, 3.0, 2.0 + 20 + i % 9, 3.0 + 25 - i % 7] for i in range(len(images))])
+    flips = torch.tensor([i % 3 == 0 for i in range(len(images))])
+    out = S.decode_on_device((images, boxes, flips), 16, torch.device("cpu"))
+    for i, (img, b) in enumerate(zip(images, boxes.tolist())):
+        ratio = max(1, math.ceil(max(b[2] - b[0], b[3] - b[1]) / 16))
+        one = roi_align(img[None].float(), torch.tensor([[0.0, *b]]), (16, 16), 1.0, ratio, aligned=True)[0]
+        assert torch.equal(out[i], one.flip(2) if flips[i] else one)
 
 
 def test_decode_on_the_device_matches_the_worker_decode_with_the_cpu_as_device(tmp_path):
