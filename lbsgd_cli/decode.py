@@ -76,6 +76,13 @@ def decode_rgb(im, box: tuple[int, int, int, int] | None = None) -> torch.Tensor
     return torch.from_numpy(a).permute(2, 0, 1)
 
 
+def ends_complete(data: bytes) -> bool:
+    """Whether a JPEG's bytes end with its end-of-image marker (``FF D9``; trailing NULs and newlines allowed).
+    Not so: a truncated file, or data after the image (a camera's trailer). ``data.decode=gpu`` decodes such a
+    file in the worker, where a truncated one is named as a bad file (the device decoder fails a whole batch)."""
+    return data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
 def needs_cpu_decode(im) -> bool:
     """``data.decode=gpu``: files the device's JPEG decoder (nvJPEG) is not given: anything but a baseline
     JPEG in RGB or grayscale, i.e. CMYK/YCCK, progressive JPEGs and PNG data in a ``.JPEG`` file. The

@@ -230,11 +230,14 @@ class RawCrop:
 
     def __call__(self, im, g: torch.Generator | None):
         box, flip = self.box(*im.size, g)
-        if decode.needs_cpu_decode(im):  # CMYK, progressive, PNG-in-.JPEG: decoded here, the pixels sent
+        raw = None if decode.needs_cpu_decode(im) else decode.file_bytes(im)
+        if raw is None or not decode.ends_complete(raw):
+            # CMYK, progressive, PNG-in-.JPEG, and a JPEG cut short (or with bytes after its end): decoded here,
+            # the pixels sent; a truncated file fails here, named, or is replaced under data.skip_bad
             data = decode.decode_rgb(im)
             data = (data if data is not None else _pil_to_uint8(im)).contiguous()
         else:
-            data = torch.frombuffer(bytearray(decode.file_bytes(im)), dtype=torch.uint8)
+            data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         return data, torch.tensor(box, dtype=torch.float32), flip
 
 

@@ -155,11 +155,14 @@ def test_a_bad_file_in_memory_is_one_line_naming_it_and_the_way_out(tmp_path, ki
         assert "decompression-bomb limit" in msg
 
 
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
 @pytest.mark.parametrize("kind", BAD_KINDS)
-def test_a_bad_file_met_mid_epoch_by_a_loader_worker_is_one_line_naming_it(tmp_path, kind):
+def test_a_bad_file_met_mid_epoch_by_a_loader_worker_is_one_line_naming_it(tmp_path, kind, decode):
+    """data.decode=gpu too: a JPEG cut short never reaches the device decoder (which would fail the whole
+    batch without a name): its missing end marker has the worker decode it, and fail on it, naming it."""
     root = make_image_tree(tmp_path / "d", size=BIG, per_class=4, val_per_class=1)
     bad = make_bad(root / "train" / "c" / "0002.jpg", kind)
-    data = load_data(stream_cfg(root, num_workers=1))  # a worker process decodes
+    data = load_data(stream_cfg(root, num_workers=1, decode=decode))  # a worker process decodes (or reads)
     loader = TrainLoader(data, 2, 2, seed=0)
     with pytest.raises(UserError) as info:
         for _ in loader.host_batches(0):

@@ -111,6 +111,20 @@ def test_gpu_decode_gets_bytes_of_baseline_jpegs_and_pixels_of_every_other_file(
         assert box.shape == (4,)
 
 
+def test_gpu_decode_leaves_a_jpeg_without_its_end_marker_to_the_worker(tmp_path):
+    """A JPEG with bytes after its end (a camera's trailer) is decoded in the worker, to the right pixels;
+    the device decoder gets only files that end with FF D9."""
+    assert decode.ends_complete(b"\xff\xd8 ... \xff\xd9") and decode.ends_complete(b"\xff\xd8 ... \xff\xd9\x00\x00\n")
+    assert not decode.ends_complete(b"\xff\xd8 ... cut") and not decode.ends_complete(b"")
+    path = _odd_files(tmp_path)["baseline"]
+    trailer = tmp_path / "trailer.jpg"
+    trailer.write_bytes(path.read_bytes() + b"MAKERNOTE" * 10)
+    with Image.open(trailer) as im:
+        data, _, _ = RawCrop(train=RandomResizedCropDecode(64))(im, torch.Generator().manual_seed(1))
+        pil = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    assert data.dim() == 3 and torch.equal(data, pil)
+
+
 def test_without_simplejpeg_pil_decodes_and_one_line_says_so(tmp_path, monkeypatch, caplog):
     path = _odd_files(tmp_path)["baseline"]
     with Image.open(path) as im:
