@@ -344,6 +344,9 @@ def loader_alone(a, device: torch.device, decode: str) -> dict:
     return row
 
 
+MIN_TIMED_CPU_S = 0.1  # ten /proc ticks: a timed epoch's CPU time is at least this, so a rate is within ~10 %
+
+
 def _proc_cpu_s(pids: list[int]) -> float:
     """CPU seconds (user + system) used so far by these processes (``/proc/<pid>/stat``)."""
     tick, total = os.sysconf("SC_CLK_TCK"), 0.0
@@ -379,10 +382,12 @@ def _per_core(a, cpu: torch.device) -> dict:
                 for _ in loader.host_batches(10**6 + r):  # starts the persistent worker (an untimed epoch)
                     pass
             pids = [w.pid for w in loader._loader._iterator._workers] if key[1] == 1 else []
-            cpu0 = _proc_cpu_s(pids) if pids else time.thread_time()
-            for x, _ in loader.host_batches(r):
-                seen += x.shape[0]
-            spent = (_proc_cpu_s(pids) if pids else time.thread_time()) - cpu0
+            clock = (lambda: _proc_cpu_s(pids)) if pids else time.thread_time
+            cpu0, spent = clock(), 0.0
+            while spent < MIN_TIMED_CPU_S:  # /proc counts 10 ms ticks: a tiny epoch repeats until measurable
+                for x, _ in loader.host_batches(r):
+                    seen += x.shape[0]
+                spent = clock() - cpu0
             rates[key].append(seen / spent)
     out = {}
     for w, label in ((0, "in_process_img_per_cpu_s"), (1, "one_worker_img_per_cpu_s")):
