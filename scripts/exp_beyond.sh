@@ -21,7 +21,7 @@
 #     starved     the earlier 5k-subset runs of results/starved_5k/beyond.md (scripts/exp_env.sh)
 #   RUNS  where the run directories go (default runs/results/beyond); LBSGD, JOBS: as in scripts/exp_cifar.sh
 #   SEEDS seeds of the runs that carry a claim (default "0 1")
-# Then: lbsgd plot "$RUNS" --out results/beyond
+# Then: lbsgd plot runs/results/cifar "$RUNS" --out results (the recipe's ladder beside the methods: fig1_methods.png)
 set -uo pipefail
 DATA=${DATA:?set DATA to the CIFAR-10 folder holding train/ and val/}
 RUNS=${RUNS:-runs/results/beyond}
