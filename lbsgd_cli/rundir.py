@@ -176,7 +176,7 @@ class RunDir:
             if leftovers:
                 raise UserError(f"run directory {self.path} has {leftovers[0]} but no checkpoint to resume; "
                                 "choose another hydra.run.dir")
-            (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            self._write_config(cfg)
             self._lock.claim()
             self._append_run_info(cfg.seed, resumed_from=None)
         D.barrier()
@@ -211,8 +211,16 @@ class RunDir:
             set_rng_state({k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()})
         if p.is_main:
             self._lock.claim()
+            self._write_config(cfg)  # keys that leave the result alone may differ (a probe's stop_after_epoch)
             self._append_run_info(cfg.seed, resumed_from=ckpt["iteration"])
         return RunState.from_checkpoint(ckpt, p.is_main)
+
+    def _write_config(self, cfg: DictConfig) -> None:
+        """``config.yaml``: the config of this start, resolved (atomic: readers see the old file or the new)."""
+        path = self.path / "config.yaml"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        os.replace(tmp, path)
 
     def save(self, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState,
              metrics_failed: str | None = None) -> None:

@@ -198,6 +198,7 @@ def test_stop_after_epoch_is_a_probe_that_the_same_command_continues(tmp_path):
     rest = lbsgd("train", f"hydra.run.dir={run}", *args)
     assert rest.returncode == 0, rest.stderr
     assert "resuming at iteration" in rest.stdout and (run / "summary.json").exists()
+    assert "stop_after_epoch: 0" in (run / "config.yaml").read_text()  # the config of the run's last start
     a, b = _weights(ref), _weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
