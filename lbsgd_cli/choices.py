@@ -144,6 +144,16 @@ class Precision(Choice):
     fp16 = "fp16"
 
 
+class EvalPrecision(Choice):
+    """``lbsgd eval``'s ``eval.precision``: the dtype the network's conv and linear weights are held and run in
+    on the execution device. BN parameters and statistics stay fp32, as under training's autocast. bf16 and
+    fp16 halve the weights' device memory and what ``offload.mode`` copies host -> device."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class CompileMode(Choice):
     """``compile_mode``: torch.compile's mode for ``compile=true``. ``reduce_overhead`` records CUDA graphs
     (shapes are static: equal forward passes, validation padded to ``batch.eval_batch``); ``max_autotune``

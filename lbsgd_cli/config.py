@@ -17,8 +17,9 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .choices import (Backend, BNKernel, CommHook, CompileMode, DataName, Decay, Decode, Device, Granularity, Labels,
-                      LRRule, MomentumForm, OffloadMode, Optimizer, Precision, Progress, RangeMethod, Stem, Warmup)
+from .choices import (Backend, BNKernel, CommHook, CompileMode, DataName, Decay, Decode, Device, EvalPrecision,
+                      Granularity, Labels, LRRule, MomentumForm, OffloadMode, Optimizer, Precision, Progress,
+                      RangeMethod, Stem, Warmup)
 from .errors import UserError
 
 # Field metadata of a key whose value does not change the result (weights, metrics): it does not name
@@ -272,6 +273,7 @@ class QuantizeConfig:
 class EvalOptions:
     bn_recompute: int = 0  # training minibatches (k*n each, BN over n) that recompute BN statistics; 0 = off
     batch: int = no_effect(0)  # images per forward pass; 0 = the checkpoint's batch.eval_batch
+    precision: EvalPrecision = EvalPrecision.fp32  # conv/linear weights' dtype on the device (BN stays fp32)
 
 
 @dataclass

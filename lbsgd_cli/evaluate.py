@@ -13,7 +13,10 @@ batch statistics of ``N`` training minibatches (``k*n`` images, BN over each wor
 often with a large minibatch and are therefore noisy early in training.
 
 ``offload.mode`` runs the network with its weights in CPU memory (see
-:mod:`lbsgd_cli.offload`).
+:mod:`lbsgd_cli.offload`); ``eval.precision=bf16|fp16`` holds and runs its conv and linear
+weights in half precision (:func:`cast_for_eval`). On a CUDA device eval.json records the
+peak device memory of the whole evaluation (``peak_allocated_mb``, ``peak_reserved_mb``),
+the seminar's memory table per offload mode and precision (results/gpu.md).
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from torch import nn
 
 from . import distributed as D
 from .checkpoint import FORMAT, load_model_state, read_checkpoint
+from .choices import EvalPrecision
 from .config import TrainConfig
 from .data import TrainLoader, load_data
 from .engine import evaluate
 from .errors import UserError, first_line
 from .ghost_bn import deferred_running_stats, flush_running_stats
+from .memory import peak_memory_mb, reset_peak_memory
 from .models import build_model
 from .offload import place, remove
 from .parallel import Parallel
@@ -93,7 +98,44 @@ def _classes_and_channels(state: dict[str, torch.Tensor]) -> tuple[int, int]:
     return fc[-1].shape[0], conv[0].shape[1]
 
 
-# --------------------------------------------------------------------------- BN statistics
+# --------------------------------------------------------------------------- precision and BN statistics
+
+
+HALF = {EvalPrecision.bf16: torch.bfloat16, EvalPrecision.fp16: torch.float16}
+
+
+def cast_for_eval(model: nn.Module, precision: EvalPrecision | str) -> nn.Module:
+    """``eval.precision``: every parameter and floating buffer outside BN in bf16/fp16, BN in fp32.
+
+    BN keeps fp32 parameters and statistics (half-precision input, fp32 affine and running
+    averages, as under training's autocast), so ``eval.bn_recompute`` accumulates in fp32. The
+    network's input is cast to the half dtype and its logits back to fp32 by hooks on the root
+    module, so the loss and top-k are computed in fp32 and the callers are unchanged. fp32 returns
+    the model as it is. Cast before :func:`lbsgd_cli.offload.place`: the offload hooks then hold,
+    and copy, the half-precision weights.
+    """
+    precision = EvalPrecision(precision)
+    if precision == EvalPrecision.fp32:
+        return model
+    dtype = HALF[precision]
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                module._buffers[name] = b.to(dtype)
+
+    def to_half(_module: nn.Module, args: tuple) -> tuple:
+        return (args[0].to(dtype), *args[1:]) if args and torch.is_tensor(args[0]) else args
+
+    def to_float(_module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out.float()
+
+    model.register_forward_pre_hook(to_half)
+    model.register_forward_hook(to_float)
+    return model
 
 
 @torch.no_grad()
@@ -146,6 +188,7 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
+    reset_peak_memory(dist.device)  # the peak of this evaluation: from before the weights reach the device
     model, tcfg = load_model_for_eval(cfg.checkpoint, "cpu")
     info = model.checkpoint_info
     for key in ("root", "cache_dir", "num_workers"):
@@ -157,7 +200,7 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint: {info['path']} predicts {out_features} classes, the data set "
                         f"({tcfg.data.name} {tcfg.data.root or ''}) has {data.num_classes}")
 
-    placed = place(model, cfg.offload.mode, dist.device)
+    placed = place(cast_for_eval(model, cfg.eval.precision), cfg.offload.mode, dist.device)
     recomputed = 0
     batch = cfg.eval.batch or tcfg.batch.eval_batch
     if cfg.eval.bn_recompute:
@@ -167,6 +210,7 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     placed.release()
     if cfg.offload.mode == "sequential":
         remove(placed.model)
+    peak = peak_memory_mb(dist.device)  # empty off CUDA: null in eval.json
 
     record = {
         **result,
@@ -174,6 +218,9 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "iteration": info["iteration"],
         "epoch": info["epoch"],
         "offload_mode": cfg.offload.mode,
+        "precision": str(cfg.eval.precision),
+        "peak_allocated_mb": peak.get("allocated"),
+        "peak_reserved_mb": peak.get("reserved"),
         "bn_recompute": cfg.eval.bn_recompute,
         "bn_recompute_images": recomputed,
         "arch": tcfg.model.arch,
@@ -204,10 +251,14 @@ def _print(r: dict[str, Any], tcfg: DictConfig, out: Path) -> None:
     bn = f", BN statistics recomputed on {r['bn_recompute_images']} training images" if r["bn_recompute"] else ""
     lines = [
         f"lbsgd eval: {r['arch']} at iteration {r['iteration']} (epoch {r['epoch']}) from {r['checkpoint']}",
-        f"  {r['data']} val, {r['world_size']} process(es) on {r['device']}, offload {r['offload_mode']}{bn}",
+        f"  {r['data']} val, {r['world_size']} process(es) on {r['device']}, offload {r['offload_mode']}, "
+        f"{r['precision']} weights{bn}",
         f"top-1 error {r['top1_err'] * 100:.2f}%  top-5 error {r['top5_err'] * 100:.2f}%  "
         f"loss {r['loss']:.4f}  images {r['images']}",
     ]
+    if r["peak_allocated_mb"] is not None:
+        lines.append(f"  peak device memory {r['peak_allocated_mb']:.0f} MiB allocated, "
+                     f"{r['peak_reserved_mb']:.0f} MiB reserved (this process)")
     last = r["train_last_val"]
     if last.get("top1_err") is not None:
         lines.append(f"  (training's last val: top-1 error {last['top1_err'] * 100:.2f}%, loss {last['loss']:.4f})")

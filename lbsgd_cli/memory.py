@@ -13,6 +13,10 @@ running statistics a second time. The recomputation therefore runs inside
 pending sums of :mod:`lbsgd_cli.ghost_bn`) afterwards, so the statistics, like the
 weights, equal those of plain training.
 
+Peak device memory (:func:`reset_peak_memory`, :func:`peak_memory_mb`): what ``lbsgd train`` logs per
+epoch (``memory/peak_allocated_mb``, ``memory/peak_reserved_mb``) and ``lbsgd eval`` writes to eval.json,
+on a CUDA device; a CPU has no separate device memory to measure, so it logs nothing there.
+
 FSDP2 (``memory.fsdp=true``, optionally ``memory.fsdp_cpu_offload=true``): parameters,
 gradients and optimizer state sharded over the processes, one ``fully_shard`` per stage
 plus the root; checkpoints stay plain full state dicts (see the section below).
@@ -31,6 +35,22 @@ from torch.utils.checkpoint import checkpoint
 from .distributed import Dist
 from .errors import UserError
 from .ghost_bn import GhostBatchNorm2d
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on ``device`` (CUDA; nothing elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak device memory since the last :func:`reset_peak_memory`, in MiB: ``allocated``
+    (tensors) and ``reserved`` (what the caching allocator holds, what ``nvidia-smi`` shows less the CUDA
+    context). Empty off CUDA."""
+    if device.type != "cuda":
+        return {}
+    return {"allocated": torch.cuda.max_memory_allocated(device) / 2**20,
+            "reserved": torch.cuda.max_memory_reserved(device) / 2**20}
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from .device_defaults import DeviceCaps, Resolved, resolve_auto, set_backend_fla
 from .divergence import DivergenceWatch
 from .engine import StepPlan, StepResult, evaluate, make_grad_scaler, pass_workers, train_step
 from .errors import Diverged, Preempted, UserError
-from .memory import enable_stage_checkpointing
+from .memory import enable_stage_checkpointing, peak_memory_mb, reset_peak_memory
 from .metrics import MetricsLogger, Progress
 from .models import build_model
 from .optim import build_optimizer, set_lr
@@ -294,6 +294,11 @@ def end_epoch(loop: Loop, state: RunState, last_val: dict[str, float], images_pe
     if loop.scaler is not None:  # fp16: steps the scaler skipped (inf/nan gradients); the same on every rank
         record["train/skipped_steps"] = round(sums.get("skipped", 0.0) / loop.parallel.world_size)
         skipped += f"  skipped steps {record['train/skipped_steps']}"
+    peak = peak_memory_mb(loop.parallel.device)  # CUDA: this rank's peak over the epoch (and the setup before it)
+    if peak:
+        record["memory/peak_allocated_mb"], record["memory/peak_reserved_mb"] = peak["allocated"], peak["reserved"]
+        skipped += f"  peak memory {peak['allocated']:.0f} MiB"
+        reset_peak_memory(loop.parallel.device)
     loop.logger.log(record)
     loop.progress.epoch_line(
         f"epoch {state.epoch}/{loop.cfg.schedule.epochs}  train err {record['train/err']:.4f}  "

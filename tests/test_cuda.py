@@ -9,6 +9,8 @@
 2. A training step makes no host synchronisation: ``torch.cuda.set_sync_debug_mode("error")`` raises on any
    (fp32 and bf16; fp16's GradScaler reads its inf flag on the host, torch's own sync, so not fp16).
 3. ``batch.k`` workers run in 1, 2 or 4 passes make the step of one pass, within float tolerance.
+4. ``lbsgd train`` logs its peak device memory per epoch and ``lbsgd eval`` writes its own to eval.json;
+   bf16 weights (``eval.precision=bf16``) take less than fp32 (none of it is recorded off CUDA).
 
 Each test writes what it measured to ``$LBSGD_CUDA_REPORT`` (a JSON-lines file) when that is set, for
 ``results/gpu.md``.
@@ -107,3 +109,22 @@ def test_passes_of_workers_make_the_step_of_one_pass() -> None:
     for s in states[1:]:
         for k, v in s.items():
             torch.testing.assert_close(v, states[0][k], rtol=1e-5, atol=1e-5)
+
+
+def test_train_and_eval_record_their_peak_device_memory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert run_cli("train", f"hydra.run.dir={run}", *SHORT, f"device={DEVICE}", "log.tensorboard=false").returncode == 0
+    epoch = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val/err" in r][-1]
+    peaks = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        proc = run_cli("eval", f"checkpoint={run / 'checkpoints' / 'last.pt'}", f"device={DEVICE}",
+                       f"eval.precision={precision}", f"hydra.run.dir={out}")
+        assert proc.returncode == 0, proc.stderr
+        peaks[precision] = json.loads((out / "eval.json").read_text())["peak_allocated_mb"]
+    report(test="peak_memory", train_peak_allocated_mb=epoch.get("memory/peak_allocated_mb"), eval_peak_mb=peaks)
+    if DEVICE == "cuda":
+        assert 0 < epoch["memory/peak_allocated_mb"] <= epoch["memory/peak_reserved_mb"]
+        assert 0 < peaks["bf16"] < peaks["fp32"]
+    else:
+        assert "memory/peak_allocated_mb" not in epoch and peaks == {"fp32": None, "bf16": None}

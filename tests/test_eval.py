@@ -14,7 +14,7 @@ import torch
 
 from lbsgd_cli.data import load_data, val_batches
 from lbsgd_cli.distributed import Dist
-from lbsgd_cli.evaluate import load_model_for_eval, recompute_bn_stats
+from lbsgd_cli.evaluate import cast_for_eval, load_model_for_eval, recompute_bn_stats
 from lbsgd_cli.engine import evaluate
 
 from .conftest import ROOT, run_cli
@@ -87,6 +87,38 @@ def test_torchrun_splits_the_val_set_with_the_numbers_of_one_process(trained, tm
     assert (one["top1_err"], one["top5_err"], one["images"]) == (two["top1_err"], two["top5_err"], two["images"])
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
     assert one["top1_err"] != two["train_last_val"]["top1_err"]  # the recompute did change the statistics
+
+
+def test_half_precision_eval_holds_half_weights_and_matches_fp32(trained, tmp_path):
+    """eval.precision: bf16 under sequential offloading through the CLI, fp16 (with BN recompute) in process;
+    both within a few images of fp32 on the 360 val images, BN kept fp32, logits back in fp32."""
+    ckpt = trained / "checkpoints" / "last.pt"
+    out = tmp_path / "bf16"
+    run_cli("eval", f"checkpoint={ckpt}", f"hydra.run.dir={out}", "threads=1", "eval.precision=bf16",
+            "offload.mode=sequential", check=True)
+    r = json.loads((out / "eval.json").read_text())
+    fp32 = r["train_last_val"]
+    assert r["precision"] == "bf16" and r["offload_mode"] == "sequential"
+    assert r["peak_allocated_mb"] is None and r["peak_reserved_mb"] is None  # a CPU has no device memory to measure
+    assert abs(r["top1_err"] - fp32["top1_err"]) <= 3 / 360 and r["loss"] == pytest.approx(fp32["loss"], rel=0.02)
+
+    model, cfg = load_model_for_eval(ckpt)
+    data = load_data(cfg.data)
+    ref = evaluate(model, val_batches(data, 0, 1, 50, torch.device("cpu")))
+    half = cast_for_eval(load_model_for_eval(ckpt)[0], "fp16")
+    dtypes = {type(m).__name__: {p.dtype for p in m.parameters(recurse=False)} for m in half.modules()}
+    assert dtypes["Conv2d"] == {torch.float16} and dtypes["Linear"] == {torch.float16}
+    assert all(p.dtype == torch.float32 for m in half.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               for p in [*m.parameters(recurse=False), m.running_mean, m.running_var])
+    x, _ = next(iter(val_batches(data, 0, 1, 50, torch.device("cpu"))))
+    with torch.no_grad():
+        assert half(x).dtype == torch.float32
+    got = evaluate(half, val_batches(data, 0, 1, 50, torch.device("cpu")))
+    assert abs(got["top1_err"] - ref["top1_err"]) <= 3 / 360 and got["loss"] == pytest.approx(ref["loss"], rel=0.01)
+    cpu = Dist(0, 0, 1, torch.device("cpu"), "single")
+    assert recompute_bn_stats(half, data, cfg, cpu, batches=1, chunk=64) == 128  # runs through the half network
+    assert all(m.running_mean.dtype == torch.float32 for m in half.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
 
 
 def test_bad_checkpoints_are_one_line_errors_naming_the_file(trained, tmp_path):
