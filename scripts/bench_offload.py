@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lbsgd_cli.config import ModelConfig  # noqa: E402
 from lbsgd_cli.ghost_bn import deferred_running_stats, flush_running_stats  # noqa: E402
-from lbsgd_cli.memory import enable_stage_checkpointing  # noqa: E402
+from lbsgd_cli.memory import enable_stage_checkpointing, peak_memory_mb, reset_peak_memory  # noqa: E402
 from lbsgd_cli.models import build_model  # noqa: E402
 from lbsgd_cli.offload import place, remove  # noqa: E402
 
@@ -54,12 +54,12 @@ def sync(device: torch.device) -> None:
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.empty_cache()  # the previous mode's cached blocks do not count against this one
+    reset_peak_memory(device)
 
 
 def peak_mb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return peak_memory_mb(device).get("allocated")  # None off CUDA: no accelerator memory to measure
 
 
 def resnet50(batch: int) -> torch.nn.Module:

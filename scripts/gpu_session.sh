@@ -14,9 +14,9 @@
 #     memory       scripts/bench_memory.py: peak memory of lbsgd train (memory.checkpointing off/on, fp32/bf16)
 #                  and lbsgd eval (offload.mode x eval.precision), ResNet-50 at 256 (item 2, about 5 minutes)
 #     baselines    resumes results/inprogress/cifar-h200/* (3 runs at once on the GPU, device=cuda); their
-#                  run directories are packed into $OUT/baselines.tar.gz every 20 s, so a call cut short
-#                  still brings back their last checkpoints: unpack into results/inprogress/ and run again
-#                  (item 4)
+#                  run directories are packed into $OUT/baselines.tar.gz every 20 s and the runs stopped
+#                  (SIGTERM: a checkpoint) 35 s before DEADLINE, so a call cut short still brings back their
+#                  last checkpoints: unpack into results/inprogress/ and run again (item 4)
 #     deep         the paper's recipe (zero-gamma on) on CIFAR ResNet-20, 45 epochs, 12 runs at once (item 5):
 #                  baseline kn 128, the ladder 256-8192, Table 1 (none, constant) and Table 2b (zero-gamma
 #                  off) at kn 1024 and the baseline; resumes results/inprogress/cifar-r20/*, packs its run
@@ -79,6 +79,11 @@ pack() {  # pack DIR NAME [ENTRY...]: DIR's run directories (or ENTRYs; no tenso
   tar czf "$OUT/$name.tar.gz.tmp" --exclude=tb --exclude='*.tmp' -C "$dir" "$@" && mv "$OUT/$name.tar.gz.tmp" "$OUT/$name.tar.gz"
 }
 
+stop_runs() {  # stop_runs DIR: SIGTERM to every lbsgd run under DIR (each writes a checkpoint and exits 3), then wait
+  pkill -TERM -f "hydra.run.dir=$1/"
+  while pgrep -f "hydra.run.dir=$1/" > /dev/null; do sleep 1; done
+}
+
 pack_halves() {  # pack_halves DIR NAME: two archives, NAME-1 and NAME-2 (a file comes back only under 16 MiB)
   local entries=() half
   mapfile -t entries < <(ls "$1")
@@ -110,8 +115,7 @@ part_deep() {
   while kill -0 "$study" 2>/dev/null; do
     if (($(left) < 35)); then  # before the call's end: no further starts, and the runs stop with a checkpoint
       kill -TERM "$study"
-      pkill -TERM -f "hydra.run.dir=$runs/"
-      while pgrep -f "hydra.run.dir=$runs/" > /dev/null; do sleep 1; done
+      stop_runs "$runs"
       break
     fi
     pack_halves "$runs" deep; sleep 15
@@ -141,6 +145,7 @@ part_baselines() {
     pids+=($!) names+=("$name")
   done
   while kill -0 "${pids[@]}" 2>/dev/null; do  # any still running: pack what is there now
+    (($(left) < 35)) && { stop_runs "$runs"; break; }  # before the call's end: a checkpoint, then the last pack
     pack "$runs" baselines
     sleep 20
   done
