@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
+from lbsgd_cli.metrics import read_metrics  # noqa: E402
+
 MODES = ("none", "sequential", "model")
 EVAL_PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -48,8 +50,7 @@ def lbsgd(args: list[str], log: Path) -> tuple[int, float]:
 
 
 def last_epoch(run: Path) -> dict:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r for r in recs if "val/err" in r][-1]
+    return [r for r in read_metrics(run / "metrics.jsonl") if "val/err" in r][-1]
 
 
 def train_rows(a, data: str, work: Path) -> list[dict]:

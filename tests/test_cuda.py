@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from lbsgd_cli.config import OptimConfig
 from lbsgd_cli.engine import StepPlan, train_step
+from lbsgd_cli.metrics import read_metrics
 from lbsgd_cli.optim import build_optimizer
 
 from .conftest import SHORT, run_cli
@@ -114,7 +115,7 @@ def test_passes_of_workers_make_the_step_of_one_pass() -> None:
 def test_train_and_eval_record_their_peak_device_memory(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert run_cli("train", f"hydra.run.dir={run}", *SHORT, f"device={DEVICE}", "log.tensorboard=false").returncode == 0
-    epoch = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val/err" in r][-1]
+    epoch = [r for r in read_metrics(run / "metrics.jsonl") if "val/err" in r][-1]
     peaks = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
