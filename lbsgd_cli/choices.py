@@ -95,6 +95,15 @@ class Stem(Choice):
     cifar = "cifar"
 
 
+class Shortcut(Choice):
+    """The shortcut of a CIFAR ResNet block that changes shape (He et al. 2016, §3.3): ``A`` subsamples and
+    zero-pads the new channels (parameter-free, the CIFAR networks' own); ``B`` is a projection, a strided 1x1
+    conv and its own BN, as ResNet-50's (zero-gamma leaves that BN at gamma = 1)."""
+
+    A = "A"
+    B = "B"
+
+
 class Progress(Choice):
     auto = "auto"
     rich = "rich"

@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .choices import (Backend, BNKernel, CommHook, CompileMode, DataName, Decay, Decode, Device, EvalPrecision,
                       Granularity, Labels, LRRule, MomentumForm, OffloadMode, Optimizer, Precision, Progress,
-                      RangeMethod, Stem, Warmup)
+                      RangeMethod, Shortcut, Stem, Warmup)
 from .errors import UserError
 
 # Field metadata of a key whose value does not change the result (weights, metrics): it does not name
@@ -104,6 +104,10 @@ class ModelConfig:
     # torchvision ResNets only: imagenet (7x7/2 conv + max pool, as torchvision builds them) | cifar (one 3x3/1
     # conv, no pool: ResNet-18 on 32x32 images as the CIFAR-100 warmup replication ran it)
     stem: Stem = Stem.imagenet
+    # cifar_resnet only: the shortcut of the blocks that change shape (He et al. 2016, §3.3): A (subsample and
+    # zero-pad, parameter-free: He et al.'s CIFAR networks) | B (projection: a strided 1x1 conv and a BN of its
+    # own, as ResNet-50's; zero-gamma does not touch that BN). Table 2b's cause on this project's networks.
+    shortcut: Shortcut = Shortcut.A
 
 
 @dataclass
@@ -433,6 +437,8 @@ def _validate_cifar(cfg: DictConfig | Any) -> None:
         _fail("data.labels", f"coarse labels are CIFAR-100's 20 superclasses; data={d.name} has only its own")
     if d.download and not cifar:
         _fail("data.download", f"fetches CIFAR-10/100 through torchvision; data={d.name} is not downloaded")
+    if m.shortcut != Shortcut.A and m.arch != "cifar_resnet":
+        _fail("model.shortcut", f"chooses a CIFAR ResNet's shortcut (model.arch=cifar_resnet); {m.arch} builds its own")
     if m.stem == Stem.cifar and not m.arch.startswith(("resnet", "resnext", "wide_resnet")):
         _fail("model.stem", f"cifar replaces a torchvision ResNet's first conv and max pool; {m.arch} has none "
               "(resnet18, resnet50, ...)")

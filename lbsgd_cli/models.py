@@ -2,7 +2,8 @@
 
 - ``small_cnn``: a 3-conv BN network for the embedded 8x8 digits default.
 - ``cifar_resnet``: He et al.'s CIFAR ResNet of depth 6m+2 (8, 20, 56, ...),
-  16/32/64 channels, parameter-free (zero-padding) shortcuts.
+  16/32/64 channels, parameter-free (zero-padding, option A) shortcuts, or projections (option B:
+  a strided 1x1 conv and its own BN, as ResNet-50's) with ``model.shortcut=B``.
 - any torchvision classifier by name (``resnet50`` is the paper's network: the
   stride sits on the 3x3 conv).
 
@@ -43,18 +44,27 @@ class SmallCNN(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """3x3-3x3 residual block; ``bn2`` is the block's last BN (zero-gamma target)."""
+    """3x3-3x3 residual block; ``bn2`` is the block's last BN (zero-gamma target).
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    A block that changes shape adds its input through option A of He et al. (2016, §3.3), subsample and
+    zero-pad the new channels, or through option B, ``proj``: a strided 1x1 conv and a BN that zero-gamma
+    leaves at gamma = 1, as in ResNet-50's projection shortcuts."""
+
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "A") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.stride, self.extra = stride, cout - cin
+        self.proj: nn.Sequential | None = None
+        if shortcut == "B" and (stride > 1 or cout != cin):
+            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        # Option A of He et al. (2016): subsample and zero-pad the new channels.
+        if self.proj is not None:  # option B
+            return self.proj(x)
+        # Option A: subsample and zero-pad the new channels.
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.extra:
@@ -70,7 +80,7 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6m+2) for 32x32 images (He et al. 2016, §4.2)."""
 
-    def __init__(self, depth: int, num_classes: int, in_channels: int = 3) -> None:
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3, shortcut: str = "A") -> None:
         super().__init__()
         m = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
@@ -79,7 +89,7 @@ class CifarResNet(nn.Module):
         for stage, cout in enumerate((16, 32, 64)):
             blocks = []
             for i in range(m):
-                blocks.append(BasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1))
+                blocks.append(BasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1, shortcut))
                 cin = cout
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
@@ -158,7 +168,7 @@ def build_model(mcfg, num_classes: int, in_channels: int, bn_group: int | None) 
     if arch == "small_cnn":
         model = SmallCNN(in_channels, num_classes, mcfg.width)
     elif arch == "cifar_resnet":
-        model = CifarResNet(mcfg.depth, num_classes, in_channels)
+        model = CifarResNet(mcfg.depth, num_classes, in_channels, str(mcfg.get("shortcut", "A")))
     else:
         if in_channels != 3:
             raise UserError(f"model.arch: {arch} expects RGB images, the data has {in_channels} channel(s)")

@@ -6,7 +6,7 @@
 #
 #   DATA=/path/to/cifar10 scripts/exp_beyond.sh [PART...] [-- overrides...]
 #
-#   PART  warmup | lars-probe | lars | noise | starved   (default: noise lars-probe warmup)
+#   PART  warmup | lars-probe | lars | noise | poly | starved   (default: noise lars-probe warmup)
 #     noise       the baseline (kn 128) with log.noise_scale=true, 4 passes of one worker (B_small 32, B_big 128),
 #                 in NOISE_RUNS (default $RUNS/../noise: its arithmetic is the baseline's seed 0, bit for bit, so
 #                 it stays out of the plots' seeds); then:
@@ -18,6 +18,9 @@
 #     warmup      SGD with a longer gradual warmup (WARMUPS epochs, default "10 15"; the paper's is 5) at kn
 #                 WARMUP_KN (default "4096 8192"), seeds WARMUP_SEEDS (default 0; then the best length on SEEDS),
 #                 with log.noise_scale=true: B_simple through a large-kn run too (B_small = 2 workers, 64)
+#     poly        the poly schedule against its own baseline (issue 36): kn 128 with poly decay (power 2) and no
+#                 warmup, then the ladder kn POLY_KN (default "1024 2048 8192") with the 15-epoch gradual warmup and
+#                 poly decay, for each seed of SEEDS (the ladder's 4096 and 8192 s0 are in results/runs/beyond)
 #     starved     the earlier 5k-subset runs of results/starved_5k/beyond.md (scripts/exp_env.sh)
 #   RUNS  where the run directories go (default runs/results/beyond); LBSGD, JOBS: as in scripts/exp_cifar.sh
 #   SEEDS seeds of the runs that carry a claim (default "0 1")
@@ -35,6 +38,7 @@ read -ra LARS_KN <<< "${LARS_KN:-4096 8192}"
 read -ra SEEDS <<< "${SEEDS:-0 1}"
 read -ra WARMUPS <<< "${WARMUPS:-10 15}"
 read -ra WARMUP_KN <<< "${WARMUP_KN:-4096 8192}"
+read -ra POLY_KN <<< "${POLY_KN:-1024 2048 8192}"
 read -ra WARMUP_SEEDS <<< "${WARMUP_SEEDS:-0}"
 parts=() extra=()
 while (($#)); do
@@ -60,8 +64,16 @@ for part in "${parts[@]}"; do
                   run "kn$kn-gradual-w$w-s$seed" experiment=cifar_large_gradual batch.k=$((kn / 32)) \
                     schedule.warmup_epochs=$w seed="$seed" log.noise_scale=true batch.workers_per_pass=2
                 done; done; done ;;
+    poly)       for seed in "${SEEDS[@]}"; do
+                  run "kn128-poly-s$seed" experiment=cifar_baseline batch.k=4 schedule.decay=poly seed="$seed" \
+                    batch.workers_per_pass=1
+                done
+                for seed in "${SEEDS[@]}"; do for kn in "${POLY_KN[@]}"; do
+                  run "kn$kn-gradual-poly-w15-s$seed" experiment=cifar_large_gradual batch.k=$((kn / 32)) \
+                    schedule.warmup_epochs=15 schedule.decay=poly seed="$seed"
+                done; done ;;
     starved)    bash "$(dirname "$0")/exp_beyond_starved.sh" "${extra[@]}" ;;
-    *) echo "unknown part $part (noise, lars-probe, lars, warmup, starved)" >&2; exit 2 ;;
+    *) echo "unknown part $part (noise, lars-probe, lars, warmup, poly, starved)" >&2; exit 2 ;;
   esac
 done
 wait  # JOBS > 1: the last runs

@@ -9,7 +9,10 @@
 #
 #   DATA=/path/to/cifar10 scripts/exp_cifar.sh [PART...] [-- overrides...]
 #
-#   PART   ladder | table1 | seeds | rules | nozg | fp32 | probe (default: all but probe, in that order)
+#   PART   ladder | table1 | seeds | rules | nozg | fp32 | shortcut | deep | probe (default: ladder ... fp32)
+#          shortcut: Table 2b with projection shortcuts (model.shortcut=B, issue 36): zero-gamma on and off at
+#          kn 128 and the large kn, SEEDS (default "0 1"); with DEPTH=20, kn 128 on seed 0
+#          deep: the recipe on ResNet-20 (model.depth=20): kn 128 and the large kn, zero-gamma on and off, seed 0
 #   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked), read as
 #          data=imagefolder (the presets' data=cifar10 reads torchvision's batches; the results/ runs, made
 #          when data=cifar10 meant this tree, keep their directory names and config.yaml as written)
@@ -38,7 +41,10 @@ while (($#)); do
   parts+=("$1"); shift
 done
 ((${#parts[@]})) || parts=(ladder table1 seeds rules nozg fp32)
+read -ra SEEDS <<< "${SEEDS:-0 1}"
+DEPTH=${DEPTH:-8}
 scale_arg=(scale="$SCALE"); [[ $SCALE == full ]] && scale_arg=()
+[[ $DEPTH == 8 ]] || scale_arg+=(model.depth="$DEPTH")
 
 source "$(dirname "$0")/exp_run.sh"  # run NAME OVERRIDES...
 base() { run "kn128-s$1" experiment=cifar_baseline batch.k=4 seed="$1" "${@:2}"; }              # lr 0.1
@@ -73,13 +79,28 @@ for part in "${parts[@]}"; do
             run kn128-fp32-s0 experiment=cifar_baseline batch.k=4 seed=0 precision=fp32
             run "kn$((32 * LARGE_K))-gradual-fp32-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0 \
               precision=fp32 ;;
+    shortcut) # zero-gamma on / off with projection shortcuts: is option A's zero-padding Table 2b's cause here?
+            z=model.zero_init_residual=false b=model.shortcut=B L=$((32 * LARGE_K))
+            for seed in "${SEEDS[@]}"; do
+              run "kn128-sB-s$seed" experiment=cifar_baseline batch.k=4 seed="$seed" $b
+              run "kn128-sB-nozg-s$seed" experiment=cifar_baseline batch.k=4 seed="$seed" $b $z
+              [[ $DEPTH == 8 ]] || continue
+              run "kn$L-gradual-sB-s$seed" experiment=cifar_large_gradual batch.k="$LARGE_K" seed="$seed" $b
+              run "kn$L-gradual-sB-nozg-s$seed" experiment=cifar_large_gradual batch.k="$LARGE_K" seed="$seed" $b $z
+            done ;;
+    deep)   # RUNS=runs/results/cifar-r20-cpu DEPTH=20: the ResNet-20 runs of results/runs/cifar-r20-cpu
+            z=model.zero_init_residual=false L=$((32 * LARGE_K))
+            run kn128-s0 experiment=cifar_baseline batch.k=4 seed=0
+            run kn128-nozg-s0 experiment=cifar_baseline batch.k=4 seed=0 $z
+            run "kn$L-gradual-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0
+            run "kn$L-gradual-nozg-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0 $z ;;
     probe)  # the first 5 epochs of the regime at rates 0.8, 1.6, 3.2 (kn 1024, 2048, 4096), no vs gradual warmup
             for k in 4 32 64 128; do for w in none gradual; do
               [[ $k == 4 && $w == gradual ]] && continue                        # kn 128: warmup is flat
               RUNS="$RUNS/../probe" run "resnet8-kn$((32 * k))-$w" experiment=cifar_large_$w batch.k=$k \
                 schedule.epochs=5 'schedule.milestones=[100]' seed=0
             done; done ;;
-    *) echo "unknown part $part (ladder, table1, seeds, rules, nozg, fp32, probe)" >&2; exit 2 ;;
+    *) echo "unknown part $part (ladder, table1, seeds, rules, nozg, fp32, shortcut, deep, probe)" >&2; exit 2 ;;
   esac
 done
 wait  # JOBS > 1: the last runs

@@ -77,6 +77,7 @@ def test_cifar100_warmup_ladder_sweeps_kn_1024_2048_4096_with_and_without_warmup
     (["data=cifar100", "data.in_memory='false'"], "data.in_memory: data=cifar100 is read into memory"),
     (["data=imagefolder", "data.download=true"], "data.download: fetches CIFAR-10/100"),
     (["model=cifar_resnet", "model.stem=cifar"], "model.stem: cifar replaces a torchvision ResNet"),
+    (["model=resnet50", "model.shortcut=B"], "model.shortcut: chooses a CIFAR ResNet's shortcut"),
 ])
 def test_cifar_keys_are_checked_early(overrides, message):
     with pytest.raises(UserError, match=f"^{message}") as e:

@@ -39,6 +39,35 @@ def test_zero_gamma_on_each_residual_blocks_last_bn():
     assert all(torch.all(b.weight == 1) for b in residual_last_bns(off))
 
 
+def test_shortcut_a_pads_the_new_channels_with_zeros_at_zero_gamma():
+    """Option A with gamma = 0: a stage's first block passes its input subsampled, the new half all zero."""
+    net = build_model(mcfg("cifar_resnet", depth=8), 10, 3, bn_group=None).eval()
+    block = net.layer2[0]
+    x = torch.rand(2, 16, 8, 8)
+    out = block(x)
+    assert out.shape == (2, 32, 4, 4)
+    assert torch.equal(out[:, :8], torch.zeros(2, 8, 4, 4)) and torch.equal(out[:, 24:], torch.zeros(2, 8, 4, 4))
+    assert torch.equal(out[:, 8:24], x[:, :, ::2, ::2])
+
+
+def test_shortcut_b_is_a_strided_1x1_projection_with_its_own_bn_that_zero_gamma_leaves_alone():
+    a = build_model(mcfg("cifar_resnet", depth=8), 10, 3, bn_group=None)
+    b = build_model(mcfg("cifar_resnet", depth=8, shortcut="B"), 10, 3, bn_group=None)
+    # two projections (stages 2 and 3): 32*16 + 64*32 conv weights and 2*(32+64) BN parameters more than A
+    extra = sum(p.numel() for p in b.parameters()) - sum(p.numel() for p in a.parameters())
+    assert extra == 32 * 16 + 64 * 32 + 2 * (32 + 64)
+    assert b.layer1[0].proj is None and b.layer2[0].proj is not None and b.layer3[0].proj is not None
+    conv, bn = b.layer2[0].proj
+    assert conv.kernel_size == (1, 1) and conv.stride == (2, 2) and torch.all(bn.weight == 1)
+    assert all(torch.all(m.weight == 0) for m in residual_last_bns(b))  # zero-gamma: the residual branch only
+    block = b.layer2[0].eval()
+    x = torch.rand(2, 16, 8, 8)
+    # at gamma = 0 the block is relu(BN(conv1x1(x))): no channel is zero by construction
+    assert torch.allclose(block(x), torch.relu(block.proj(x)))
+    ghost = build_model(mcfg("cifar_resnet", depth=8, shortcut="B"), 10, 3, bn_group=4)
+    assert isinstance(ghost.layer2[0].proj[1], GhostBatchNorm2d)  # ghost BN over n there too
+
+
 def test_resnet50_zero_gamma_targets_bottleneck_bn3():
     net = build_model(mcfg("resnet50"), 10, 3, bn_group=32)
     bns = residual_last_bns(net)
