@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CheckpointWriteError, Diverged, Interrupted, PeerFailure, Preempted, UserError, first_line
+from .preemption import catch_early, forget_early
 
 # Jobs of this call's sweep that diverged: a `-m` sweep goes on to the next job and exits 5 at its end.
 _DIVERGED_JOBS: list[str] = []
@@ -283,6 +284,21 @@ def _leave(D, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # torch's C++ layer (c10d) logs each retry of a rendezvous, with stack frames, before lbsgd says what
+    # failed in one line; TORCH_CPP_LOG_LEVEL=INFO|WARNING|ERROR shows them again (read when torch loads)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+    # a preemption while starting (imports, data, rendezvous) becomes a checkpoint, not a death; not in a
+    # process that only submits a sweep's jobs to another launcher (it trains nothing: a signal ends it)
+    if argv[:1] == ["train"] and not any(a.startswith("hydra/launcher=") and a != "hydra/launcher=basic"
+                                         for a in argv):
+        catch_early()
+    try:
+        return _dispatch(argv)
+    finally:
+        forget_early()  # a process that goes on (a test's) gets its own signal handlers back
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if argv else 2

@@ -182,6 +182,9 @@ class DistConfig:
     backend: Backend = no_effect(Backend.auto)  # auto (nccl on GPUs, gloo on CPU) | nccl | gloo
     # a rank that waits this long for the others (one died or hangs) exits with status 4
     timeout_s: float = no_effect(600.0)
+    # joining the process group waits max(timeout_s, this) for every rank: ranks of one job may start minutes
+    # apart (imports from a busy shared file system); one that cannot reach the master fails after it
+    rendezvous_timeout_s: float = no_effect(300.0)
     # on SLURM, rank 0 runs `scontrol requeue $SLURM_JOB_ID` after a preemption checkpoint
     requeue: bool = no_effect(False)
     # DDP communication hook compressing the gradient allreduce: none (fp32) | fp16 | bf16 | powersgd.

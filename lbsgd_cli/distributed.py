@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -92,6 +93,13 @@ class Dist:
     device: torch.device
     launcher: str
     timeout_s: float = 600.0
+    hosts: tuple[str, ...] = ()  # each rank's host name (its node), by rank
+
+    def where(self, ranks: list[int]) -> str:
+        """`` on node2`` / `` on node1, node3``: the hosts of ``ranks`` when they are not all this one's."""
+        names = sorted({self.hosts[r] for r in ranks if r < len(self.hosts)})
+        mine = self.hosts[self.rank] if self.rank < len(self.hosts) else None
+        return f" on {', '.join(names)}" if names and names != [mine] else ""
 
     @property
     def is_main(self) -> bool:
@@ -113,15 +121,18 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-# Ranks of one job may start minutes apart (imports from a busy shared file system): joining waits this long.
+# Ranks of one job may start minutes apart (imports from a busy shared file system): joining waits this long
+# by default (dist.rendezvous_timeout_s).
 RENDEZVOUS_MIN_S = 300.0
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 600.0, backend: str = "auto") -> Dist:
+def init_distributed(device: str = "auto", timeout_s: float = 600.0, backend: str = "auto",
+                     rendezvous_s: float = RENDEZVOUS_MIN_S) -> Dist:
     """Join the process group the launcher describes (a no-op for a single process).
 
-    Joining waits up to ``max(timeout_s, RENDEZVOUS_MIN_S)`` for all ranks; after that every
-    collective and barrier waits at most ``timeout_s`` for the others.
+    Joining waits up to ``max(timeout_s, rendezvous_s)`` for all ranks; after that every
+    collective and barrier waits at most ``timeout_s`` for the others. Every rank learns the others'
+    host names, so that a failure can name the node that stopped answering.
     """
     le = launch_env()
     dev = pick_device(device, le.local_rank)
@@ -141,19 +152,24 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0, backend: st
                 init_method="env://",
                 rank=le.rank,
                 world_size=le.world_size,
-                timeout=datetime.timedelta(seconds=max(timeout_s, RENDEZVOUS_MIN_S)),
+                timeout=datetime.timedelta(seconds=max(timeout_s, rendezvous_s)),
                 device_id=dev if backend == "nccl" else None,
             )
         except Exception as exc:
             raise PeerFailure(
                 f"distributed: rank {le.rank} of {le.world_size} could not join the process group at "
                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
-                f"{max(timeout_s, RENDEZVOUS_MIN_S):g} s (a rank did not start, or the address is wrong): "
+                f"{max(timeout_s, rendezvous_s):g} s (a rank did not start, or the address is wrong or "
+                f"unreachable from {socket.gethostname()}): "
                 f"{_first_line(exc)}"
             ) from None
         set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # older torch
         set_timeout(datetime.timedelta(seconds=timeout_s))
-    return Dist(le.rank, le.local_rank, le.world_size, dev, le.launcher, timeout_s)
+    hosts: list[str] = [socket.gethostname()]
+    if dist.is_initialized() and le.world_size > 1:
+        hosts = [""] * le.world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+    return Dist(le.rank, le.local_rank, le.world_size, dev, le.launcher, timeout_s, tuple(hosts))
 
 
 # --------------------------------------------------------------------------- failures of other ranks
@@ -184,7 +200,8 @@ def peer_failure(exc: BaseException, d: Dist, iteration: int | None = None) -> P
         return None
     detail = _first_line(exc)
     where = f" at iteration {iteration}" if iteration is not None else ""
-    others = f"rank {1 - d.rank}" if d.world_size == 2 else f"one of the other {d.world_size - 1} ranks"
+    rest = [r for r in range(d.world_size) if r != d.rank]
+    others = (f"rank {rest[0]}" if len(rest) == 1 else f"one of the other {len(rest)} ranks") + d.where(rest)
     if re.search(r"timed? ?out|timeout", detail, re.I):
         cause = f"waited more than dist.timeout_s={d.timeout_s:g} s for {others} (it hangs or died)"
     else:

@@ -275,6 +275,7 @@ class RunDir:
             "python": platform.python_version(),
             "host": platform.node(),
             "world_size": d.world_size,
+            "nodes": sorted(set(d.hosts)) if d.hosts else [platform.node()],  # the hosts of all ranks
             "launcher": d.launcher,
             "device": str(d.device),
             "seed": seed,

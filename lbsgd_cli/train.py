@@ -12,7 +12,6 @@ checkpointed through :class:`~lbsgd_cli.rundir.RunDir`.
 from __future__ import annotations
 
 import functools
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from .metrics import MetricsLogger, Progress
 from .models import build_model
 from .optim import build_optimizer, set_lr
 from .parallel import Parallel, make_parallel
+from .preemption import PreemptionFlag
 from .rules import iters_per_epoch, loss_normaliser, lr_at, peak_lr
 from .rundir import RunDir, RunState, print_summary, zero_sums
 from .source import DataSource
@@ -46,7 +46,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) the experiment ``cfg`` in ``run_dir``; returns the final summary."""
     validate(cfg)
     t_start = time.monotonic()
-    dist = D.init_distributed(cfg.device, cfg.dist.timeout_s, cfg.dist.backend)
+    dist = D.init_distributed(cfg.device, cfg.dist.timeout_s, cfg.dist.backend, cfg.dist.rendezvous_timeout_s)
     k, n, W = cfg.batch.k, cfg.batch.n, dist.world_size
     if k % W:
         raise UserError(f"batch.k: {k} workers cannot be split evenly over {W} processes")
@@ -330,68 +330,6 @@ def _leave_preempted(loop: Loop, iteration: int) -> None:
     by = "stopped by SIGINT (Ctrl-C)" if loop.stopper.raised == "SIGINT" else f"preempted by {loop.stopper.raised}"
     raise Preempted(f"{by} at iteration {iteration}; checkpoint written; the same command resumes"
                     + (f"; {note}" if note else ""))
-
-
-# --------------------------------------------------------------------------- preemption
-
-
-class PreemptionFlag:
-    """Turns the configured signals into a checkpoint at an iteration boundary.
-
-    SIGINT (Ctrl-C) is always one of them: the first checkpoints and exits with status 3 as a preemption
-    does; a second one, before that checkpoint is written, raises ``KeyboardInterrupt`` and the run stops
-    at once (status 130, :class:`~lbsgd_cli.errors.Interrupted`). One process reads its flag at every
-    iteration. Several processes agree by an allreduce of the flag,
-    which is a host value, so only every ``check_every`` iterations and at every scheduled checkpoint:
-    the preemption checkpoint is written within ``check_every`` iterations of the signal, by all ranks
-    at the same iteration."""
-
-    def __init__(self, names: list[str], check_every: int = 1) -> None:
-        self.raised: str | None = None  # the first signal's name: why the run stops
-        self.interrupted = False  # a Ctrl-C came: the next one stops at once
-        self.check_every = max(1, check_every)
-        self._old: dict[int, Any] = {}
-        for name in [*names, *(["SIGINT"] if "SIGINT" not in names else [])]:  # Ctrl-C: always
-            sig = getattr(signal, name, None)
-            if sig is None:
-                raise UserError(f"checkpoint.preempt_signals: unknown signal {name!r}")
-            try:
-                self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-
-    def _handler(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if signum == signal.SIGINT:  # Ctrl-C: the first checkpoints and stops, a second stops at once
-            if self.interrupted:
-                raise KeyboardInterrupt
-            self.interrupted = True
-            print("lbsgd: Ctrl-C: writing a checkpoint at the next iteration, then stopping (status 3); "
-                  "Ctrl-C again stops at once", file=sys.stderr, flush=True)
-        # the first reason stays: `scontrol requeue` sends SIGTERM to a job that is already stopping
-        self.raised = self.raised or name
-
-    def agreed(self, device, iteration: int | None = None, force: bool = False) -> bool:
-        """True on every rank when any rank got a signal (one tiny allreduce with several processes, at
-        iterations that are multiples of ``check_every``, when ``force``d, or when no iteration is given)."""
-        if D.initialized():
-            if not force and iteration is not None and iteration % self.check_every:
-                return False
-            t = torch.tensor([1.0 if self.raised else 0.0], device=device)
-            D.dist.all_reduce(t, op=D.dist.ReduceOp.MAX)
-            if t.item() and not self.raised:
-                self.raised = "a signal on another rank"
-            return bool(t.item())
-        return self.raised is not None
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def hold(self) -> None:
-        """Keep catching the signals until the process exits (``restore`` then leaves them alone): the process
-        is leaving with status 3 and a signal now (SLURM's SIGTERM after a requeue) must not kill it first."""
-        self._old.clear()
 
 
 # --------------------------------------------------------------------------- noise scale and console

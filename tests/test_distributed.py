@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from lbsgd_cli import distributed as D
 from lbsgd_cli.config import DistConfig
 from lbsgd_cli.errors import PeerFailure
-from lbsgd_cli.train import PreemptionFlag
+from lbsgd_cli.preemption import PreemptionFlag
 
 from .conftest import ROOT, lbsgd
 
@@ -271,6 +271,17 @@ def test_peer_failure_messages_and_fault_switch():
     assert "waited more than dist.timeout_s=7 s for rank 1" in str(f)
     assert D.peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), d) is None  # a real bug
     assert D.peer_failure(reset, D.Dist(0, 0, 1, torch.device("cpu"), "single")) is None
+
+
+def test_peer_failure_names_the_node_that_stopped_answering():
+    reset = RuntimeError("Connection reset by peer")
+    two = D.Dist(0, 0, 2, torch.device("cpu"), "slurm", timeout_s=7, hosts=("node1", "node2"))
+    assert "lost the connection to rank 1 on node2 (it crashed" in str(D.peer_failure(reset, two, 5))
+    three = D.Dist(1, 0, 3, torch.device("cpu"), "slurm", timeout_s=7, hosts=("node1", "node2", "node3"))
+    assert "for one of the other 2 ranks on node1, node3 (it hangs" in str(
+        D.peer_failure(RuntimeError("Timed out waiting 7000ms"), three, 5))
+    local = D.Dist(0, 0, 2, torch.device("cpu"), "torchrun", timeout_s=7, hosts=("vm", "vm"))
+    assert "lost the connection to rank 1 (it crashed" in str(D.peer_failure(reset, local, 5))  # one host: no node
 
 
 def test_fault_injection_is_installed_only_when_asked(monkeypatch):

@@ -11,19 +11,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from .conftest import ROOT
+from .slurm_jobs import pid_of_rank, start_cluster, val_errs, wait_for_checkpoint, weights
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -32,68 +30,11 @@ SCRIPT = ROOT / "scripts" / "slurm_train.sbatch"
 ON_THIS_NODE = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 # The digits default (small CNN, k=4 workers of n=32, 2 warmup epochs) cut to 8 epochs with one rate drop.
 CFG = ["log.tensorboard=false", "schedule.epochs=8", "schedule.milestones=[6]", "checkpoint.every_iters=5"]
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-
-
-def _missing() -> str | None:
-    for exe in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol"):
-        if shutil.which(exe) is None and not Path("/usr/sbin", exe).exists():
-            return f"no SLURM here ({exe} not found; apt-get install slurmctld slurmd slurm-client munge)"
-    if os.geteuid() != 0:
-        return "a local SLURM cluster needs root (slurmd starts jobs as their user)"
-    return None
-
-
-@dataclass
-class Cluster:
-    dir: Path
-    env: dict[str, str]
-
-    def run(self, *cmd: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env=self.env, cwd=cwd, capture_output=True, text=True, check=check,
-                              timeout=60)
-
-    def sbatch(self, *args: str, cwd: Path) -> str:
-        return self.run("sbatch", "--parsable", *args, cwd=cwd).stdout.strip().split(";")[0]
-
-    def job(self, job: str) -> dict[str, str]:
-        out = self.run("scontrol", "show", "job", "-o", job, check=False).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", out))
-
-    def wait(self, job: str, timeout: float = 240) -> dict[str, str]:
-        """The job's record once it has ended (a requeued job ends only after its last start)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = self.job(job)
-            if info.get("JobState") in FINAL:
-                return info
-            time.sleep(0.5)
-        self.run("scancel", job, check=False)
-        raise AssertionError(f"job {job} still {self.job(job).get('JobState')} after {timeout} s")
 
 
 @pytest.fixture(scope="session")
 def cluster():
-    why = _missing()
-    if why:
-        if os.environ.get("LBSGD_SLURM_REQUIRED") == "1":
-            pytest.fail(f"LBSGD_SLURM_REQUIRED=1 but {why}")
-        pytest.skip(why)
-    top = Path(tempfile.mkdtemp(prefix="lbsgd-slurm-"))
-    up = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_local.sh"), "up", str(top)], capture_output=True,
-                        text=True, timeout=120)
-    if up.returncode != 0:
-        shutil.rmtree(top, ignore_errors=True)
-        pytest.fail(f"the local cluster did not start: {up.stderr.strip()}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "HYDRA_FULL_ERROR")}
-    env.update(SLURM_CONF=str(top / "slurm.conf"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # jobs run this python (sbatch --export=ALL)
-    try:
-        yield Cluster(top, env)
-    finally:
-        subprocess.run(["bash", str(ROOT / "scripts" / "slurm_local.sh"), "down", str(top)], timeout=120)
-        shutil.rmtree(top, ignore_errors=True)
+    yield from start_cluster("slurm_local.sh")
 
 
 @pytest.fixture(scope="module")
@@ -116,28 +57,6 @@ def reference(tmp_path_factory):
         proc.wait()
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
-
-
-def _val_errs(run: Path) -> list[float]:
-    return [json.loads(x)["val/err"] for x in (run / "metrics.jsonl").read_text().splitlines() if "val/err" in x]
-
-
-def _wait_for_checkpoint(run_glob: tuple[Path, str], at_least: int, timeout: float = 180) -> Path:
-    base, pattern = run_glob
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for ckpt in base.glob(pattern):
-            try:
-                if torch.load(ckpt, weights_only=False)["iteration"] >= at_least:
-                    return ckpt
-            except Exception:  # being written
-                pass
-        time.sleep(0.3)
-    raise AssertionError(f"no checkpoint {pattern} at iteration >= {at_least} in {timeout} s")
-
-
 # --------------------------------------------------------------------------- tests
 
 
@@ -152,17 +71,17 @@ def test_sbatch_two_tasks_over_gloo_end_equal_to_one_process(cluster, reference,
     starts = json.loads((run / "run_info.json").read_text())["starts"]
     assert [(s["world_size"], s["launcher"]) for s in starts] == [(2, "slurm")]  # srun's ranks, not torchrun
     ref = reference()
-    w_ref, w_run = _weights(ref), _weights(run)
+    w_ref, w_run = weights(ref), weights(run)
     # README, Guarantee: bit for bit when each rank makes one pass and one process makes those passes
     assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
-    assert _val_errs(ref) == _val_errs(run) and len(_val_errs(run)) == 8
+    assert val_errs(ref) == val_errs(run) and len(val_errs(run)) == 8
 
 
-def test_a_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_same_weights(cluster, reference, tmp_path):
+def test_a_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_sameweights(cluster, reference, tmp_path):
     """`scancel --batch --signal=USR2` (what --signal=B:USR2@N sends): the batch shell passes it to srun, the
     ranks checkpoint and exit 3, rank 0 runs `scontrol requeue`, the job starts again and resumes."""
     job = cluster.sbatch(*ON_THIS_NODE, "--output=slurm-%j.out", str(SCRIPT), *CFG, cwd=tmp_path)
-    _wait_for_checkpoint((tmp_path, "runs/train/*/checkpoints/last.pt"), 10)
+    wait_for_checkpoint((tmp_path, "runs/train/*/checkpoints/last.pt"), 10)
     cluster.run("scancel", "--batch", "--signal=USR2", job)
     info = cluster.wait(job)
     out = (tmp_path / f"slurm-{job}.out").read_text()  # --open-mode=append: both starts in one log
@@ -177,9 +96,9 @@ def test_a_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_same_wei
     starts = json.loads((runs[0] / "run_info.json").read_text())["starts"]
     assert [s["resumed_from_iteration"] for s in starts] == [None, stopped] and 10 <= stopped < 8 * 11
     ref = reference()
-    w_ref, w_run = _weights(ref), _weights(runs[0])
+    w_ref, w_run = weights(ref), weights(runs[0])
     assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)  # exactly the uninterrupted run
-    assert _val_errs(ref) == _val_errs(runs[0]) and len(_val_errs(runs[0])) == 8  # each epoch logged once
+    assert val_errs(ref) == val_errs(runs[0]) and len(val_errs(runs[0])) == 8  # each epoch logged once
 
 
 def test_a_sweep_runs_as_an_array_and_a_preempted_task_is_requeued_and_completes(cluster, tmp_path):
@@ -192,7 +111,7 @@ def test_a_sweep_runs_as_an_array_and_a_preempted_task_is_requeued_and_completes
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     array = ""
     try:
-        _wait_for_checkpoint((sweep, "batch.k=2,*/checkpoints/last.pt"), 4)
+        wait_for_checkpoint((sweep, "batch.k=2,*/checkpoints/last.pt"), 4)
         (array,) = [p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+", p.name)]
         cluster.run("scancel", "--signal=USR2", f"{array}_1")  # to the steps: srun -> the task
         out, err = proc.communicate(timeout=240)
@@ -206,7 +125,7 @@ def test_a_sweep_runs_as_an_array_and_a_preempted_task_is_requeued_and_completes
     assert "#SBATCH --array=0-1" in (sweep / ".submitit" / array / f"{array}_submission.sh").read_text()
     for k in (1, 2):
         (run,) = sweep.glob(f"batch.k={k},*")
-        assert len(_val_errs(run)) == 3
+        assert len(val_errs(run)) == 3
     assert cluster.job(f"{array}_0")["Restarts"] == "0" and cluster.job(f"{array}_1")["Restarts"] == "1"
     log = sweep / ".submitit" / f"{array}_1"
     err1, out1 = (log / f"{array}_1_0_log.err").read_text(), (log / f"{array}_1_0_log.out").read_text()
@@ -215,29 +134,12 @@ def test_a_sweep_runs_as_an_array_and_a_preempted_task_is_requeued_and_completes
     assert (log / f"{array}_1_0_result.pkl").exists()  # submitit ran it again to the end
 
 
-def _pid_of_rank(job: str, rank: int, timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                env = dict(x.split("=", 1) for x in (proc / "environ").read_text().split("\0") if "=" in x)
-                cmd = (proc / "cmdline").read_text()
-            except OSError:
-                continue
-            if env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == str(rank) and "lbsgd_cli" in cmd:
-                return int(proc.name)
-        time.sleep(0.2)
-    raise AssertionError(f"no rank {rank} of job {job}")
-
-
 def test_a_killed_rank_fails_the_job_with_status_4(cluster, tmp_path):
     run = tmp_path / "run"
     job = cluster.sbatch(*ON_THIS_NODE, f"--output={tmp_path}/slurm-%j.out", str(SCRIPT), f"hydra.run.dir={run}",
                          *CFG, cwd=tmp_path)
-    _wait_for_checkpoint((run, "checkpoints/last.pt"), 5)
-    os.kill(_pid_of_rank(job, 1), signal.SIGKILL)
+    wait_for_checkpoint((run, "checkpoints/last.pt"), 5)
+    os.kill(pid_of_rank(job, 1), signal.SIGKILL)
     killed = time.monotonic()
     info = cluster.wait(job, timeout=120)
     ended_in = time.monotonic() - killed
@@ -255,7 +157,7 @@ def test_a_second_job_on_the_same_run_directory_is_refused_with_one_line(cluster
     first = cluster.sbatch(*one, f"--output={tmp_path}/first.out", str(SCRIPT), f"hydra.run.dir={run}", *cfg,
                            cwd=tmp_path)
     try:
-        _wait_for_checkpoint((run, "checkpoints/last.pt"), 1)
+        wait_for_checkpoint((run, "checkpoints/last.pt"), 1)
         second = cluster.sbatch(*one, f"--output={tmp_path}/second.out", str(SCRIPT), f"hydra.run.dir={run}", *cfg,
                                 cwd=tmp_path)
         info = cluster.wait(second, timeout=120)

@@ -260,19 +260,3 @@ def test_fp16_on_a_cpu_warns_in_the_header_naming_bf16_and_the_measured_slowdown
     assert proc.returncode == 0 and "warning: precision=fp16" not in proc.stdout
 
 
-def test_the_first_sigint_sets_the_preemption_flag_and_a_second_raises_keyboard_interrupt(capsys):
-    from lbsgd_cli.train import PreemptionFlag
-
-    before = signal.getsignal(signal.SIGINT)
-    flag = PreemptionFlag(["SIGTERM"])
-    try:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)
-        assert flag.raised == "SIGINT" and flag.agreed(torch.device("cpu"))
-        assert "Ctrl-C again stops at once" in capsys.readouterr().err
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
-    finally:
-        flag.restore()
-    assert signal.getsignal(signal.SIGINT) == before
