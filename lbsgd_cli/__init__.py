@@ -1,33 +1,49 @@
 """lbsgd: Accurate, Large Minibatch SGD (Goyal et al., 2017) as a command-line experiment runner.
 
-Modules, one concern each:
-  rules        the paper's rules as pure functions (linear scaling, warmup, schedule, Remarks)
-  choices      the values of every choice key as Enums (no Hydra: rules and optim import them)
-  config       the structured config schema, the keys that do not change the result, validation
-  source       the DataSource protocol, ImageFolder trees, stratified subsets, normalisation
-  data         load_data, embedded digits and small images in memory, the per-epoch shuffle split among workers
-  streaming    ImageNet-sized files decoded by workers (reduced-size JPEGs, data.decode=gpu), device prefetch
-  models       networks and the paper's initialisation
-  ghost_bn     BatchNorm over n samples per worker
-  optim        parameter groups, PyTorch's SGD, the paper's eq. (10) form, LARS
-  engine       one training step (train_step, StepPlan) and evaluation: shared by every command
-  parallel     one process, DDP or FSDP2 behind one interface (wrapping, gradient sync, state dicts)
-  distributed  torchrun / SLURM process groups, reductions, peer failures, SLURM requeue
-  train        the training loop (lbsgd train)
-  divergence   the first non-finite loss, found without a per-step host sync
-  rundir       the run directory: lock, resume or start, checkpoints, run info, summary
-  checkpoint   atomic checkpoints and reading them back
-  metrics      metrics.jsonl, TensorBoard, progress
-  memory       activation checkpointing per ResNet stage, FSDP2 sharding and full state dicts
-  noise_scale  the gradient noise scale B_simple (beyond the paper)
-  evaluate     lbsgd eval: checkpoint -> model, BN recompute
-  offload      CPU and model offloading (accelerate hooks) for evaluation
-  quantize     b-bit affine quantization and integer checkpoints
-  quantize_run lbsgd quantize: the table of settings
-  int8         real int8 kernels (torchao pt2e + inductor)
-  plot         lbsgd plot: the paper's tables and figures from run directories
-  errors       one-line user errors and exit statuses
-  cli          the `lbsgd` command
+The module map, the one place it is kept (docs/layout.md links here for the rest of the repository's layout).
+Modules, one concern each, with the paper's sections they implement in brackets:
+  rules           the paper's rules as pure functions: linear scaling, warmup, step schedule, Remarks 2-4
+                  (peak_lr, lr_at)                                                       [§2.1, §2.2, §3, §5.1]
+  choices         the values of every choice key as Enums (no Hydra: rules and optim import them)
+  config          the structured config schema, the keys that do not change the result (no_effect), validation
+  device_defaults `auto` precision, channels_last and deterministic: the device's fast or bit-exact mode,
+                  resolved once when a command starts
+  source          the DataSource protocol, ImageFolder trees, stratified subsets, normalisation           [§5.1]
+  cifar           CIFAR-10/100 as torchvision keeps them: pickled batches read by a restricted unpickler,
+                  torchvision's md5 list, data.download
+  data            load_data, digits and small images decoded once in memory (augmented on the device), the
+                  per-epoch shuffle split among workers (TrainLoader), val shares               [§3 Remark 4, §5.1]
+  streaming       ImageNet-sized files decoded by loader workers: scale and aspect-ratio crop from a
+                  reduced-size JPEG, data.decode=gpu, prefetch on a CUDA side stream, data.num_workers=auto [§5.1]
+  decode          JPEG decoding in the loader workers: libjpeg-turbo through simplejpeg (PIL's pixels), PIL for
+                  CMYK, PNG-in-.JPEG and refused files; which files data.decode=gpu leaves to the workers   [§5.1]
+  bad_data        bad image files: one line by default, data.skip_bad (left out, replaced in workers, counted)
+  models          networks and the paper's initialisation: He, FC ~ N(0, 0.01^2), zero-gamma              [§5.1]
+  ghost_bn        BatchNorm over each worker's n samples (eager kernels, and the formula torch.compile traces)
+                                                                                                          [§2.3]
+  optim           parameter groups, PyTorch's SGD, the paper's eq. (10) form, LARS           [§3 Remark 2, §5.1]
+  engine          one SGD step over passes of workers (train_step, StepPlan) and evaluation (evaluate): shared
+                  by every command                                                              [§2, §2.3, §3]
+  parallel        one process, DDP or FSDP2 behind one interface: wrapping, gradient sync of the last pass,
+                  full state dicts, val shares                                                        [§3, §4]
+  distributed     torchrun / SLURM process groups, reductions, peer failures, SLURM requeue                [§4]
+  train           the training loop (lbsgd train): train(), one epoch, preemption                          [§2]
+  divergence      the first non-finite loss: a device flag read where the loop syncs anyway, no per-step host
+                  sync                                                                                    [§2.2]
+  rundir          the run directory: lock, resume or start (RunState), config difference, run info, summary
+  checkpoint      atomic checkpoints and reading them back (weights_only=True: data only), a full disk
+  metrics         metrics.jsonl, TensorBoard, progress
+  memory          activation checkpointing per ResNet stage, FSDP2 sharding and CPU offload, full state dicts
+  noise_scale     the gradient noise scale B_simple                                            [beyond the paper]
+  evaluate        lbsgd eval: checkpoint -> model, BN recompute                                           [§5.3]
+  offload         CPU and model offloading (accelerate hooks) for evaluation                        [the seminar]
+  quantize        b-bit affine quantization and integer checkpoints                                 [the seminar]
+  quantize_run    lbsgd quantize: the table of settings
+  int8            real int8 kernels (torchao pt2e + inductor)
+  plot            lbsgd plot: the paper's tables and figures from run directories
+                                                                          [§5.2-5.3, Tables 1-2, Figs. 1-4]
+  errors          one-line user errors and exit statuses
+  cli             the `lbsgd` command
 """
 
 __version__ = "0.1.0"
