@@ -321,6 +321,65 @@ def plan_rows(cluster: Cluster, counts: Sequence[int], edge: int | None = None) 
     return rows
 
 
+# --------------------------------------------------------------------------- published runs (results/plan.md)
+
+RESNET50_GRAD_BYTES = 25_557_032 * 4  # torchvision resnet50: 25,557,032 parameters in 161 tensors, fp32
+RESNET101_GRAD_BYTES = 44_549_160 * 4  # torchvision resnet101: 44,549,160 parameters in 314 tensors
+# Forward FLOPs of one 224x224 image, torch.utils.flop_counter on torchvision's models: 15.60e9 / 8.18e9
+RESNET101_OVER_50_FLOPS = 1.908
+P100_NVLINK_GBIT = 160.0  # one NVLink 1.0 link, 20 GB/s per direction (NVIDIA's P100 whitepaper; not re-read here)
+IMAGENET_TRAIN = 1_281_167
+
+# Fitted constants: none. Every input below is a published figure or a stated assumption (the latencies).
+ANCHORS: list[dict[str, Any]] = [
+    {"name": "Goyal et al. 2017, 352 P100s: time per iteration (Fig. 7, 'increases only 12%' from kn=256)",
+     "world": 352, "quantity": "iter_s", "reported": 30.0 / (IMAGENET_TRAIN / 11264),
+     "source": "§5.5: one epoch of ~1.28M images in about 30 s at kn=11264 (Fig. 7 caption): 0.264 s",
+     "cluster": {"images_per_s": 136.0, "grad_bytes": RESNET50_GRAD_BYTES, "n": 32, "gpus_per_node": 8,
+                 "intra_gbit": P100_NVLINK_GBIT, "inter_gbit": 50.0, "algorithm": "hierarchical",
+                 "bucket_mb": RESNET50_GRAD_BYTES / 161 / 2**20, "first_bucket_mb": 0.0, "overlap": True}},
+    {"name": "Goyal et al. 2017, 256 P100s: time to train, 90 epochs ('in one hour')",
+     "world": 256, "quantity": "time_to_train_s", "reported": 3600.0,
+     "source": "abstract and §5: 'ResNet-50 ... using 256 workers in one hour'",
+     "cluster": "goyal"},
+    {"name": "Goyal et al. 2017, 8 -> 352 P100s: scaling efficiency (Fig. 8, '~90%')",
+     "world": 352, "quantity": "efficiency", "reported": 0.90, "base": 8,
+     "source": "§5.5 and Figure 8: '~90% scaling efficiency' relative to the 8-GPU baseline",
+     "cluster": "goyal"},
+    {"name": "Goyal et al. 2017, ResNet-101 on 256 P100s: time to train, 90 epochs",
+     "world": 256, "quantity": "time_to_train_s", "reported": 92.5 * 60,
+     "source": "§5.3: 'The training time of ResNet-101 is 92.5 minutes ... 256 Tesla P100 GPUs ... 8k'",
+     "cluster": {"images_per_s": 136.0 / RESNET101_OVER_50_FLOPS, "grad_bytes": RESNET101_GRAD_BYTES, "n": 32,
+                 "gpus_per_node": 8, "intra_gbit": P100_NVLINK_GBIT, "inter_gbit": 50.0,
+                 "algorithm": "hierarchical", "bucket_mb": RESNET101_GRAD_BYTES / 314 / 2**20,
+                 "first_bucket_mb": 0.0, "overlap": True}},
+    {"name": "Akiba et al. 2017, 1024 P100s, kn=32k: time to train, 90 epochs",
+     "world": 1024, "quantity": "time_to_train_s", "reported": 15 * 60.0,
+     "source": "abstract: '90 epochs ... in 15 minutes with 1024 Tesla P100 GPUs ... minibatch size of 32k'; "
+               "hardware: PFN's MN-1 post (128 nodes of 8 P100s, two FDR InfiniBand links, ring allreduce)",
+     "cluster": {"images_per_s": 136.0, "grad_bytes": RESNET50_GRAD_BYTES, "n": 32, "gpus_per_node": 8,
+                 "intra_gbit": P100_NVLINK_GBIT, "inter_gbit": 112.0, "algorithm": "ring", "bucket_mb": 0.0,
+                 "overlap": False}},
+]
+
+
+def anchor_cluster(anchor: dict) -> Cluster:
+    spec = anchor["cluster"]
+    if spec == "goyal":
+        spec = ANCHORS[0]["cluster"]
+    return Cluster(**spec)
+
+
+def check_anchor(anchor: dict) -> dict[str, Any]:
+    """The model's figure for a published run (inputs from :data:`ANCHORS`) and its relative error."""
+    cluster = anchor_cluster(anchor)
+    counts = [anchor.get("base", anchor["world"]), anchor["world"]]
+    row = plan_rows(cluster, counts)[-1]
+    predicted = row[anchor["quantity"]]
+    return {"name": anchor["name"], "quantity": anchor["quantity"], "predicted": predicted,
+            "reported": anchor["reported"], "rel_error": predicted / anchor["reported"] - 1, "row": row}
+
+
 # --------------------------------------------------------------------------- inputs read from files
 
 
