@@ -26,6 +26,7 @@ Modules, one concern each:
   quantize_run lbsgd quantize: the table of settings
   int8         real int8 kernels (torchao pt2e + inductor)
   plot         lbsgd plot: the paper's tables and figures from run directories
+  plan         lbsgd plan: time per iteration, allreduce, loader and time to train on N GPUs (alpha-beta model)
   errors       one-line user errors and exit statuses
   cli          the `lbsgd` command
 """

@@ -214,3 +214,19 @@ def test_check_plan_local_without_the_csv_is_one_line(tmp_path, capsys):
     assert _check_script().main(["--csv", str(tmp_path / "none.csv")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "does not exist" in err
+
+
+def test_docs_plan_command_lines_compose_and_validate():
+    """docs/plan.md's ``lbsgd plan`` lines are tested as README.md's are (tests/test_readme.py)."""
+    import re
+    import shlex
+
+    from lbsgd_cli import cli
+
+    text = (ROOT / "docs" / "plan.md").read_text()
+    lines = [shlex.split(line, comments=True) for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, re.S | re.M)
+             for line in block.splitlines() if line.startswith("lbsgd plan")]
+    assert lines
+    cli._register()
+    for tokens in lines:
+        cli.preflight("plan", cli.quote_paths(tokens[2:]))
