@@ -27,7 +27,9 @@ Modules, one concern each, with the paper's sections they implement in brackets:
   parallel        one process, DDP or FSDP2 behind one interface: wrapping, gradient sync of the last pass,
                   full state dicts, val shares                                                        [§3, §4]
   distributed     torchrun / SLURM process groups, reductions, peer failures, SLURM requeue                [§4]
-  train           the training loop (lbsgd train): train(), one epoch, preemption                          [§2]
+  train           the training loop (lbsgd train): train(), one epoch                                      [§2]
+  preemption      signals turned into a checkpoint at an iteration boundary, caught from the process's first
+                  line (a preemption while starting, rendezvousing or training)
   divergence      the first non-finite loss: a device flag read where the loop syncs anyway, no per-step host
                   sync                                                                                    [§2.2]
   rundir          the run directory: lock, resume or start (RunState), config difference, run info, summary
@@ -42,6 +44,8 @@ Modules, one concern each, with the paper's sections they implement in brackets:
   int8            real int8 kernels (torchao pt2e + inductor)
   plot            lbsgd plot: the paper's tables and figures from run directories
                                                                           [§5.2-5.3, Tables 1-2, Figs. 1-4]
+  plan            lbsgd plan: time per iteration (compute, exposed allreduce, loader wait) and time to train
+                  on 8..N GPUs from an alpha-beta model, checked against published runs        [§4, §5.5, Figs. 7-8]
   errors          one-line user errors and exit statuses
   cli             the `lbsgd` command
 """

@@ -134,6 +134,16 @@ class CommHook(Choice):
     powersgd = "powersgd"
 
 
+class Allreduce(Choice):
+    """Allreduce algorithms ``lbsgd plan`` models (lbsgd_cli/plan.py): ``ring`` (bucket algorithm, Barnett et al.
+    1994; NCCL's and gloo's default), ``halving_doubling`` (recursive halving and doubling, Thakur et al. 2005) and
+    ``hierarchical`` (Goyal et al. §4.1: reduce within a server, halving/doubling across servers, broadcast)."""
+
+    ring = "ring"
+    halving_doubling = "halving_doubling"
+    hierarchical = "hierarchical"
+
+
 class BNKernel(Choice):
     """How training-mode BN is computed (``lbsgd_cli.ghost_bn``): ``native`` (PyTorch's batch-norm kernel,
     one call per worker's slice) or ``fused`` (one torch.compile-generated kernel for all the pass's

@@ -27,6 +27,7 @@ commands:
   quantize   b-bit integer weights (and activations) of a trained network, measured against fp32
   eval       top-1/top-5 error of a checkpoint (eval.bn_recompute=N, offload.mode=sequential|model)
   plot       the paper's tables and figures from run directories: lbsgd plot RUN_OR_SWEEP_DIR... --out DIR
+  plan       time per iteration, allreduce, loader and time to train from 8 to plan.gpus GPUs (nothing runs)
 
 examples:
   lbsgd train                                    # embedded digits, CPU, about 20 s on 2 cores
@@ -36,6 +37,7 @@ examples:
   lbsgd train --cfg job                          # print the composed config
   lbsgd train --help                             # config groups and keys
   lbsgd eval checkpoint=runs/train/default/checkpoints/last.pt offload.mode=model
+  lbsgd plan plan.gpus=256 plan.gpu=P100 plan.inter_gbit=50   # Goyal et al.'s cluster, before asking for it
 """
 
 # Hydra flags that take a value: their value is not an override.
@@ -78,6 +80,15 @@ def _run_eval(cfg, run_dir: Path) -> Any:
 COMMANDS["eval"] = _run_eval
 
 
+def _run_plan(cfg, run_dir: Path) -> Any:
+    from .plan import plan_command
+
+    return plan_command(cfg, run_dir)
+
+
+COMMANDS["plan"] = _run_plan
+
+
 def _run_name(override_dirname: str) -> str:
     """A folder name from Hydra's ``job.override_dirname``: deterministic, so a rerun resumes."""
     name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)
@@ -113,7 +124,8 @@ def _override_args(args: list[str]) -> list[str]:
 # (``batch.k=2,seed=0``), so such paths hold ``=`` and ``,``, which Hydra's override grammar reads as
 # syntax; a path value holding ``=`` (never valid unquoted) is quoted for the user.
 _PATH_KEY = re.compile(
-    r"^(\+{0,2})(checkpoint|data_root|data\.root|data\.cache_dir|hydra\.run\.dir|hydra\.sweep\.dir)=(.*)$", re.S
+    r"^(\+{0,2})(checkpoint|data_root|data\.root|data\.cache_dir|hydra\.run\.dir|hydra\.sweep\.dir|"
+    r"plan\.run_dir|plan\.noise_run|plan\.gpu_bench)=(.*)$", re.S
 )
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .choices import (Backend, BNKernel, CommHook, CompileMode, DataName, Decay, Decode, Device, EvalPrecision,
+from .choices import (Allreduce, Backend, BNKernel, CommHook, CompileMode, DataName, Decay, Decode, Device, EvalPrecision,
                       Granularity, Labels, LRRule, MomentumForm, OffloadMode, Optimizer, Precision, Progress,
                       RangeMethod, Shortcut, Stem, Warmup)
 from .errors import UserError
@@ -304,11 +304,54 @@ class EvalConfig:
     threads: int = no_effect(0)  # torch intra-op threads; 0 = torch's default
 
 
-SCHEMAS: dict[str, type] = {"train": TrainConfig, "quantize": QuantizeConfig, "eval": EvalConfig}
+@dataclass
+class PlanOptions:
+    """``lbsgd plan``'s inputs (lbsgd_cli/plan.py; the model and its sources: results/plan.md)."""
+
+    gpus: int = 256  # the GPU count to plan for; the table runs 8, 16, ... up to it
+    gpus_per_node: int = 8
+    n: int = 32  # images per GPU per step (batch.n); plan.run_dir sets it from the run
+    # the GPU's images/s at n per GPU, first of: images_per_s (a number) | gpu_bench (scripts/bench_gpu.py's JSON,
+    # its fastest step row or gpu_bench_row) | gpu (a row of lbsgd_cli.plan.GPU_TABLE, each with its source)
+    images_per_s: Optional[float] = None
+    gpu_bench: Optional[str] = None
+    gpu_bench_row: Optional[str] = None
+    gpu: str = "P100"
+    run_dir: Optional[str] = None  # a run directory of lbsgd train: its model, batch.n and schedule.epochs
+    num_classes: int = 1000
+    intra_gbit: float = 160.0  # GPU-to-GPU link within a node, Gbit/s per direction
+    intra_latency_us: float = 5.0  # assumed (not from a source): see lbsgd_cli.plan
+    inter_gbit: float = 50.0  # a node's network link, Gbit/s per direction (Goyal et al.: 50 Gbit Ethernet)
+    inter_latency_us: float = 10.0  # assumed (not from a source)
+    algorithm: Allreduce = Allreduce.hierarchical  # ring | halving_doubling | hierarchical (Goyal et al. §4.1)
+    comm_hook: CommHook = CommHook.none  # the allreduce's precision: none (fp32) | fp16 | bf16 | powersgd
+    powersgd_rank: int = 1
+    bucket_mb: float = 25.0  # DDP's bucket_cap_mb; 0 = one buffer of all gradients
+    first_bucket_mb: float = 1.0  # DDP's first bucket
+    overlap: bool = True  # allreduce buckets while backward runs (DDP, Goyal et al. §4)
+    backward_fraction: float = 0.6667  # share of a step's compute that is the backward pass
+    loader_cores_per_node: float = 0.0  # CPU cores decoding per node; 0 = the loader is not modelled
+    decode_ms_per_image: float = 0.0  # CPU ms to decode and augment one image (scripts/bench_gpu.py --per-core-only)
+    epochs: float = 90.0
+    dataset_size: int = 1281167  # ImageNet-1k's training images
+    noise_run: Optional[str] = None  # a run of lbsgd train log.noise_scale=true: is each kn past its edge?
+
+
+@dataclass
+class PlanConfig:
+    """``lbsgd plan``: the network comes from ``model`` (or ``plan.run_dir``); nothing is trained."""
+
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="resnet50"))
+
+
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "quantize": QuantizeConfig, "eval": EvalConfig,
+                            "plan": PlanConfig}
 
 
 def register_configs() -> None:
-    """Make the schemas available to the YAML tree as ``train_schema``, ``quantize_schema``, ``eval_schema``."""
+    """Make the schemas available to the YAML tree as ``train_schema``, ``quantize_schema``, ``eval_schema``,
+    ``plan_schema``."""
     cs = ConfigStore.instance()
     for command, schema in SCHEMAS.items():
         cs.store(name=f"{command}_schema", node=schema)
@@ -567,6 +610,39 @@ def validate_quantize(cfg: DictConfig | Any) -> None:
         _fail("val_subset", f"must be >= 0, got {cfg.val_subset}")
 
 
+def validate_plan(cfg: DictConfig | Any) -> None:
+    """``lbsgd plan``: positive counts and rates, a known GPU, paths that exist."""
+    from pathlib import Path
+
+    from .plan import GPU_TABLE
+
+    _check_finite(cfg, "plan")
+    p = cfg.plan
+    for key in ("gpus", "gpus_per_node", "n", "num_classes", "dataset_size", "powersgd_rank"):
+        if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] <= 0:
+            _fail(f"plan.{key}", f"must be a positive integer, got {p[key]!r}")
+    for key in ("intra_gbit", "inter_gbit", "epochs"):
+        if not p[key] > 0:
+            _fail(f"plan.{key}", f"must be positive, got {p[key]}")
+    for key in ("intra_latency_us", "inter_latency_us", "bucket_mb", "first_bucket_mb", "loader_cores_per_node",
+                "decode_ms_per_image"):
+        if p[key] < 0:
+            _fail(f"plan.{key}", f"must be >= 0, got {p[key]}")
+    if not 0 < p.backward_fraction <= 1:
+        _fail("plan.backward_fraction", f"must be in (0, 1], got {p.backward_fraction}")
+    if p.images_per_s is not None and not p.images_per_s > 0:
+        _fail("plan.images_per_s", f"must be a positive number of images/s, got {p.images_per_s}")
+    if p.images_per_s is None and p.gpu_bench is None and p.gpu not in GPU_TABLE:
+        _fail("plan.gpu", f"unknown GPU {p.gpu!r} (published figures: {', '.join(GPU_TABLE)}; or give "
+              "plan.images_per_s=N or plan.gpu_bench=bench_gpu.json)")
+    for key in ("gpu_bench", "run_dir", "noise_run"):
+        if p[key] is not None and not Path(p[key]).exists():
+            _fail(f"plan.{key}", f"{p[key]} does not exist")
+    if (loader := p.loader_cores_per_node > 0) != (p.decode_ms_per_image > 0):
+        _fail("plan.loader_cores_per_node" if not loader else "plan.decode_ms_per_image",
+              "the loader is modelled with both plan.loader_cores_per_node and plan.decode_ms_per_image (or neither)")
+
+
 # Early checks per command (cli.preflight runs them on every composed config of a call).
 VALIDATORS: dict[str, Callable[[Any], None]] = {"train": validate, "quantize": validate_quantize,
-                                                "eval": validate_eval}
+                                                "eval": validate_eval, "plan": validate_plan}

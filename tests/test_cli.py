@@ -69,7 +69,7 @@ def test_bad_eval_and_quantize_input_is_one_line_exit_2(command, args, needle, t
 def test_unknown_command_and_usage():
     proc = lbsgd("fly")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "lbsgd: error: unknown command 'fly' (commands: train, quantize, eval, plot)"
+    assert proc.stderr.strip() == "lbsgd: error: unknown command 'fly' (commands: train, quantize, eval, plan, plot)"
     usage = lbsgd()
     assert usage.returncode == 2 and "train" in usage.stdout and "quantize" in usage.stdout
 
