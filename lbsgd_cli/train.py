@@ -27,7 +27,8 @@ from .checkpoint import unwrap
 from .choices import CompileMode, Decay, LRRule, Warmup
 from .config import validate
 from .data import TrainLoader, load_data
-from .device_defaults import DeviceCaps, Resolved, resolve_auto, set_backend_flags
+from .device_defaults import (DeviceCaps, Resolved, bf16_cpu_slowdown, bf16_cpu_warning, cpu_native_bf16, resolve_auto,
+                              set_backend_flags)
 from .divergence import DivergenceWatch
 from .engine import StepPlan, StepResult, evaluate, make_grad_scaler, pass_workers, train_step
 from .errors import Diverged, Preempted, UserError
@@ -382,6 +383,8 @@ def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, co
         print(data.bad.header(), flush=True)
     if cfg.precision == "fp16" and loop.parallel.device.type == "cpu":
         print(FP16_CPU_WARNING, flush=True)
+    if cfg.precision == "bf16" and loop.parallel.device.type == "cpu" and cpu_native_bf16() is False:
+        print(bf16_cpu_warning(*bf16_cpu_slowdown()), flush=True)
     if W > 1:
         payload = D.allreduce_bytes(unwrap(loop.model), cfg.dist.comm_hook, cfg.dist.powersgd_rank)
         print(f"allreduce payload per step and process: {payload / 2**20:.3f} MiB "

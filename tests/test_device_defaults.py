@@ -7,7 +7,8 @@ import torch
 import yaml
 
 from lbsgd_cli import train as train_module
-from lbsgd_cli.device_defaults import DeviceCaps, resolve_auto, set_backend_flags
+from lbsgd_cli.device_defaults import (DeviceCaps, bf16_cpu_slowdown, cpu_native_bf16, resolve_auto,
+                                      set_backend_flags)
 from tests.conftest import SHORT, lbsgd
 
 H200 = DeviceCaps("cuda", bf16=True, name="NVIDIA H200")
@@ -92,3 +93,43 @@ def test_compile_mode_needs_compile(tmp_path):
     res = lbsgd("train", f"hydra.run.dir={tmp_path / 'r'}", *SHORT, "compile_mode=reduce_overhead")
     assert res.returncode != 0 and "compile_mode: reduce_overhead is a torch.compile mode; it needs compile=true" \
         in res.stderr
+
+
+@pytest.mark.parametrize("cpuinfo, native", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n", False),  # AVX-512 without BF16
+    ("processor\t: 0\nflags\t\t: fpu avx2 fma\n", False),  # the AVX2-only EPYC where bf16 is ~10x slower
+    ("flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n", True),
+    ("flags\t\t: fpu amx_bf16 amx_tile\n", True),
+    ("Features\t: fp asimd bf16 i8mm\n", True),  # Arm
+    ("", None),  # nothing to read: no claim either way
+])
+def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, native):
+    assert cpu_native_bf16(cpuinfo) is native
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_never_picks_bf16_on_a_cpu(native):
+    assert resolve_auto("auto", "auto", "auto", DeviceCaps("cpu", bf16=native)).precision == "fp32"
+
+
+def test_the_slowdown_is_measured_on_this_cpu():
+    fp32_s, bf16_s = bf16_cpu_slowdown(repeats=1)
+    assert 0 < fp32_s < 60 and 0 < bf16_s < 60
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns_in_the_header_with_the_measured_factor(tmp_path, monkeypatch,
+                                                                                          native):
+    import lbsgd_cli.train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_native_bf16", lambda: native)
+    monkeypatch.setattr(train_module, "bf16_cpu_slowdown", lambda: (0.030, 0.400))
+    res = lbsgd("train", f"hydra.run.dir={tmp_path / 'run'}", *SHORT, "schedule.epochs=1", "data.train_subset=128",
+                "log.tensorboard=false", "precision=bf16")
+    assert res.returncode == 0, res.stderr
+    warning = [line for line in res.stdout.splitlines() if line.startswith("warning: precision=bf16")]
+    if native:
+        assert warning == []
+    else:
+        assert len(warning) == 1 and "400 ms against 30 ms in fp32" in warning[0] and "(13.3x)" in warning[0]
+        assert "precision=fp32 is the way out" in warning[0]

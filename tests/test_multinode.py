@@ -152,7 +152,7 @@ def test_a_lost_node_fails_the_job_in_bounded_time_naming_it_and_the_job_resubmi
     last checkpoint, which the death did not touch, to the uninterrupted run's weights."""
     job, run = _submit(nodes, tmp_path, 2, f"dist.timeout_s={TIMEOUT_S}")
     wait_for_checkpoint((run, "checkpoints/last.pt"), 5)
-    _node(nodes, "kill", "2", "lbsgd_cli")
+    _node(nodes, "kill", "2", "lbsgd_cli train")
     lost = time.monotonic()
     info = nodes.wait(job, timeout=TIMEOUT_S + MARGIN_S)
     took = time.monotonic() - lost
