@@ -25,7 +25,8 @@ Modules, one concern each:
   quantize     b-bit affine quantization and integer checkpoints
   quantize_run lbsgd quantize: the table of settings
   int8         real int8 kernels (torchao pt2e + inductor)
-  plot         lbsgd plot: the paper's tables and figures from run directories
+  report       lbsgd plot: the paper's tables and figures from run directories alone (a package:
+               runs, studies, tables, figures, command)
   errors       one-line user errors and exit statuses
   cli          the `lbsgd` command
 """

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "train":
         rest = slurm_sweep_args(rest)
     if command == "plot":  # not a Hydra app: it reads run directories, not a config
-        from .plot import main as plot_main
+        from .report.command import main as plot_main
 
         try:
             return plot_main(argv[1:])
