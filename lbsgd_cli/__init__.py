@@ -11,14 +11,15 @@ Modules, one concern each:
   ghost_bn     BatchNorm over n samples per worker
   optim        parameter groups, PyTorch's SGD, the paper's eq. (10) form, LARS
   engine       one training step (train_step, StepPlan) and evaluation: shared by every command
-  parallel     one process, DDP or FSDP2 behind one interface (wrapping, gradient sync, state dicts)
+  parallel     one process, DDP or FSDP2 behind one interface (wrapping, FSDP2 sharding, gradient sync,
+               full state dicts)
   distributed  torchrun / SLURM process groups, reductions, peer failures, SLURM requeue
   train        the training loop (lbsgd train)
   divergence   the first non-finite loss, found without a per-step host sync
   rundir       the run directory: lock, resume or start, checkpoints, run info, summary
   checkpoint   atomic checkpoints and reading them back
-  metrics      metrics.jsonl, TensorBoard, progress
-  memory       activation checkpointing per ResNet stage, FSDP2 sharding and full state dicts
+  metrics      metrics.jsonl, TensorBoard, peak device memory, progress
+  stage_checkpointing  activation checkpointing per ResNet stage (memory.checkpointing), BN statistics kept
   noise_scale  the gradient noise scale B_simple (beyond the paper)
   evaluate     lbsgd eval: checkpoint -> model, BN recompute
   offload      CPU and model offloading (accelerate hooks) for evaluation

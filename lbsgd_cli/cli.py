@@ -173,9 +173,9 @@ def preflight(command: str, args: list[str]) -> None:
             except Exception as exc:  # Hydra/OmegaConf composition errors
                 raise UserError(_composition_message(exc)) from None
             if not printing_only:
-                from . import config
+                from . import validation
 
-                config.VALIDATORS[command](cfg)
+                validation.VALIDATORS[command](cfg)
     GlobalHydra.instance().clear()
 
 

@@ -38,7 +38,7 @@ from .data import TrainLoader, load_data
 from .engine import evaluate
 from .errors import UserError, first_line
 from .ghost_bn import deferred_running_stats, flush_running_stats
-from .memory import peak_memory_mb, reset_peak_memory
+from .metrics import peak_memory_mb, reset_peak_memory
 from .models import build_model
 from .offload import place, remove
 from .parallel import Parallel

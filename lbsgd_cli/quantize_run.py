@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import FORMAT as TRAIN_FORMAT
 from .checkpoint import load_model_state, read_checkpoint, training_checkpoint
-from .config import TrainConfig, as_list, validate_quantize
+from .config import TrainConfig, as_list, normalise_quantize
 from .data import load_data, val_batches
 from .distributed import pick_device
 from .engine import evaluate
@@ -43,6 +43,7 @@ from .quantize import (
     state_bytes,
 )
 from .source import DataSource
+from .validation import validate_quantize
 
 TABLE_COLUMNS = ["bits", "granularity", "symmetric", "method", "activations", "act_bits", "fp32_top1_err",
                  "quant_top1_err", "delta", "fp32_bytes", "quant_bytes", "compression", "path"]
@@ -95,6 +96,7 @@ def load_source(cfg: DictConfig, device: torch.device):
 
 def quantize_command(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     validate_quantize(cfg)
+    normalise_quantize(cfg)  # quant.symmetric / quant.activations as bools
     t_start = time.monotonic()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

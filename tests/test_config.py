@@ -12,9 +12,10 @@ import yaml
 from omegaconf import OmegaConf
 
 from lbsgd_cli import config
-from lbsgd_cli.config import TrainConfig, no_effect_keys, validate
+from lbsgd_cli.config import TrainConfig, no_effect_keys
 from lbsgd_cli.errors import UserError
 from lbsgd_cli.rundir import config_difference
+from lbsgd_cli.validation import validate
 
 from .conftest import ROOT, compose
 
@@ -129,7 +130,7 @@ def test_resume_check_ignores_exactly_the_no_effect_keys():
 
 
 def _float_keys() -> list[str]:
-    return [key for key, kind, _ in config._leaves(TrainConfig) if config._is_float(kind)]
+    return [key for key, kind, _ in config.leaves(TrainConfig) if config.is_float_type(kind)]
 
 
 def test_every_float_key_rejects_nan_and_inf():

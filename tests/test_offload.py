@@ -1,4 +1,5 @@
-"""Offload modes, BN recompute, stage checkpointing and checkpoint errors on CPU; FSDP2 over 2 gloo processes."""
+"""Offload modes, BN recompute and checkpoint errors on CPU; FSDP2 over 2 gloo processes (stage checkpointing:
+test_stage_checkpointing.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,14 @@ import torch
 from omegaconf import OmegaConf
 
 from lbsgd_cli.checkpoint import FORMAT
-from lbsgd_cli.config import OptimConfig, TrainConfig, validate
+from lbsgd_cli.config import TrainConfig
 from lbsgd_cli.data import InMemoryData, TensorSplit, TrainLoader
 from lbsgd_cli.distributed import Dist
 from lbsgd_cli.errors import UserError
 from lbsgd_cli.evaluate import load_model_for_eval, recompute_bn_stats
-from lbsgd_cli.memory import CheckpointedStage, enable_stage_checkpointing
 from lbsgd_cli.models import build_model
 from lbsgd_cli.offload import place, remove
-from lbsgd_cli.optim import build_optimizer
-from lbsgd_cli.engine import StepPlan, train_step
+from lbsgd_cli.validation import validate
 
 from .conftest import ROOT, lbsgd
 from .test_distributed import _clean_env, _free_port, _weights, max_abs_diff
@@ -87,36 +86,6 @@ def test_bn_recompute_is_the_average_over_workers_batches_and_the_same_in_every_
         h = model.features[0](x)
         means += [h[i * 8 : (i + 1) * 8].mean(dim=(0, 2, 3)) for i in range(2)]
     torch.testing.assert_close(results[0]["features.1.running_mean"], torch.stack(means).mean(0))
-
-
-def test_stage_checkpointing_trains_to_the_same_weights_and_bn_buffers():
-    cfg = _cfg(k=4, n=4)
-    plain = build_model(cfg.model, 10, 3, bn_group=4)
-    ckpt = enable_stage_checkpointing(copy.deepcopy(plain))
-    assert isinstance(ckpt.layer2, CheckpointedStage) and ckpt.state_dict().keys() == plain.state_dict().keys()
-    opt = OmegaConf.structured(OptimConfig)
-    oa, ob = build_optimizer(plain, opt, 0.1), build_optimizer(ckpt, opt, 0.1)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):  # two passes of two workers per step, as batch.workers_per_pass=2 does
-        x, y = torch.randn(16, 3, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)
-        plan = StepPlan(per_process=4, per_pass=2, n=4, loss_scale=1 / 16)
-        assert train_step(plain, oa, (x, y), plan) == train_step(ckpt, ob, (x, y), plan)
-    a, b = plain.state_dict(), ckpt.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)  # weights, running mean/var, num_batches_tracked
-
-
-def test_recomputation_does_not_update_running_stats_a_second_time():
-    import torchvision
-
-    plain = torchvision.models.resnet18(num_classes=4)
-    ckpt = enable_stage_checkpointing(copy.deepcopy(plain))
-    x = torch.randn(2, 3, 32, 32)
-    plain(x).sum().backward()  # no deferral: plain BatchNorm2d updates in the forward itself
-    ckpt(x).sum().backward()  # the backward recomputes layer1..layer4 in train mode
-    a, b = plain.state_dict(), ckpt.state_dict()
-    assert int(b["layer3.0.bn1.num_batches_tracked"]) == 1
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), ckpt.parameters()))
 
 
 @pytest.mark.parametrize("mode", ["sequential", "model"])
