@@ -16,9 +16,10 @@ from lbsgd_cli.config import TrainConfig
 from lbsgd_cli.data import InMemoryData, TensorSplit, TrainLoader
 from lbsgd_cli.distributed import Dist
 from lbsgd_cli.errors import UserError
-from lbsgd_cli.evaluate import load_model_for_eval, recompute_bn_stats
+from lbsgd_cli.evaluate import recompute_bn_stats
 from lbsgd_cli.models import build_model
 from lbsgd_cli.offload import place, remove
+from lbsgd_cli.restore import model_from_checkpoint
 from lbsgd_cli.validation import validate
 
 from .conftest import ROOT, lbsgd
@@ -106,7 +107,7 @@ def test_foreign_and_broken_checkpoints_name_the_file(tmp_path):
     good = {"format": FORMAT, "model": model.state_dict(), "iteration": 7, "epoch": 1,
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)}
     torch.save(good, tmp_path / "good.pt")
-    loaded, tcfg = load_model_for_eval(tmp_path / "good.pt")
+    loaded, tcfg = model_from_checkpoint(tmp_path / "good.pt")
     x = torch.randn(3, 3, 12, 12)
     assert torch.equal(loaded(x), model(x)) and tcfg.model.arch == "cifar_resnet"
     assert loaded.checkpoint_info["iteration"] == 7
@@ -122,7 +123,7 @@ def test_foreign_and_broken_checkpoints_name_the_file(tmp_path):
              "other_model.pt": "does not fit"}
     for name, text in cases.items():
         with pytest.raises(UserError) as err:
-            load_model_for_eval(tmp_path / name)
+            model_from_checkpoint(tmp_path / name)
         msg = str(err.value)
         assert msg.startswith(f"checkpoint: {tmp_path / name}") and text in msg and "\n" not in msg, msg
 
@@ -176,7 +177,7 @@ def test_fsdp_with_and_without_cpu_offload_trains_like_ddp_and_checkpoints_move_
     assert "layer1.0.bn1.running_mean" in state and int(state["layer1.0.bn1.num_batches_tracked"]) == 8
     assert max_abs_diff(ref, a) <= 1e-5
     assert max_abs_diff(ref, b) <= 1e-5
-    loaded, _ = load_model_for_eval(b / "checkpoints" / "last.pt")  # lbsgd eval reads what FSDP2 wrote
+    loaded, _ = model_from_checkpoint(b / "checkpoints" / "last.pt")  # lbsgd eval reads what FSDP2 wrote
     assert loaded.checkpoint_info["iteration"] == 8
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in _weights(b).items())
 
