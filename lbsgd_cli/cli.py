@@ -186,9 +186,9 @@ def preflight(command: str, args: list[str]) -> None:
             except Exception as exc:  # Hydra/OmegaConf composition errors
                 raise UserError(_composition_message(exc)) from None
             if not printing_only:
-                from . import config
+                from . import validation
 
-                config.VALIDATORS[command](cfg)
+                validation.VALIDATORS[command](cfg)
     GlobalHydra.instance().clear()
 
 
@@ -318,7 +318,7 @@ def _dispatch(argv: list[str]) -> int:
     if command == "train":
         rest = slurm_sweep_args(rest)
     if command == "plot":  # not a Hydra app: it reads run directories, not a config
-        from .plot import main as plot_main
+        from .report.command import main as plot_main
 
         try:
             return plot_main(argv[1:])

@@ -1,7 +1,8 @@
 """``lbsgd eval``: top-1/top-5 error, loss and image count of a checkpoint on its val set.
 
 The network and the data set are those of the checkpoint's stored training config
-(with the user's ``data.root`` / ``data.cache_dir`` / ``data.num_workers``), so the
+(:func:`lbsgd_cli.restore.model_from_checkpoint`, with the user's ``data.root`` /
+``data.cache_dir`` / ``data.num_workers``), so the
 numbers reproduce the training run's last ``val/err`` exactly. Under torchrun the val
 set is split into contiguous shares, one per rank, and the sums are all-reduced: the
 same numbers as one process.
@@ -22,80 +23,23 @@ the seminar's memory table per offload mode and precision (results/gpu.md).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import FORMAT, load_model_state, read_checkpoint
 from .choices import EvalPrecision
-from .config import TrainConfig
 from .data import TrainLoader, load_data
 from .engine import evaluate
-from .errors import UserError, first_line
+from .errors import UserError
 from .ghost_bn import deferred_running_stats, flush_running_stats
-from .memory import peak_memory_mb, reset_peak_memory
-from .models import build_model
+from .metrics import peak_memory_mb, reset_peak_memory
 from .offload import place, remove
 from .parallel import Parallel
-
-
-# --------------------------------------------------------------------------- checkpoint -> model
-
-
-def load_model_for_eval(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, DictConfig]:
-    """The network a checkpoint holds, in eval mode on ``device``, and the training config it came with.
-
-    Dispatches on the checkpoint's ``format``; each format has one branch. The returned
-    model carries ``model.checkpoint_info`` (format, path, iteration, epoch, last_val).
-    """
-    path = Path(path).expanduser()
-    ckpt = read_checkpoint(path)
-    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
-    if fmt == FORMAT:
-        model, cfg = _from_training_checkpoint(ckpt, path)
-    elif fmt == "lbsgd-quantized-v1":  # lbsgd quantize: integer weights, dequantized (lbsgd_cli.quantize)
-        from .quantize import quantized_model
-
-        model, cfg = quantized_model(ckpt, str(path))
-    else:
-        what = f"format {fmt!r}" if fmt else f"{type(ckpt).__name__} object, not an lbsgd checkpoint"
-        raise UserError(f"checkpoint: {path} was not written by lbsgd ({what}; expected {FORMAT})")
-    model.checkpoint_info = {
-        "format": fmt,
-        "path": str(path.resolve()),
-        "iteration": ckpt.get("iteration"),
-        "epoch": ckpt.get("epoch"),
-        "last_val": ckpt.get("last_val") or {},
-    }
-    return model.to(device).eval(), cfg
-
-
-def _from_training_checkpoint(ckpt: dict[str, Any], path: Path) -> tuple[nn.Module, DictConfig]:
-    """A ``lbsgd train`` checkpoint: rebuild the network from its config, load the weights."""
-    state = ckpt.get("model")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
-        classes, channels = _classes_and_channels(state)
-    except Exception as exc:
-        raise UserError(f"checkpoint: {path} has no usable config and model state ({first_line(exc)})") from None
-    model = build_model(cfg.model, classes, channels, bn_group=cfg.batch.n)
-    load_model_state(model, state, str(path))
-    return model, cfg
-
-
-def _classes_and_channels(state: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """Output classes (rows of the last 2-D weight) and input channels (of the first 4-D weight)."""
-    weights = [t for k, t in state.items() if k.endswith("weight") and torch.is_tensor(t)]
-    fc = [t for t in weights if t.dim() == 2]
-    conv = [t for t in weights if t.dim() == 4]
-    if not fc or not conv:
-        raise ValueError("no convolution or final linear layer in the state")
-    return fc[-1].shape[0], conv[0].shape[1]
+from .restore import check_classes, model_from_checkpoint
 
 
 # --------------------------------------------------------------------------- precision and BN statistics
@@ -189,16 +133,13 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
     reset_peak_memory(dist.device)  # the peak of this evaluation: from before the weights reach the device
-    model, tcfg = load_model_for_eval(cfg.checkpoint, "cpu")
+    model, tcfg = model_from_checkpoint(cfg.checkpoint, "cpu")
     info = model.checkpoint_info
     for key in ("root", "cache_dir", "num_workers"):
         if cfg.data[key] is not None:
             tcfg.data[key] = cfg.data[key]
     data = load_data(tcfg.data).to(dist.device)
-    out_features = _classes_and_channels(model.state_dict())[0]
-    if data.num_classes != out_features:
-        raise UserError(f"checkpoint: {info['path']} predicts {out_features} classes, the data set "
-                        f"({tcfg.data.name} {tcfg.data.root or ''}) has {data.num_classes}")
+    check_classes(model, data.num_classes, tcfg)
 
     placed = place(cast_for_eval(model, cfg.eval.precision), cfg.offload.mode, dist.device)
     recomputed = 0

@@ -1,4 +1,4 @@
-"""Metrics: top-k error, ``metrics.jsonl``, TensorBoard, and the progress display.
+"""Metrics: top-k error, ``metrics.jsonl``, TensorBoard, peak device memory, and the progress display.
 
 Only rank 0 writes. Per-iteration records (``iter``, ``epoch``, ``lr``,
 ``train/loss``) come every ``log.every`` iterations, per-epoch records
@@ -8,6 +8,10 @@ records past the checkpoint it resumes from, so the file reads as one run.
 A record that cannot be written (a full disk) stops the writing and is reported
 at the next checkpoint, which is then not written (:meth:`MetricsLogger.failure`):
 the run resumes from the previous one and writes the lost records again.
+
+Peak device memory (:func:`reset_peak_memory`, :func:`peak_memory_mb`): what ``lbsgd train`` logs per
+epoch (``memory/peak_allocated_mb``, ``memory/peak_reserved_mb``) and ``lbsgd eval`` writes to eval.json,
+on a CUDA device; a CPU has no separate device memory to measure, so it logs nothing there.
 """
 
 from __future__ import annotations
@@ -28,6 +32,22 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
     pred = logits.topk(maxk, dim=1).indices
     hit = pred.eq(target.view(-1, 1))
     return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on ``device`` (CUDA; nothing elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak device memory since the last :func:`reset_peak_memory`, in MiB: ``allocated``
+    (tensors) and ``reserved`` (what the caching allocator holds, what ``nvidia-smi`` shows less the CUDA
+    context). Empty off CUDA."""
+    if device.type != "cuda":
+        return {}
+    return {"allocated": torch.cuda.max_memory_allocated(device) / 2**20,
+            "reserved": torch.cuda.max_memory_reserved(device) / 2**20}
 
 
 class MetricsLogger:

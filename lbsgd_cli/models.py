@@ -121,6 +121,11 @@ def final_linear(model: nn.Module) -> nn.Linear | None:
     return linears[-1] if linears else None
 
 
+def stage_names(model: nn.Module) -> list[str]:
+    """The residual stages of a CIFAR or torchvision ResNet: ``layer1``, ``layer2``, ..."""
+    return [f"layer{i}" for i in range(1, 5) if isinstance(getattr(model, f"layer{i}", None), nn.Sequential)]
+
+
 def init_weights(model: nn.Module, zero_init_residual: bool, fc_init_std: float) -> None:
     """§5.1 init: He (MSRA) init for convs, N(0, std^2) for the final FC, BN gamma=1/beta=0,
     and gamma=0 for each residual block's last BN when ``zero_init_residual``."""

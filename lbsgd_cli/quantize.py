@@ -17,11 +17,14 @@ of an integer deployment). Ranges ``[a, b]`` come from the min and max (``minmax
 percentiles (``percentile``), or from a grid search over clipped ranges minimising the
 quantization MSE (``mse``). Activations, optionally, are fake-quantized per tensor at
 the input of every conv and linear layer with ranges calibrated on training batches.
+
+The maths only: torch and the one-line :class:`~lbsgd_cli.errors.UserError`, nothing of the config or the
+networks. The integer checkpoint these tensors are stored in is :mod:`lbsgd_cli.quantized_checkpoint`;
+``lbsgd quantize`` (:mod:`lbsgd_cli.quantize_run`) runs the table of settings.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save
 from .errors import UserError
 
-FORMAT = "lbsgd-quantized-v1"
 METHODS = ("minmax", "mse", "percentile")
 GRANULARITIES = ("per_tensor", "per_channel")
 
@@ -336,74 +337,3 @@ def attach_activation_quant(model: nn.Module, acts: dict[str, dict[str, Any]]) -
     for name, p in acts.items():
         layers[name].register_forward_pre_hook(ActivationFakeQuant(p["scale"], p["zero_point"], p["bits"]))
     return model
-
-
-# --------------------------------------------------------------------------- checkpoint format
-
-
-def state_bytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
-
-
-def quantized_state(
-    float_state: dict[str, torch.Tensor], qweights: dict[str, QTensor]
-) -> tuple[dict[str, torch.Tensor], int]:
-    """The fp32 remainder of the state (BN, biases) and the bytes of the whole quantized model."""
-    rest = {k: v for k, v in float_state.items() if k not in qweights}
-    floats = {k: v for k, v in rest.items() if v.is_floating_point()}
-    return rest, state_bytes(floats) + sum(qt.nbytes() for qt in qweights.values())
-
-
-def save_quantized(
-    path: str | os.PathLike,
-    model: nn.Module,
-    qweights: dict[str, QTensor],
-    acts: dict[str, dict[str, Any]] | None,
-    *,
-    config: dict[str, Any],
-    quant: dict[str, Any],
-    num_classes: int,
-    in_channels: int,
-    source: dict[str, Any] | None = None,
-) -> int:
-    """Write a ``lbsgd-quantized-v1`` checkpoint; returns the quantized model's bytes.
-
-    ``source`` (path, iteration, epoch of the fp32 checkpoint) is kept for ``lbsgd eval``'s report."""
-    source = source or {}
-    rest, nbytes = quantized_state(model.state_dict(), qweights)
-    atomic_save(
-        {
-            "format": FORMAT,
-            "config": config,  # the training config: rebuilds the network and its data
-            "quant": quant,
-            "num_classes": num_classes,
-            "in_channels": in_channels,
-            "float_state": {k: v.cpu() for k, v in rest.items()},
-            "qweights": {k: qt.to_dict() for k, qt in qweights.items()},
-            "activations": acts or {},
-            "meta": {"torch": str(torch.__version__), "quant_bytes": nbytes, "source": source.get("path")},
-            "iteration": source.get("iteration"),
-            "epoch": source.get("epoch"),
-        },
-        path,
-    )
-    return nbytes
-
-
-def quantized_model(ckpt: dict[str, Any], source: str) -> tuple[nn.Module, Any]:
-    """The network of a loaded ``lbsgd-quantized-v1`` checkpoint: dequantized integer weights, and
-    activation fake quantization where it was calibrated. Returns ``(model, training config)``."""
-    from omegaconf import OmegaConf
-
-    from .checkpoint import load_model_state
-    from .config import TrainConfig
-    from .models import build_model
-
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
-    model = build_model(cfg.model, ckpt["num_classes"], ckpt["in_channels"], bn_group=None)
-    qweights = {k: QTensor.from_dict(d) for k, d in ckpt["qweights"].items()}
-    state = dict(ckpt["float_state"])
-    state.update({k: qt.dequantize() for k, qt in qweights.items()})
-    load_model_state(model, state, source)
-    attach_activation_quant(model, ckpt["activations"])
-    return model.eval(), cfg

@@ -5,7 +5,7 @@ For every combination of ``quant.bits x granularity x symmetric x method x activ
 integers (:mod:`lbsgd_cli.quantize`, seminar "Quantization"), the activations optionally
 too (calibrated on ``quant.calib_batches`` training batches), and the val top-1 error is
 measured against the fp32 network. Each combination is written as an integer checkpoint
-(``lbsgd-quantized-v1``, readable by ``lbsgd eval``); ``quantize.json`` holds the figures
+(``lbsgd-quantized-v1``, :mod:`lbsgd_cli.quantized_checkpoint`, readable by ``lbsgd eval``); ``quantize.json`` holds the figures
 and, for several combinations, ``quantize_table.{csv,md}`` the table. With
 ``quant.int8_backend=true`` the network also runs on real int8 kernels
 (:mod:`lbsgd_cli.int8`) and its latency is timed against fp32 at ``quant.latency_batch``.
@@ -26,23 +26,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import FORMAT as TRAIN_FORMAT
-from .checkpoint import load_model_state, read_checkpoint, training_checkpoint
-from .config import TrainConfig, as_list, validate_quantize
+from .config import as_list, normalise_quantize
 from .data import load_data, val_batches
 from .distributed import pick_device
 from .engine import evaluate
-from .errors import UserError, first_line
-from .models import build_model
-from .quantize import (
-    FORMAT,
-    calibrate_activations,
-    attach_activation_quant,
-    load_dequantized,
-    quantize_weights,
-    save_quantized,
-    state_bytes,
-)
+from .errors import UserError
+from .quantize import attach_activation_quant, calibrate_activations, load_dequantized, quantize_weights
+from .quantized_checkpoint import save_quantized, state_bytes
+from .restore import check_classes, model_from_checkpoint
 from .source import DataSource
+from .validation import validate_quantize
 
 TABLE_COLUMNS = ["bits", "granularity", "symmetric", "method", "activations", "act_bits", "fp32_top1_err",
                  "quant_top1_err", "delta", "fp32_bytes", "quant_bytes", "compression", "path"]
@@ -71,30 +64,23 @@ def calibration_batches(data: DataSource, count: int, batch_size: int, seed: int
     return [data.train_images(idx[i : i + batch_size], device) for i in range(0, len(idx), batch_size)]
 
 
-def load_source(cfg: DictConfig, device: torch.device):
-    """The fp32 network of ``cfg.checkpoint``, its training config, the data set it was trained on, and
-    where it came from (path, iteration, epoch)."""
+def load_source(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module, DictConfig, DataSource, dict[str, Any]]:
+    """The fp32 network of ``cfg.checkpoint`` (plain BN), its training config, the data set it was trained on
+    (in ``cfg.data_root`` if given), and where it came from (path, iteration, epoch)."""
     path = str(Path(cfg.checkpoint).expanduser())
-    ckpt = read_checkpoint(path)  # read once: the quantized format gets its own message
-    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
-        raise UserError(f"checkpoint: {path} is already quantized; give the fp32 checkpoint of lbsgd train")
-    ckpt = training_checkpoint(ckpt, path)
-    try:  # the schema's defaults fill keys added since the checkpoint was written
-        train_cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
-    except Exception as exc:
-        raise UserError(f"checkpoint: {path} has a config this version cannot read: {first_line(exc)}") \
-            from None
+    model, train_cfg = model_from_checkpoint(path, device, ghost_bn=False, quantized=False)
     if cfg.data_root:
         train_cfg.data.root = cfg.data_root
     data = load_data(train_cfg.data)
-    model = build_model(train_cfg.model, data.num_classes, data.in_channels, bn_group=None)
-    load_model_state(model, ckpt["model"], path)
-    source = {"path": path, "iteration": ckpt.get("iteration"), "epoch": ckpt.get("epoch")}
-    return model.to(device).eval(), train_cfg, data, source
+    check_classes(model, data.num_classes, train_cfg)
+    info = model.checkpoint_info
+    source = {"path": path, "iteration": info["iteration"], "epoch": info["epoch"]}
+    return model, train_cfg, data, source
 
 
 def quantize_command(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     validate_quantize(cfg)
+    normalise_quantize(cfg)  # quant.symmetric / quant.activations as bools
     t_start = time.monotonic()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

@@ -25,15 +25,14 @@ from omegaconf import DictConfig
 from . import distributed as D
 from .checkpoint import unwrap
 from .choices import CompileMode, Decay, LRRule, Warmup
-from .config import validate
+from .config import normalise_train
 from .data import TrainLoader, load_data
 from .device_defaults import (DeviceCaps, Resolved, bf16_cpu_slowdown, bf16_cpu_warning, cpu_native_bf16, resolve_auto,
                               set_backend_flags)
 from .divergence import DivergenceWatch
 from .engine import StepPlan, StepResult, evaluate, make_grad_scaler, pass_workers, train_step
 from .errors import Diverged, Preempted, UserError
-from .memory import enable_stage_checkpointing, peak_memory_mb, reset_peak_memory
-from .metrics import MetricsLogger, Progress
+from .metrics import MetricsLogger, Progress, peak_memory_mb, reset_peak_memory
 from .models import build_model
 from .optim import build_optimizer, set_lr
 from .parallel import Parallel, make_parallel
@@ -41,11 +40,14 @@ from .preemption import PreemptionFlag
 from .rules import iters_per_epoch, loss_normaliser, lr_at, peak_lr
 from .rundir import RunDir, RunState, print_summary, zero_sums
 from .source import DataSource
+from .stage_checkpointing import enable_stage_checkpointing
+from .validation import validate
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) the experiment ``cfg`` in ``run_dir``; returns the final summary."""
     validate(cfg)
+    normalise_train(cfg)  # one spelling per value in config.yaml and the checkpoints
     t_start = time.monotonic()
     dist = D.init_distributed(cfg.device, cfg.dist.timeout_s, cfg.dist.backend, cfg.dist.rendezvous_timeout_s)
     k, n, W = cfg.batch.k, cfg.batch.n, dist.world_size
@@ -135,7 +137,7 @@ def _build_model(cfg: DictConfig, data: DataSource, device: torch.device) -> tor
     model = build_model(cfg.model, data.num_classes, data.in_channels, bn_group=cfg.batch.n).to(device)
     if cfg.model.channels_last:  # NHWC weights; train_step and evaluate convert the inputs
         model = model.to(memory_format=torch.channels_last)
-    if cfg.memory.checkpointing:  # same result, less activation memory (lbsgd_cli/memory.py)
+    if cfg.memory.checkpointing:  # same result, less activation memory (lbsgd_cli/stage_checkpointing.py)
         enable_stage_checkpointing(model)
     if cfg.compile:  # torch.compile in place (state dict keys unchanged), before DDP/FSDP2 wrap it, as torch advises
         mode = CompileMode(cfg.compile_mode)

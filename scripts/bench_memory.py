@@ -15,7 +15,7 @@
 
 Every figure is one process's ``torch.cuda.max_memory_allocated`` (tensors; ``reserved``, what the caching
 allocator holds, beside it), so the CUDA context (some 500 MiB that ``nvidia-smi`` adds) is in no row.
-A ``lbsgd quantize`` checkpoint is dequantized to fp32 when it is loaded (lbsgd_cli/quantize.py), so it
+A ``lbsgd quantize`` checkpoint is dequantized to fp32 when it is loaded (lbsgd_cli/restore.py), so it
 takes the fp32 rows' memory on the device: b-bit weights save disk and host memory, not device memory.
 Off CUDA nothing is recorded (the rows say n/a): the CPU run checks the mechanics only.
 """

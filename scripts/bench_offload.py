@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lbsgd_cli.config import ModelConfig  # noqa: E402
 from lbsgd_cli.ghost_bn import deferred_running_stats, flush_running_stats  # noqa: E402
-from lbsgd_cli.memory import enable_stage_checkpointing, peak_memory_mb, reset_peak_memory  # noqa: E402
+from lbsgd_cli.metrics import peak_memory_mb, reset_peak_memory  # noqa: E402
 from lbsgd_cli.models import build_model  # noqa: E402
 from lbsgd_cli.offload import place, remove  # noqa: E402
+from lbsgd_cli.stage_checkpointing import enable_stage_checkpointing  # noqa: E402
 
 PCIE_GBPS = {"PCIe 4.0 x16": 25.0, "PCIe 5.0 x16": 50.0}  # usable host->device bandwidth, GB/s
 

@@ -29,9 +29,15 @@ def _rel(pred: float, meas: float) -> float | str:
 
 
 def check(rows: list[dict]) -> list[dict]:
-    """One output row per measured row: the prediction and its relative errors."""
+    """One output row per measured row of W > 1 on a shaped link (an unshaped veth has no rate to give the model):
+    the prediction and its relative errors. The compute input is the step measured on this machine: with a
+    ``compute_s`` column (forward and backward at the same W, no allreduce; 3 ranks share 2 cores, so W = 3
+    computes slower than W = 1) plus the one-process step's remainder (optimizer), else ``step_s_w1``."""
     out = []
+    w1 = {(r["arch"], r["depth"]): r for r in rows if r.get("world") == "1" and r.get("compute_s") not in (None, "")}
     for i, r in enumerate(rows, start=2):
+        if r.get("world") == "1" or r.get("rate_gbit") in (None, ""):
+            continue
         try:
             world, rate, delay = int(r["world"]), float(r["rate_gbit"]), float(r["delay_ms"])
             step, step1, nbytes = float(r["step_s"]), float(r["step_s_w1"]), float(r["grad_bytes"])
@@ -39,6 +45,9 @@ def check(rows: list[dict]) -> list[dict]:
             exposed = float(r["exposed_s"]) if r.get("exposed_s") not in (None, "") else float("nan")
         except (KeyError, TypeError, ValueError) as exc:
             raise SystemExit(f"check_plan_local: line {i}: bad value ({exc})") from None
+        base = w1.get((r["arch"], r["depth"]))
+        if r.get("compute_s") not in (None, "") and base is not None:
+            step1 = float(r["compute_s"]) + float(base["step_s"]) - float(base["compute_s"])
         cost = predict_step(step1, nbytes, world, 1, bandwidth_gbit=rate, latency_ms=delay, algorithm="ring",
                             comm_hook=r.get("comm_hook") or "none")
         one = ring_time(nbytes, world, rate * 1e9 / 8, delay * 1e-3)  # the standalone allreduce, one buffer

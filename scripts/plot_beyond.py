@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from lbsgd_cli.plot import Run, load_run, peak_lr
+from lbsgd_cli.report.runs import Run, load_run, peak_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recommend_kn import recommend  # noqa: E402

@@ -11,10 +11,11 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from lbsgd_cli import config
-from lbsgd_cli.config import TrainConfig, no_effect_keys, validate
+from lbsgd_cli import config, validation
+from lbsgd_cli.config import TrainConfig, no_effect_keys
 from lbsgd_cli.errors import UserError
 from lbsgd_cli.rundir import config_difference
+from lbsgd_cli.validation import validate
 
 from .conftest import ROOT, compose
 
@@ -129,7 +130,7 @@ def test_resume_check_ignores_exactly_the_no_effect_keys():
 
 
 def _float_keys() -> list[str]:
-    return [key for key, kind, _ in config._leaves(TrainConfig) if config._is_float(kind)]
+    return [key for key, kind, _ in config.leaves(TrainConfig) if config.is_float_type(kind)]
 
 
 def test_every_float_key_rejects_nan_and_inf():
@@ -181,3 +182,20 @@ def test_rules_and_optim_do_not_depend_on_the_config_layer():
         imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not {"config", "hydra", "omegaconf"} & {m.split(".")[0] for m in imported}, (module, imported)
+
+
+def test_validation_reads_the_config_and_normalising_is_a_step_of_its_own():
+    """validate() changes nothing, even where a key takes several spellings; normalise_train and
+    normalise_quantize give each value one spelling (what train and quantize write into their outputs)."""
+    cfg = compose("train", ["data=imagefolder", "data.root=/x", "data.in_memory=False"])
+    before = OmegaConf.to_container(cfg)
+    validate(cfg)
+    assert OmegaConf.to_container(cfg) == before and cfg.data.in_memory is False
+    config.normalise_train(cfg)
+    assert cfg.data.in_memory == "false"
+    q = compose("quantize", ["checkpoint=x", "quant.symmetric=[yes,off]", "quant.activations=on"])
+    before = OmegaConf.to_container(q)
+    validation.validate_quantize(q)
+    assert OmegaConf.to_container(q) == before
+    config.normalise_quantize(q)
+    assert list(q.quant.symmetric) == [True, False] and q.quant.activations is True

@@ -14,7 +14,8 @@ import torch
 
 from lbsgd_cli.data import load_data, val_batches
 from lbsgd_cli.distributed import Dist
-from lbsgd_cli.evaluate import cast_for_eval, load_model_for_eval, recompute_bn_stats
+from lbsgd_cli.evaluate import cast_for_eval, recompute_bn_stats
+from lbsgd_cli.restore import model_from_checkpoint
 from lbsgd_cli.engine import evaluate
 
 from .conftest import ROOT, run_cli
@@ -79,7 +80,7 @@ def test_torchrun_splits_the_val_set_with_the_numbers_of_one_process(trained, tm
     assert two["world_size"] == 2 and two["offload_mode"] == "model" and two["bn_recompute_images"] == 2 * 128
 
     # the same evaluation on one process, in this process
-    model, cfg = load_model_for_eval(ckpt)
+    model, cfg = model_from_checkpoint(ckpt)
     data = load_data(cfg.data)
     cpu = Dist(0, 0, 1, torch.device("cpu"), "single")
     recompute_bn_stats(model, data, cfg, cpu, batches=2, chunk=50)
@@ -102,10 +103,10 @@ def test_half_precision_eval_holds_half_weights_and_matches_fp32(trained, tmp_pa
     assert r["peak_allocated_mb"] is None and r["peak_reserved_mb"] is None  # a CPU has no device memory to measure
     assert abs(r["top1_err"] - fp32["top1_err"]) <= 3 / 360 and r["loss"] == pytest.approx(fp32["loss"], rel=0.02)
 
-    model, cfg = load_model_for_eval(ckpt)
+    model, cfg = model_from_checkpoint(ckpt)
     data = load_data(cfg.data)
     ref = evaluate(model, val_batches(data, 0, 1, 50, torch.device("cpu")))
-    half = cast_for_eval(load_model_for_eval(ckpt)[0], "fp16")
+    half = cast_for_eval(model_from_checkpoint(ckpt)[0], "fp16")
     dtypes = {type(m).__name__: {p.dtype for p in m.parameters(recurse=False)} for m in half.modules()}
     assert dtypes["Conv2d"] == {torch.float16} and dtypes["Linear"] == {torch.float16}
     assert all(p.dtype == torch.float32 for m in half.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)

@@ -1,4 +1,5 @@
-"""Offload modes, BN recompute, stage checkpointing and checkpoint errors on CPU; FSDP2 over 2 gloo processes."""
+"""Offload modes, BN recompute and checkpoint errors on CPU; FSDP2 over 2 gloo processes (stage checkpointing:
+test_stage_checkpointing.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,15 @@ import torch
 from omegaconf import OmegaConf
 
 from lbsgd_cli.checkpoint import FORMAT
-from lbsgd_cli.config import OptimConfig, TrainConfig, validate
+from lbsgd_cli.config import TrainConfig
 from lbsgd_cli.data import InMemoryData, TensorSplit, TrainLoader
 from lbsgd_cli.distributed import Dist
 from lbsgd_cli.errors import UserError
-from lbsgd_cli.evaluate import load_model_for_eval, recompute_bn_stats
-from lbsgd_cli.memory import CheckpointedStage, enable_stage_checkpointing
+from lbsgd_cli.evaluate import recompute_bn_stats
 from lbsgd_cli.models import build_model
 from lbsgd_cli.offload import place, remove
-from lbsgd_cli.optim import build_optimizer
-from lbsgd_cli.engine import StepPlan, train_step
+from lbsgd_cli.restore import model_from_checkpoint
+from lbsgd_cli.validation import validate
 
 from .conftest import ROOT, lbsgd
 from .test_distributed import _clean_env, _free_port, _weights, max_abs_diff
@@ -89,36 +89,6 @@ def test_bn_recompute_is_the_average_over_workers_batches_and_the_same_in_every_
     torch.testing.assert_close(results[0]["features.1.running_mean"], torch.stack(means).mean(0))
 
 
-def test_stage_checkpointing_trains_to_the_same_weights_and_bn_buffers():
-    cfg = _cfg(k=4, n=4)
-    plain = build_model(cfg.model, 10, 3, bn_group=4)
-    ckpt = enable_stage_checkpointing(copy.deepcopy(plain))
-    assert isinstance(ckpt.layer2, CheckpointedStage) and ckpt.state_dict().keys() == plain.state_dict().keys()
-    opt = OmegaConf.structured(OptimConfig)
-    oa, ob = build_optimizer(plain, opt, 0.1), build_optimizer(ckpt, opt, 0.1)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):  # two passes of two workers per step, as batch.workers_per_pass=2 does
-        x, y = torch.randn(16, 3, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)
-        plan = StepPlan(per_process=4, per_pass=2, n=4, loss_scale=1 / 16)
-        assert train_step(plain, oa, (x, y), plan) == train_step(ckpt, ob, (x, y), plan)
-    a, b = plain.state_dict(), ckpt.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)  # weights, running mean/var, num_batches_tracked
-
-
-def test_recomputation_does_not_update_running_stats_a_second_time():
-    import torchvision
-
-    plain = torchvision.models.resnet18(num_classes=4)
-    ckpt = enable_stage_checkpointing(copy.deepcopy(plain))
-    x = torch.randn(2, 3, 32, 32)
-    plain(x).sum().backward()  # no deferral: plain BatchNorm2d updates in the forward itself
-    ckpt(x).sum().backward()  # the backward recomputes layer1..layer4 in train mode
-    a, b = plain.state_dict(), ckpt.state_dict()
-    assert int(b["layer3.0.bn1.num_batches_tracked"]) == 1
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), ckpt.parameters()))
-
-
 @pytest.mark.parametrize("mode", ["sequential", "model"])
 def test_training_rejects_offload_modes_and_checkpointing_without_stages(mode):
     cfg = _cfg()
@@ -137,7 +107,7 @@ def test_foreign_and_broken_checkpoints_name_the_file(tmp_path):
     good = {"format": FORMAT, "model": model.state_dict(), "iteration": 7, "epoch": 1,
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)}
     torch.save(good, tmp_path / "good.pt")
-    loaded, tcfg = load_model_for_eval(tmp_path / "good.pt")
+    loaded, tcfg = model_from_checkpoint(tmp_path / "good.pt")
     x = torch.randn(3, 3, 12, 12)
     assert torch.equal(loaded(x), model(x)) and tcfg.model.arch == "cifar_resnet"
     assert loaded.checkpoint_info["iteration"] == 7
@@ -153,7 +123,7 @@ def test_foreign_and_broken_checkpoints_name_the_file(tmp_path):
              "other_model.pt": "does not fit"}
     for name, text in cases.items():
         with pytest.raises(UserError) as err:
-            load_model_for_eval(tmp_path / name)
+            model_from_checkpoint(tmp_path / name)
         msg = str(err.value)
         assert msg.startswith(f"checkpoint: {tmp_path / name}") and text in msg and "\n" not in msg, msg
 
@@ -207,7 +177,7 @@ def test_fsdp_with_and_without_cpu_offload_trains_like_ddp_and_checkpoints_move_
     assert "layer1.0.bn1.running_mean" in state and int(state["layer1.0.bn1.num_batches_tracked"]) == 8
     assert max_abs_diff(ref, a) <= 1e-5
     assert max_abs_diff(ref, b) <= 1e-5
-    loaded, _ = load_model_for_eval(b / "checkpoints" / "last.pt")  # lbsgd eval reads what FSDP2 wrote
+    loaded, _ = model_from_checkpoint(b / "checkpoints" / "last.pt")  # lbsgd eval reads what FSDP2 wrote
     assert loaded.checkpoint_info["iteration"] == 8
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in _weights(b).items())
 

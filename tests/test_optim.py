@@ -142,7 +142,8 @@ def test_lars_gives_bn_and_bias_the_plain_sgd_update_and_scales_weights():
 
 
 def test_lars_and_beyond_keys_are_validated():
-    from lbsgd_cli.config import TrainConfig, validate
+    from lbsgd_cli.config import TrainConfig
+    from lbsgd_cli.validation import validate
     from lbsgd_cli.errors import UserError
 
     def cfg(**over):

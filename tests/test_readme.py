@@ -15,8 +15,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import lbsgd_cli
-from lbsgd_cli import cli, config
-from lbsgd_cli.config import TrainConfig, validate
+from lbsgd_cli import cli, config, validation
+from lbsgd_cli.config import TrainConfig, normalise_train
+from lbsgd_cli.validation import validate
 
 from .conftest import ROOT, compose, lbsgd, make_image_tree
 
@@ -181,12 +182,12 @@ def test_the_module_map_names_every_module_of_the_package_and_no_other():
 
 
 def _leaves_of(kind) -> list[str]:
-    return [key for key, k, _ in config._leaves(TrainConfig) if k is kind or typing.get_origin(k) is kind]
+    return [key for key, k, _ in config.leaves(TrainConfig) if k is kind or typing.get_origin(k) is kind]
 
 
 BOOL_KEYS = _leaves_of(bool)
 INT_KEYS = _leaves_of(int)
-LIST_KEYS = [key for key, k, _ in config._leaves(TrainConfig) if typing.get_origin(k) is list]
+LIST_KEYS = [key for key, k, _ in config.leaves(TrainConfig) if typing.get_origin(k) is list]
 
 
 @pytest.mark.parametrize("spelling,value", [("true", True), ("false", False), ("True", True), ("False", False),
@@ -201,7 +202,10 @@ def test_every_bool_key_takes_the_spellings_hydra_users_type(spelling, value):
 @pytest.mark.parametrize("spelling", ["true", "false", "auto", "True", "False", "'false'", "'true'", "AUTO"])
 def test_data_in_memory_takes_true_false_and_auto(spelling, tmp_path):
     cfg = compose("train", ["data=imagefolder", f"data.root={tmp_path}", f"data.in_memory={spelling}"])
+    before = OmegaConf.to_container(cfg)
     validate(cfg)
+    assert OmegaConf.to_container(cfg) == before  # validation checks; it changes nothing
+    normalise_train(cfg)
     assert cfg.data.in_memory == spelling.strip("'").lower()  # one spelling in config.yaml and checkpoints
     result = lbsgd("train", "data=imagefolder", f"data.root={tmp_path}", f"data.in_memory={spelling}", "--cfg", "job")
     assert result.returncode == 0, result.stderr
@@ -226,5 +230,6 @@ def test_int_and_list_keys_take_hydra_s_spellings():
 def test_quantize_s_bool_or_list_keys_take_the_same_spellings(spelling, value):
     for key in ("quant.symmetric", "quant.activations"):
         cfg = compose("quantize", ["checkpoint=x", f"{key}={spelling}"])
-        config.validate_quantize(cfg)
+        validation.validate_quantize(cfg)
+        config.normalise_quantize(cfg)
         assert config.as_list(OmegaConf.select(cfg, key)) == value

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from lbsgd_cli.choices import Decay, LRRule, Warmup
-from lbsgd_cli.config import validate
+from lbsgd_cli.validation import validate
 from lbsgd_cli.errors import UserError
 from lbsgd_cli.rules import iters_per_epoch, loss_normaliser, lr_at, momentum_correction, peak_lr
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lbsgd_cli.config import validate
+from lbsgd_cli.validation import validate
 
 from .conftest import ROOT, compose
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lbsgd_cli.config import DataConfig, check_num_workers
+from lbsgd_cli.config import DataConfig
 from lbsgd_cli.data import TrainLoader, _mix, epoch_permutation, load_data, val_batches
 from lbsgd_cli.errors import UserError
 from lbsgd_cli.source import IMAGENET_MEAN, IMAGENET_STD, normalise
@@ -19,6 +19,7 @@ from lbsgd_cli.streaming import (
     StreamingData,
     resolve_num_workers,
 )
+from lbsgd_cli.validation import check_num_workers
 
 from .conftest import make_image_tree
 

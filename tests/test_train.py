@@ -149,6 +149,7 @@ def test_config_tree_ships_in_the_wheel(tmp_path):
     wheel = next(wheel_dir.glob("lbsgd-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "lbsgd_cli/conf/train.yaml" in names and "lbsgd_cli/conf/experiment/imagenet_8k_gradual.yaml" in names
+    assert "lbsgd_cli/report/command.py" in names  # lbsgd plot's package
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     env = {**os.environ, "PYTHONPATH": str(site)}
