@@ -42,7 +42,7 @@ from .quantize import (
     save_quantized,
     state_bytes,
 )
-from .source import DataSource
+from .data import DataSource
 
 TABLE_COLUMNS = ["bits", "granularity", "symmetric", "method", "activations", "act_bits", "fp32_top1_err",
                  "quant_top1_err", "delta", "fp32_bytes", "quant_bytes", "compression", "path"]

@@ -39,7 +39,7 @@ from .optim import build_optimizer, set_lr
 from .parallel import Parallel, make_parallel
 from .rules import iters_per_epoch, loss_normaliser, lr_at, peak_lr
 from .rundir import RunDir, RunState, print_summary, zero_sums
-from .source import DataSource
+from .data import DataSource
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -53,7 +53,7 @@ from lbsgd_cli.data import TrainLoader, load_data
 from lbsgd_cli.engine import StepPlan, train_step
 from lbsgd_cli.models import build_model
 from lbsgd_cli.optim import build_optimizer
-from lbsgd_cli.source import IMAGENET_MEAN, IMAGENET_STD
+from lbsgd_cli.data.source import IMAGENET_MEAN, IMAGENET_STD
 
 ODD_EVERY = 400  # one in this many of each odd kind: grayscale, CMYK, progressive, PNG named .JPEG
 ODD = {1: "grayscale", 2: "cmyk", 3: "progressive", 4: "png"}  # index % odd_every -> kind
@@ -419,8 +419,8 @@ def region_decode(paths: list, rounds: int, size: int, batch: int = 32) -> dict:
     import simplejpeg
     from PIL import Image
 
-    from lbsgd_cli import decode
-    from lbsgd_cli.streaming import RandomResizedCropDecode, _resize
+    from lbsgd_cli.data import decode
+    from lbsgd_cli.data.streaming import RandomResizedCropDecode, _resize
 
     crop, g = RandomResizedCropDecode(size), torch.Generator().manual_seed(0)
     files, boxes = [], []
@@ -478,7 +478,7 @@ def decode_only(paths: list, rounds: int) -> dict:
     bytes, ``simplejpeg``'s decode), on the JPEGs libjpeg-turbo takes; alternating rounds, medians."""
     from PIL import Image
 
-    from lbsgd_cli import decode
+    from lbsgd_cli.data import decode
 
     files = []
     for p in paths:

@@ -39,8 +39,8 @@ from omegaconf import OmegaConf
 
 from lbsgd_cli.config import DataConfig
 from lbsgd_cli.data import TrainLoader, _mix, epoch_permutation, load_data, val_batches
-from lbsgd_cli.source import IMAGENET_MEAN, IMAGENET_STD
-from lbsgd_cli.streaming import RandomResizedCropDecode, StreamingData
+from lbsgd_cli.data.source import IMAGENET_MEAN, IMAGENET_STD
+from lbsgd_cli.data.streaming import RandomResizedCropDecode, StreamingData
 from lbsgd_cli.errors import UserError
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",

@@ -16,12 +16,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from lbsgd_cli.bad_data import BadData
+from lbsgd_cli.data.bad_data import BadData
 from lbsgd_cli.config import DataConfig
 from lbsgd_cli.data import TrainLoader, load_data, val_batches
 from lbsgd_cli.errors import UserError
-from lbsgd_cli.source import decode_file, scan_imagefolder
-from lbsgd_cli.streaming import RandomResizedCropDecode, RawCrop, ResizeCenterCropDecode, decode_on_device
+from lbsgd_cli.data.source import decode_file, scan_imagefolder
+from lbsgd_cli.data.streaming import RandomResizedCropDecode, RawCrop, ResizeCenterCropDecode, decode_on_device
 
 from .conftest import lbsgd, make_image_tree
 
@@ -258,7 +258,7 @@ def test_skip_bad_streaming_replaces_the_same_way_on_every_rank_and_counts(tmp_p
     data = load_data(stream_cfg(root, skip_bad=True, num_workers=0))
     paths = data.train.paths
     i = paths.index(str(bad[0]))
-    from lbsgd_cli.streaming import StreamingImages, train_transform
+    from lbsgd_cli.data.streaming import StreamingImages, train_transform
 
     ds = StreamingImages(data.train, train_transform(data.dcfg), data.bad.marks["train"])
     x, y = ds[(i, 7)]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lbsgd_cli import cifar
+from lbsgd_cli.data import cifar
 from lbsgd_cli.checkpoint import read_checkpoint
 from lbsgd_cli.config import DataConfig
 from lbsgd_cli.data import load_data

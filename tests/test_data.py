@@ -17,7 +17,7 @@ from lbsgd_cli.data import (
     val_batches,
 )
 from lbsgd_cli.errors import UserError
-from lbsgd_cli.source import scan_imagefolder, stratified_subset
+from lbsgd_cli.data.source import scan_imagefolder, stratified_subset
 
 from .conftest import make_image_tree
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lbsgd_cli import decode
-from lbsgd_cli.streaming import RandomResizedCropDecode, RawCrop, ResizeCenterCropDecode
+from lbsgd_cli.data import decode
+from lbsgd_cli.data.streaming import RandomResizedCropDecode, RawCrop, ResizeCenterCropDecode
 
 pytestmark = pytest.mark.skipif(decode.simplejpeg is None, reason="simplejpeg is not installed")
 

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from lbsgd_cli.config import DataConfig, check_num_workers
 from lbsgd_cli.data import TrainLoader, _mix, epoch_permutation, load_data, val_batches
 from lbsgd_cli.errors import UserError
-from lbsgd_cli.source import IMAGENET_MEAN, IMAGENET_STD, normalise
-from lbsgd_cli.streaming import (
+from lbsgd_cli.data.source import IMAGENET_MEAN, IMAGENET_STD, normalise
+from lbsgd_cli.data.streaming import (
     RandomResizedCropDecode,
     ResizeCenterCropDecode,
     StreamingData,
@@ -226,7 +226,7 @@ def test_device_batches_prefetch_on_a_side_stream_with_cuda_stubbed(monkeypatch)
     over; the training stream waits for the side stream and records each batch it takes."""
     import contextlib
 
-    import lbsgd_cli.streaming as S
+    import lbsgd_cli.data.streaming as S
 
     events = []
 
@@ -282,7 +282,7 @@ def test_decode_gpu_runs_on_a_helper_thread_and_stream_in_order_with_cuda_stubbe
 
     from PIL import Image
 
-    import lbsgd_cli.streaming as S
+    import lbsgd_cli.data.streaming as S
 
     events, local = [], threading.local()
 
@@ -358,7 +358,7 @@ def test_decode_on_device_crops_by_shape_groups_as_image_by_image():
     """One roi_align per group of same-shaped images (at most CROP_GROUP): each crop equals its own call."""
     from torchvision.ops import roi_align
 
-    import lbsgd_cli.streaming as S
+    import lbsgd_cli.data.streaming as S
 
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 40, 50), (3, 50, 40), (3, 40, 50), (3, 40, 50), (3, 30, 30)] * 8  # 24 of one shape: 2 groups
@@ -374,7 +374,7 @@ def test_decode_on_device_crops_by_shape_groups_as_image_by_image():
 
 def test_decode_on_the_device_matches_the_worker_decode_with_the_cpu_as_device(tmp_path):
     """data.decode=gpu tested with the CPU as the device: the same boxes and flips, other resampling."""
-    from lbsgd_cli.streaming import RawCrop
+    from lbsgd_cli.data.streaming import RawCrop
 
     root = make_image_tree(tmp_path / "d", size=80, per_class=4, val_per_class=2)
     common = dict(root=str(root), crop_size=64, val_resize=72, num_workers=0)
@@ -391,7 +391,7 @@ def test_decode_on_the_device_matches_the_worker_decode_with_the_cpu_as_device(t
     # on a smooth photo-like JPEG the two decodes agree closely (a box off by 8 px differs by ~6 of 255)
     from PIL import Image
 
-    from lbsgd_cli.streaming import collate_raw, decode_on_device
+    from lbsgd_cli.data.streaming import collate_raw, decode_on_device
 
     path = tmp_path / "smooth.jpg"
     Image.fromarray(_smooth_image(375, 500).numpy()).save(path, quality=92)

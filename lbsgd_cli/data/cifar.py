@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
 SIDE = 32
 PIXELS = 3 * SIDE * SIDE  # one row of ``data``: R, G, B planes of 32x32

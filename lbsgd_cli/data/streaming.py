@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import decode
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 from .bad_data import MAX_REPLACEMENTS, BadData, bad_file_error, reason, replacement
 from .source import ImageList, mean_std, normalise, rgb_image
 

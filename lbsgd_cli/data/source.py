@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from .bad_data import WAY_OUT, BadData, bad_file_error, reason
-from .errors import UserError
+from ..errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

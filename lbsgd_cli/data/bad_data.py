@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
 WAY_OUT = "remove or replace it, or set data.skip_bad=true to skip and count bad files"
 # a worker meeting this many bad files in a row for one sample stops the run (the tree is mostly broken)
@@ -75,7 +75,7 @@ class BadData:
         collective with several processes: every rank calls it)."""
         met = 0
         if self.marks:
-            from . import distributed as D
+            from .. import distributed as D
 
             marks = torch.cat([m for _, m in sorted(self.marks.items())]).to(device)
             if D.initialized():

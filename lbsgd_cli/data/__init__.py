@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from .bad_data import MAX_REPLACEMENTS, BadData
-from .config import in_memory_mode
-from .errors import UserError
+from ..config import in_memory_mode
+from ..errors import UserError
 from .source import (
     IMAGENET_MEAN,
     IMAGENET_STD,
