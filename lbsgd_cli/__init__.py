@@ -4,9 +4,18 @@ Modules, one concern each:
   rules        the paper's rules as pure functions (linear scaling, warmup, schedule, Remarks)
   choices      the values of every choice key as Enums (no Hydra: rules and optim import them)
   config       the structured config schema, the keys that do not change the result, validation
-  source       the DataSource protocol, ImageFolder trees, stratified subsets, normalisation
-  data         load_data, embedded digits and small images in memory, the per-epoch shuffle split among workers
-  streaming    ImageNet-sized files decoded by workers (reduced-size JPEGs, data.decode=gpu), device prefetch
+  data         the data package; a batch runs one way: source -> sampler -> loader -> engine
+    load         load_data: data.name / data.in_memory -> the source
+    source       the DataSource protocol, ImageFolder trees, stratified subsets, normalisation
+    in_memory    small images decoded once into tensors, pad-and-crop and flip on the device
+    digits       scikit-learn's 8x8 digits, in memory
+    cifar        torchvision's CIFAR batches read without running their pickles, in memory
+    streaming    ImageNet-sized files decoded by loader workers, device prefetch
+    transforms   §5.1's crops of one file (reduced-size JPEGs), data.decode=gpu's device decode
+    decode       libjpeg-turbo decoding (simplejpeg), PIL where it cannot
+    bad_data     broken files: one line naming the file, or data.skip_bad=true to skip and count
+    sampling     Remark 4: one shuffle per epoch, this process's share, per-sample seeds (BatchPlan)
+    loader       TrainLoader (the plans -> the source's batches) and the val shares
   models       networks and the paper's initialisation
   ghost_bn     BatchNorm over n samples per worker
   optim        parameter groups, PyTorch's SGD, the paper's eq. (10) form, LARS

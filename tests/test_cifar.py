@@ -15,10 +15,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lbsgd_cli.data import cifar
 from lbsgd_cli.checkpoint import read_checkpoint
 from lbsgd_cli.config import DataConfig
-from lbsgd_cli.data import load_data
+from lbsgd_cli.data import cifar, load_data
 from lbsgd_cli.errors import UserError
 
 from .conftest import lbsgd

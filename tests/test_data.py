@@ -16,8 +16,8 @@ from lbsgd_cli.data import (
     process_slice,
     val_batches,
 )
-from lbsgd_cli.errors import UserError
 from lbsgd_cli.data.source import scan_imagefolder, stratified_subset
+from lbsgd_cli.errors import UserError
 
 from .conftest import make_image_tree
 
@@ -63,8 +63,7 @@ def test_resume_mid_epoch_yields_the_remaining_batches():
 
 def test_every_sample_at_most_once_per_epoch():
     loader = _digits_loader(0, 1, k=2, n=16)
-    perm = epoch_permutation(loader.data.train_size, 3, 0)
-    seen = torch.cat([loader.batch_indices(0, it, perm) for it in range(len(loader))])
+    seen = torch.cat([plan.indices for plan in loader.plans(0)])
     assert len(set(seen.tolist())) == len(seen) == len(loader) * 32
 
 

@@ -10,15 +10,12 @@ import torch
 from omegaconf import OmegaConf
 
 from lbsgd_cli.config import DataConfig, check_num_workers
-from lbsgd_cli.data import TrainLoader, _mix, epoch_permutation, load_data, val_batches
-from lbsgd_cli.errors import UserError
+from lbsgd_cli.data import TrainLoader, load_data, val_batches
+from lbsgd_cli.data.sampling import mix_seed
 from lbsgd_cli.data.source import IMAGENET_MEAN, IMAGENET_STD, normalise
-from lbsgd_cli.data.streaming import (
-    RandomResizedCropDecode,
-    ResizeCenterCropDecode,
-    StreamingData,
-    resolve_num_workers,
-)
+from lbsgd_cli.data.streaming import StreamingData, resolve_num_workers
+from lbsgd_cli.data.transforms import RandomResizedCropDecode, RawCrop, ResizeCenterCropDecode, collate_raw
+from lbsgd_cli.errors import UserError
 
 from .conftest import make_image_tree
 
@@ -79,10 +76,10 @@ def test_crop_boxes_and_flips_are_torchvisions_draw_for_draw(height, width):
     ours, theirs = RandomResizedCropDecode(224), v2.RandomResizedCrop(224, antialias=True)
     probe = torch.zeros(3, height, width, dtype=torch.uint8)
     for seed in range(300):
-        torch.manual_seed(_mix(7, seed))
+        torch.manual_seed(mix_seed(7, seed))
         p = theirs.make_params([probe])
         flip_then = torch.rand(1).item() < 0.5  # v2.RandomHorizontalFlip's draw comes after the crop's
-        g = torch.Generator().manual_seed(_mix(7, seed))
+        g = torch.Generator().manual_seed(mix_seed(7, seed))
         assert ours.box(height, width, g) == (p["top"], p["left"], p["height"], p["width"])
         assert (torch.rand(1, generator=g).item() < 0.5) == flip_then
 
@@ -95,10 +92,10 @@ def test_training_and_val_samples_equal_the_former_float_pipeline(tmp_path):
     former = _former_train_transform(64)
     mean, std = _mean_std()
     for epoch in (0, 1):
-        perm = epoch_permutation(data.train_size, 5, epoch)
+        plans = loader.plans(epoch)
         for it, (x, _) in enumerate(loader.epoch(epoch)):
-            idx = loader.batch_indices(epoch, it, perm).tolist()
-            ref = torch.stack([_former(data.train.paths[i], former, _mix(5, epoch, it * 4 + p))
+            idx = plans[it].indices.tolist()
+            ref = torch.stack([_former(data.train.paths[i], former, mix_seed(5, epoch, it * 4 + p))
                                for p, i in enumerate(idx)])
             assert x.dtype == torch.float32
             torch.testing.assert_close(x, ref, rtol=0, atol=1e-5)
@@ -246,7 +243,7 @@ def test_device_batches_prefetch_on_a_side_stream_with_cuda_stubbed(monkeypatch)
         yield
         current.pop()
 
-    monkeypatch.setattr(S, "_side_stream_prefetch", lambda device: True)
+    monkeypatch.setattr(S, "side_stream_prefetch", lambda device: True)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
     monkeypatch.setattr(torch.cuda, "stream", on)
@@ -304,7 +301,7 @@ def test_decode_gpu_runs_on_a_helper_thread_and_stream_in_order_with_cuda_stubbe
         yield
         local.stack.pop()
 
-    monkeypatch.setattr(S, "_side_stream_prefetch", lambda device: True)
+    monkeypatch.setattr(S, "side_stream_prefetch", lambda device: True)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "current_stream", current)
     monkeypatch.setattr(torch.cuda, "stream", on)
@@ -327,8 +324,8 @@ def test_decode_gpu_runs_on_a_helper_thread_and_stream_in_order_with_cuda_stubbe
         path = tmp_path / f"{i}.jpg"
         Image.fromarray(_smooth_image(h, w).numpy()).save(path, quality=90)
         with Image.open(path) as im:
-            raws.append(S.RawCrop(train=RandomResizedCropDecode(32))(im, torch.Generator().manual_seed(i)))
-    batches = [S.collate_raw([(raws[i], i), (raws[(i + 1) % 3], i)]) for i in range(3)]
+            raws.append(RawCrop(train=RandomResizedCropDecode(32))(im, torch.Generator().manual_seed(i)))
+    batches = [collate_raw([(raws[i], i), (raws[(i + 1) % 3], i)]) for i in range(3)]
     mean, std = _mean_std()
     got = []
     for x, y in S.device_batches(iter(batches), torch.device("cpu"), mean, std, decode_size=32):
@@ -348,7 +345,7 @@ def test_decode_gpu_runs_on_a_helper_thread_and_stream_in_order_with_cuda_stubbe
     scale, shift = 1.0 / (255.0 * std), mean / std
     for x, (raw, _) in zip(got, batches):
         assert torch.equal(x, real(raw, 32, torch.device("cpu")).mul_(scale).sub_(shift))
-    bad = S.collate_raw([((torch.frombuffer(bytearray(b"\xff\xd8 not a jpeg"), dtype=torch.uint8),
+    bad = collate_raw([((torch.frombuffer(bytearray(b"\xff\xd8 not a jpeg"), dtype=torch.uint8),
                            torch.tensor([0.0, 0.0, 8.0, 8.0]), False), 0)])
     with pytest.raises(UserError, match="data.decode=gpu: cannot decode a JPEG of this batch"):
         list(S.device_batches(iter([batches[0], bad, batches[1]]), torch.device("cpu"), mean, std, decode_size=32))
@@ -358,14 +355,14 @@ def test_decode_on_device_crops_by_shape_groups_as_image_by_image():
     """One roi_align per group of same-shaped images (at most CROP_GROUP): each crop equals its own call."""
     from torchvision.ops import roi_align
 
-    import lbsgd_cli.data.streaming as S
+    from lbsgd_cli.data.transforms import decode_on_device
 
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 40, 50), (3, 50, 40), (3, 40, 50), (3, 40, 50), (3, 30, 30)] * 8  # 24 of one shape: 2 groups
     images = [torch.randint(0, 256, s, dtype=torch.uint8, generator=g) for s in shapes]
     boxes = torch.tensor([[2.0, 3.0, 2.0 + 20 + i % 9, 3.0 + 25 - i % 7] for i in range(len(images))])
     flips = torch.tensor([i % 3 == 0 for i in range(len(images))])
-    out = S.decode_on_device((images, boxes, flips), 16, torch.device("cpu"))
+    out = decode_on_device((images, boxes, flips), 16, torch.device("cpu"))
     for i, (img, b) in enumerate(zip(images, boxes.tolist())):
         ratio = max(1, math.ceil(max(b[2] - b[0], b[3] - b[1]) / 16))
         one = roi_align(img[None].float(), torch.tensor([[0.0, *b]]), (16, 16), 1.0, ratio, aligned=True)[0]
@@ -374,8 +371,6 @@ def test_decode_on_device_crops_by_shape_groups_as_image_by_image():
 
 def test_decode_on_the_device_matches_the_worker_decode_with_the_cpu_as_device(tmp_path):
     """data.decode=gpu tested with the CPU as the device: the same boxes and flips, other resampling."""
-    from lbsgd_cli.data.streaming import RawCrop
-
     root = make_image_tree(tmp_path / "d", size=80, per_class=4, val_per_class=2)
     common = dict(root=str(root), crop_size=64, val_resize=72, num_workers=0)
     cpu, gpu = load_data(dcfg(**common)), load_data(dcfg(decode="gpu", **common))
@@ -391,7 +386,7 @@ def test_decode_on_the_device_matches_the_worker_decode_with_the_cpu_as_device(t
     # on a smooth photo-like JPEG the two decodes agree closely (a box off by 8 px differs by ~6 of 255)
     from PIL import Image
 
-    from lbsgd_cli.data.streaming import collate_raw, decode_on_device
+    from lbsgd_cli.data.transforms import decode_on_device
 
     path = tmp_path / "smooth.jpg"
     Image.fromarray(_smooth_image(375, 500).numpy()).save(path, quality=92)
@@ -419,11 +414,11 @@ def test_a_samples_crop_and_flip_depend_on_seed_epoch_and_position_only(tmp_path
     for workers in (0, 2):
         data = load_data(dcfg(root=str(root), crop_size=48, val_resize=56, num_workers=workers))
         one = TrainLoader(data, 2, 2, 0, 1, seed=3, device=torch.device("cpu"))
-        batches = [x for epoch in (0, 1) for x, _ in one.host_batches(epoch)]
+        batches = [x for epoch in (0, 1) for x, _ in data.host_batches(one.plans(epoch))]
         if ref is None:
             ref = batches
         assert all(torch.equal(a, b) for a, b in zip(batches, ref)) and len(batches) == len(ref) == 6
         for rank in (0, 1):
             share = TrainLoader(data, 2, 2, rank, 2, seed=3, device=torch.device("cpu"))
-            mine = [x for epoch in (0, 1) for x, _ in share.host_batches(epoch)]
-            assert all(torch.equal(a, b[share.part]) for a, b in zip(mine, ref))
+            mine = [x for epoch in (0, 1) for x, _ in data.host_batches(share.plans(epoch))]
+            assert all(torch.equal(a, b[share.plans(0)[0].part]) for a, b in zip(mine, ref))
