@@ -1,7 +1,7 @@
 """Broken files in an image tree: one line naming the file by default, ``data.skip_bad=true`` to skip and count.
 
 What a real data set legitimately holds (CMYK JPEGs, PNG data in ``.JPEG`` files, grayscale, 16-bit PNGs;
-ImageNet's train set has the first two) is decoded (:func:`lbsgd_cli.source.rgb_image`), never counted
+ImageNet's train set has the first two) is decoded (:func:`lbsgd_cli.data.source.rgb_image`), never counted
 here. A *bad* file is one that cannot be decoded: empty, truncated, not an image, over PIL's
 decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), unreadable, or not a regular file.
 

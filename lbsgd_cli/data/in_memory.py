@@ -28,6 +28,8 @@ AUGMENT_SALT = 0xA06  # the pad-and-crop and flip draws of a global minibatch: (
 
 @dataclass
 class TensorSplit:
+    """One split (train or val) of an in-memory set: its images and labels."""
+
     x: torch.Tensor  # uint8, (N, C, H, W)
     y: torch.Tensor  # int64, (N,)
 
@@ -172,6 +174,8 @@ def _cache_key(root: Path, train: ImageList, val: ImageList) -> str:
 
 def load_imagefolder_in_memory(dcfg, classes: list[str], train: ImageList, val: ImageList,
                                bad: BadData | None = None) -> InMemoryData:
+    """An ImageFolder tree of small images decoded once (threads) into memory, cached in ``data.cache_dir`` under
+    a key of the files' paths, sizes and times; a cache that cannot be read is rebuilt, never fatal."""
     root = Path(dcfg.root).expanduser()
     cache_dir = Path(dcfg.cache_dir or Path.home() / ".cache" / "lbsgd").expanduser()
     cache = cache_dir / f"{root.name}-{_cache_key(root, train, val)}.pt"

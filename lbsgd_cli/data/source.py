@@ -197,7 +197,7 @@ class DataSource(Protocol):
     mean: tuple[float, ...]
     std: tuple[float, ...]
     in_memory: bool  # True: uint8 tensors augmented as batches on the device; False: files decoded by workers
-    bad: BadData  # data.skip_bad: the bad files left out or met so far (lbsgd_cli/bad_data.py)
+    bad: BadData  # data.skip_bad: the bad files left out or met so far (lbsgd_cli/data/bad_data.py)
 
     @property
     def num_classes(self) -> int: ...

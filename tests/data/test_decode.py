@@ -163,7 +163,7 @@ def test_without_simplejpeg_only_the_tests_that_need_it_skip():
     code = ("import sys; sys.modules['simplejpeg'] = None; import pytest; "
             f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-o', 'addopts=', {str(me)!r}, "
             "'-k', 'not only_the_tests_that_need_it_skip']))")  # not this test again
-    proc = subprocess.run([sys.executable, "-c", code], cwd=me.parent.parent, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=me.parents[2], capture_output=True, text=True,
                           timeout=600)
     summary = proc.stdout.strip().splitlines()[-1]
     assert proc.returncode == 0, proc.stdout[-2000:]

@@ -20,7 +20,7 @@ from lbsgd_cli.config import DataConfig
 from lbsgd_cli.data import cifar, load_data
 from lbsgd_cli.errors import UserError
 
-from .conftest import lbsgd
+from ..conftest import lbsgd
 
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]
 

@@ -23,7 +23,7 @@ from lbsgd_cli.data.source import decode_file, scan_imagefolder
 from lbsgd_cli.data.transforms import RandomResizedCropDecode, RawCrop, ResizeCenterCropDecode, decode_on_device
 from lbsgd_cli.errors import UserError
 
-from .conftest import lbsgd, make_image_tree
+from ..conftest import lbsgd, make_image_tree
 
 BIG = 40  # streaming trees: images larger than small_image_max would be; crops of 32
 
@@ -301,7 +301,7 @@ def test_files_without_an_image_name_are_ignored(tmp_path):
 def test_skip_bad_on_two_processes_trains_the_one_process_weights_and_counts_alike(tmp_path):
     """2 gloo processes (torchrun), each with a loader worker process, meet the bad files in other places than
     one process does; the replacements, the weights (bit for bit) and data/bad_files are the same."""
-    from .test_distributed import max_abs_diff, train
+    from ..test_distributed import max_abs_diff, train
 
     root = make_image_tree(tmp_path / "d", size=BIG, per_class=4, val_per_class=2)
     make_bad(root / "train" / "a" / "0001.jpg", "truncated")
