@@ -10,16 +10,9 @@ Modules, one concern each, with the paper's sections they implement in brackets:
   validation      early checks of a composed config (signs, ranges, consistency); they read, never rewrite
   device_defaults `auto` precision, channels_last and deterministic: the device's fast or bit-exact mode,
                   resolved once when a command starts
-  source          the DataSource protocol, ImageFolder trees, stratified subsets, normalisation           [§5.1]
-  cifar           CIFAR-10/100 as torchvision keeps them: pickled batches read by a restricted unpickler,
-                  torchvision's md5 list, data.download
-  data            load_data, digits and small images decoded once in memory (augmented on the device), the
-                  per-epoch shuffle split among workers (TrainLoader), val shares               [§3 Remark 4, §5.1]
-  streaming       ImageNet-sized files decoded by loader workers: scale and aspect-ratio crop from a
-                  reduced-size JPEG, data.decode=gpu, prefetch on a CUDA side stream, data.num_workers=auto [§5.1]
-  decode          JPEG decoding in the loader workers: libjpeg-turbo through simplejpeg (PIL's pixels), PIL for
-                  CMYK, PNG-in-.JPEG and refused files; which files data.decode=gpu leaves to the workers   [§5.1]
-  bad_data        bad image files: one line by default, data.skip_bad (left out, replaced in workers, counted)
+  data            the data package (its docstring maps its modules): a batch runs one way, source -> sampler
+                  -> loader -> engine; load_data, in-memory / streaming / CIFAR / digits sources, the per-epoch
+                  shuffle split among workers (TrainLoader), decoding, bad files          [§3 Remark 4, §5.1]
   models          networks and the paper's initialisation: He, FC ~ N(0, 0.01^2), zero-gamma              [§5.1]
   ghost_bn        BatchNorm over each worker's n samples (eager kernels, and the formula torch.compile traces)
                                                                                                           [§2.3]

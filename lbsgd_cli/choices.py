@@ -72,7 +72,7 @@ class Optimizer(Choice):
 
 class DataName(Choice):
     """``digits`` (scikit-learn's bundled scans), ``imagefolder`` (``train/<class>/*`` trees of image files),
-    ``cifar10`` / ``cifar100`` (torchvision's pickled batches, :mod:`lbsgd_cli.cifar`)."""
+    ``cifar10`` / ``cifar100`` (torchvision's pickled batches, :mod:`lbsgd_cli.data.cifar`)."""
 
     digits = "digits"
     imagefolder = "imagefolder"

@@ -120,7 +120,7 @@ class DataConfig:
 
     name: DataName = MISSING  # digits | imagefolder | cifar10 | cifar100
     root: Optional[str] = no_effect(None)
-    # cifar10 / cifar100 (torchvision's pickled batches, lbsgd_cli/cifar.py): fetch them into data.root through
+    # cifar10 / cifar100 (torchvision's pickled batches, lbsgd_cli/data/cifar.py): fetch them into data.root through
     # torchvision when they are not there; the files are the same md5-checked ones, so no effect on the result
     download: bool = no_effect(False)
     # cifar10 / cifar100: check each batch file's md5 against torchvision's list; a mismatch is an error.
@@ -142,11 +142,11 @@ class DataConfig:
     # false: the first file that cannot be decoded (empty, truncated, not an image, a decompression bomb,
     # unreadable) stops the run with one line naming it; true: such files are skipped (left out before
     # training, or replaced by the next good file when a loader worker meets them) and counted in the header
-    # and as data/bad_files in metrics.jsonl (lbsgd_cli/bad_data.py). Names the run: the samples may differ
+    # and as data/bad_files in metrics.jsonl (lbsgd_cli/data/bad_data.py). Names the run: the samples may differ
     skip_bad: bool = False
     # streaming loaders only: DataLoader worker processes, or "auto" = the CPUs this process may use (its
     # affinity, or SLURM's CPUs per task shared by the ranks of one task) less one for training
-    # (lbsgd_cli.streaming.resolve_num_workers). Any, not int, so that "auto" and 8 both parse
+    # (lbsgd_cli.data.streaming.resolve_num_workers). Any, not int, so that "auto" and 8 both parse
     num_workers: Any = no_effect("auto")
     cache_dir: Optional[str] = no_effect(None)  # decoded in-memory sets are cached here; None = ~/.cache/lbsgd
     # streaming loaders only: cpu (the workers: libjpeg-turbo, PIL's pixels; PIL for CMYK/PNG/odd files) |

@@ -34,7 +34,7 @@ from .errors import UserError
 from .quantize import attach_activation_quant, calibrate_activations, load_dequantized, quantize_weights
 from .quantized_checkpoint import save_quantized, state_bytes
 from .restore import check_classes, model_from_checkpoint
-from .source import DataSource
+from .data import DataSource
 from .validation import validate_quantize
 
 TABLE_COLUMNS = ["bits", "granularity", "symmetric", "method", "activations", "act_bits", "fp32_top1_err",

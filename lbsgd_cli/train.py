@@ -39,7 +39,7 @@ from .parallel import Parallel, make_parallel
 from .preemption import PreemptionFlag
 from .rules import iters_per_epoch, loss_normaliser, lr_at, peak_lr
 from .rundir import RunDir, RunState, print_summary, zero_sums
-from .source import DataSource
+from .data import DataSource
 from .stage_checkpointing import enable_stage_checkpointing
 from .validation import validate
 

@@ -50,10 +50,10 @@ from omegaconf import OmegaConf
 from lbsgd_cli.choices import Precision
 from lbsgd_cli.config import DataConfig, ModelConfig, OptimConfig
 from lbsgd_cli.data import TrainLoader, load_data
+from lbsgd_cli.data.source import IMAGENET_MEAN, IMAGENET_STD
 from lbsgd_cli.engine import StepPlan, train_step
 from lbsgd_cli.models import build_model
 from lbsgd_cli.optim import build_optimizer
-from lbsgd_cli.source import IMAGENET_MEAN, IMAGENET_STD
 
 ODD_EVERY = 400  # one in this many of each odd kind: grayscale, CMYK, progressive, PNG named .JPEG
 ODD = {1: "grayscale", 2: "cmyk", 3: "progressive", 4: "png"}  # index % odd_every -> kind
@@ -315,18 +315,13 @@ def _train_loader(a, decode: str, device: torch.device, workers=None, subset: in
         data.dcfg.num_workers = workers
     loader = TrainLoader(data, a.batch // a.n, a.n, 0, 1, seed=0, device=device)
     if decode == "pil":
-        loader._dataset.transform.turbo = False  # the workers fork after this: they decode with PIL
+        data.train_dataset.transform.turbo = False  # the workers fork after this: they decode with PIL
     return loader
 
 
 def _close(loader: TrainLoader) -> None:
     """Stops a loader's persistent workers, so that they do not decode ahead during the next row."""
-    inner = getattr(loader, "_loader", None)
-    iterator = getattr(inner, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-    if inner is not None:
-        inner._iterator = None
+    loader.data.close()
 
 
 def loader_alone(a, device: torch.device, decode: str) -> dict:
@@ -378,14 +373,14 @@ def _per_core(a, cpu: torch.device) -> dict:
     for r in range(a.rounds):
         for key in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
             loader, seen = sides[key], 0
-            if key[1] == 1 and loader._loader is None:
-                for _ in loader.host_batches(10**6 + r):  # starts the persistent worker (an untimed epoch)
-                    pass
-            pids = [w.pid for w in loader._loader._iterator._workers] if key[1] == 1 else []
+            if key[1] == 1 and not loader.data.train_loaders:
+                for _ in loader.data.host_batches(loader.plans(10**6 + r)):  # starts the persistent worker
+                    pass  # (an untimed epoch)
+            pids = [w.pid for w in loader.data.train_loaders[False]._iterator._workers] if key[1] == 1 else []
             clock = (lambda: _proc_cpu_s(pids)) if pids else time.thread_time
             cpu0, spent = clock(), 0.0
             while spent < MIN_TIMED_CPU_S:  # /proc counts 10 ms ticks: a tiny epoch repeats until measurable
-                for x, _ in loader.host_batches(r):
+                for x, _ in loader.data.host_batches(loader.plans(r)):
                     seen += x.shape[0]
                 spent = clock() - cpu0
             rates[key].append(seen / spent)
@@ -419,8 +414,8 @@ def region_decode(paths: list, rounds: int, size: int, batch: int = 32) -> dict:
     import simplejpeg
     from PIL import Image
 
-    from lbsgd_cli import decode
-    from lbsgd_cli.streaming import RandomResizedCropDecode, _resize
+    from lbsgd_cli.data import decode
+    from lbsgd_cli.data.transforms import RandomResizedCropDecode, resize_image
 
     crop, g = RandomResizedCropDecode(size), torch.Generator().manual_seed(0)
     files, boxes = [], []
@@ -438,7 +433,7 @@ def region_decode(paths: list, rounds: int, size: int, batch: int = 32) -> dict:
     def today() -> None:
         for f, (left, top, w, h) in zip(files, boxes):
             a = simplejpeg.decode_jpeg(f.tobytes(), colorspace="RGB")
-            _resize(torch.from_numpy(a[top:top + h, left:left + w].copy()).permute(2, 0, 1), [size, size])
+            resize_image(torch.from_numpy(a[top:top + h, left:left + w].copy()).permute(2, 0, 1), [size, size])
 
     def sample(info):
         i = info.idx_in_epoch % len(files)
@@ -478,7 +473,7 @@ def decode_only(paths: list, rounds: int) -> dict:
     bytes, ``simplejpeg``'s decode), on the JPEGs libjpeg-turbo takes; alternating rounds, medians."""
     from PIL import Image
 
-    from lbsgd_cli import decode
+    from lbsgd_cli.data import decode
 
     files = []
     for p in paths:

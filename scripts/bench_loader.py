@@ -38,9 +38,10 @@ import torch
 from omegaconf import OmegaConf
 
 from lbsgd_cli.config import DataConfig
-from lbsgd_cli.data import TrainLoader, _mix, epoch_permutation, load_data, val_batches
-from lbsgd_cli.source import IMAGENET_MEAN, IMAGENET_STD
-from lbsgd_cli.streaming import RandomResizedCropDecode, StreamingData
+from lbsgd_cli.data import TrainLoader, epoch_permutation, load_data, mix_seed, val_batches
+from lbsgd_cli.data.source import IMAGENET_MEAN, IMAGENET_STD
+from lbsgd_cli.data.streaming import StreamingData
+from lbsgd_cli.data.transforms import RandomResizedCropDecode
 from lbsgd_cli.errors import UserError
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -87,7 +88,7 @@ def make_photo_tree(root: Path, train: int, val: int, seed: int = 0, sides: tupl
 
 
 class FormerStreamingImages(torch.utils.data.Dataset):
-    """lbsgd_cli.data.StreamingImages before issue 13."""
+    """lbsgd_cli.data.streaming.StreamingImages before issue 13."""
 
     def __init__(self, images, transform) -> None:
         self.images, self.transform = images, transform
@@ -139,7 +140,7 @@ def epoch_keys(data: StreamingData, kn: int, seed: int, epoch: int) -> list[list
     """TrainLoader's batches of (index, sample seed) for one process: the same samples on both sides."""
     perm = epoch_permutation(data.train_size, seed, epoch)
     iters = data.train_size // kn
-    return [[(int(perm[it * kn + p]), _mix(seed, epoch, it * kn + p)) for p in range(kn)] for it in range(iters)]
+    return [[(int(perm[it * kn + p]), mix_seed(seed, epoch, it * kn + p)) for p in range(kn)] for it in range(iters)]
 
 
 def rate(batches) -> float:
@@ -178,7 +179,9 @@ class Side:
                 self.batches = epoch_keys(self.data, self.kn, 0, self.epoch)
             return rate(self.loader)
         if self.split == "train":
-            return rate(self.loader.host_batches(self.epoch) if self.uint8 else self.loader.epoch(self.epoch))
+            if self.uint8:
+                return rate(self.data.host_batches(self.loader.plans(self.epoch)))
+            return rate(self.loader.epoch(self.epoch))
         if self.uint8:
             return rate(self.data.val_loader(0, self.data.val_size, self.kn, False))
         return rate(val_batches(self.data, 0, 1, self.kn, torch.device("cpu")))

@@ -1,21 +1,23 @@
 """What every data set is: the :class:`DataSource` protocol, ImageFolder trees and their stratified subsets,
 one image file decoded, and the per-channel normalisation (§5.1).
 
-:mod:`lbsgd_cli.data` (in memory, Remark 4's loader) and :mod:`lbsgd_cli.streaming` (ImageNet-sized
-files) both build on this module; it imports neither.
+The sources (:mod:`lbsgd_cli.data.in_memory`, :mod:`lbsgd_cli.data.streaming`) build on this module; it
+imports neither.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from ..errors import UserError
 from .bad_data import WAY_OUT, BadData, bad_file_error, reason
-from .errors import UserError
+from .sampling import BatchPlan
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -164,7 +166,8 @@ def decode_file(path: str) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def _image_size(path: str) -> tuple[int, int]:
+def image_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of an image file (its header only); a file that does not open is its one-line error."""
     from PIL import Image
 
     try:
@@ -184,14 +187,17 @@ def mean_std(data: DataSource, device: torch.device | str = "cpu") -> tuple[torc
 
 
 class DataSource(Protocol):
-    """What training, evaluation and quantization need of a data set (:class:`~lbsgd_cli.data.InMemoryData`,
-    :class:`~lbsgd_cli.streaming.StreamingData`)."""
+    """What training, evaluation and quantization need of a data set
+    (:class:`~lbsgd_cli.data.in_memory.InMemoryData`, :class:`~lbsgd_cli.data.streaming.StreamingData`).
+
+    Each source makes its own batches: from Remark 4's plans (:mod:`lbsgd_cli.data.sampling`) for training,
+    from a range of the val set for evaluation, normalised on the device either way."""
 
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     in_memory: bool  # True: uint8 tensors augmented as batches on the device; False: files decoded by workers
-    bad: BadData  # data.skip_bad: the bad files left out or met so far (lbsgd_cli/bad_data.py)
+    bad: BadData  # data.skip_bad: the bad files left out or met so far (lbsgd_cli/data/bad_data.py)
 
     @property
     def num_classes(self) -> int: ...
@@ -215,6 +221,16 @@ class DataSource(Protocol):
 
     def train_images(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Training images ``indices`` with the val preprocessing (no augmentation), normalised."""
+        ...
+
+    def train_batches(self, plans: list[BatchPlan], device: torch.device
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One normalised, augmented ``(x, y)`` batch on ``device`` per plan, in order (§5.1's augmentation)."""
+        ...
+
+    def val_batches(self, lo: int, hi: int, batch_size: int, device: torch.device
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Val images ``[lo, hi)`` in batches of ``batch_size``, preprocessed and normalised on ``device``."""
         ...
 
 

@@ -1,6 +1,6 @@
 """JPEG decoding for the streaming loader's workers: libjpeg-turbo through ``simplejpeg``, PIL where it cannot.
 
-The §5.1 augmentation (:mod:`lbsgd_cli.streaming`) draws its crop box first and then asks for the pixels. A
+The §5.1 augmentation (:mod:`lbsgd_cli.data.transforms`) draws its crop box first and then asks for the pixels. A
 full decode of an ImageNet-sized JPEG is most of a sample's cost, and PIL's route to a tensor pays for more
 than the decode: a 4-byte-per-pixel image (``RGBX``) converted to RGB, then copied into an array, then the
 crop copied again. ``simplejpeg`` calls libjpeg-turbo's TurboJPEG API and writes the RGB pixels straight into
@@ -29,7 +29,7 @@ except ImportError:  # a platform without its wheel: PIL decodes everything
     simplejpeg = None
 
 log = logging.getLogger(__name__)
-_warned = False
+warned_missing = False  # whether this process has said that simplejpeg is missing (once per process)
 
 # PIL modes of the JPEGs libjpeg-turbo turns into PIL's RGB: YCbCr/RGB and grayscale
 TURBO_MODES = ("RGB", "L")
@@ -37,9 +37,9 @@ TURBO_MODES = ("RGB", "L")
 
 def turbo_available() -> bool:
     """Whether libjpeg-turbo decoding (``simplejpeg``) is installed; says once per process if it is not."""
-    global _warned
-    if simplejpeg is None and not _warned:
-        _warned = True
+    global warned_missing
+    if simplejpeg is None and not warned_missing:
+        warned_missing = True
         log.warning("simplejpeg is not installed: PIL decodes the streaming loader's JPEGs (slower per core); "
                     "pip install simplejpeg")
     return simplejpeg is not None

@@ -1,31 +1,23 @@
-"""Streaming: the paper's augmentation decoded by workers (reduced-size JPEGs), torchvision's draws, the
-former float pipeline's samples, persistent loaders, worker counts, device prefetch and data.decode=gpu."""
+"""The streaming source: files decoded by persistent workers into the former float pipeline's samples, worker
+counts, device prefetch (CUDA stubbed) and data.decode=gpu's helper thread; a sample depends on its seed,
+epoch and position only."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from lbsgd_cli.config import DataConfig
-from lbsgd_cli.data import TrainLoader, _mix, epoch_permutation, load_data, val_batches
+from lbsgd_cli.data import TrainLoader, load_data, val_batches
+from lbsgd_cli.data.sampling import mix_seed
+from lbsgd_cli.data.source import IMAGENET_MEAN, IMAGENET_STD, normalise
+from lbsgd_cli.data.streaming import StreamingData, resolve_num_workers
+from lbsgd_cli.data.transforms import RandomResizedCropDecode, RawCrop, ResizeCenterCropDecode, collate_raw
 from lbsgd_cli.errors import UserError
-from lbsgd_cli.source import IMAGENET_MEAN, IMAGENET_STD, normalise
-from lbsgd_cli.streaming import (
-    RandomResizedCropDecode,
-    ResizeCenterCropDecode,
-    StreamingData,
-    resolve_num_workers,
-)
 from lbsgd_cli.validation import check_num_workers
 
-from .conftest import make_image_tree
-
-
-def dcfg(**kw):
-    return OmegaConf.structured(DataConfig(**{"name": "imagefolder", **kw}))
+from ..conftest import make_image_tree
+from .conftest import dcfg, smooth_image
 
 
 def test_large_imagefolder_streams_with_paper_augmentation(tmp_path):
@@ -73,21 +65,6 @@ def _mean_std():
     return torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("height,width", [(375, 500), (500, 353), (80, 80), (40, 400), (400, 40), (224, 224)])
-def test_crop_boxes_and_flips_are_torchvisions_draw_for_draw(height, width):
-    from torchvision.transforms import v2
-
-    ours, theirs = RandomResizedCropDecode(224), v2.RandomResizedCrop(224, antialias=True)
-    probe = torch.zeros(3, height, width, dtype=torch.uint8)
-    for seed in range(300):
-        torch.manual_seed(_mix(7, seed))
-        p = theirs.make_params([probe])
-        flip_then = torch.rand(1).item() < 0.5  # v2.RandomHorizontalFlip's draw comes after the crop's
-        g = torch.Generator().manual_seed(_mix(7, seed))
-        assert ours.box(height, width, g) == (p["top"], p["left"], p["height"], p["width"])
-        assert (torch.rand(1, generator=g).item() < 0.5) == flip_then
-
-
 def test_training_and_val_samples_equal_the_former_float_pipeline(tmp_path):
     """uint8 from the workers, normalised per batch on the device == the former per-image float32 path."""
     root = make_image_tree(tmp_path / "d", size=80, per_class=4, val_per_class=2)
@@ -96,10 +73,10 @@ def test_training_and_val_samples_equal_the_former_float_pipeline(tmp_path):
     former = _former_train_transform(64)
     mean, std = _mean_std()
     for epoch in (0, 1):
-        perm = epoch_permutation(data.train_size, 5, epoch)
+        plans = loader.plans(epoch)
         for it, (x, _) in enumerate(loader.epoch(epoch)):
-            idx = loader.batch_indices(epoch, it, perm).tolist()
-            ref = torch.stack([_former(data.train.paths[i], former, _mix(5, epoch, it * 4 + p))
+            idx = plans[it].indices.tolist()
+            ref = torch.stack([_former(data.train.paths[i], former, mix_seed(5, epoch, it * 4 + p))
                                for p, i in enumerate(idx)])
             assert x.dtype == torch.float32
             torch.testing.assert_close(x, ref, rtol=0, atol=1e-5)
@@ -110,7 +87,7 @@ def test_training_and_val_samples_equal_the_former_float_pipeline(tmp_path):
     from PIL import Image
 
     big = tmp_path / "big.jpg"
-    Image.fromarray(_smooth_image(375, 500).numpy()).save(big, quality=90)
+    Image.fromarray(smooth_image(375, 500).numpy()).save(big, quality=90)
     train_former = _former_train_transform(224)
     for seed in range(20):
         with Image.open(big) as im:
@@ -121,58 +98,6 @@ def test_training_and_val_samples_equal_the_former_float_pipeline(tmp_path):
         ours = ResizeCenterCropDecode(256, 224, draft=False)(im)
     torch.testing.assert_close(normalise(ours[None], mean, std)[0], _former(big, _former_val_transform(256, 224)),
                                rtol=0, atol=1e-5)
-
-
-def _smooth_image(height, width):
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
-    img = torch.stack([xx, yy, (torch.sin(6 * xx) * torch.cos(5 * yy) + 1) / 2], dim=-1)
-    return (img * 255).round().to(torch.uint8)
-
-
-def test_reduced_jpeg_decoding_only_where_the_crop_stays_at_least_the_output_size(tmp_path):
-    from PIL import Image
-
-    path = tmp_path / "big.jpg"
-    Image.fromarray(_smooth_image(900, 1200).numpy()).save(path, quality=92)
-    used = {1: 0, 2: 0, 4: 0, 8: 0}
-    for size in (224, 64):
-        crop = RandomResizedCropDecode(size)
-        for seed in range(60):
-            g = torch.Generator().manual_seed(seed)
-            with Image.open(path) as im:
-                top, left, h, w = box = crop.box(900, 1200, g)
-                s = crop.draft_scale(im, box)
-                used[s] += 1
-                assert min(w, h) / s >= size  # the box decoded at 1/s is still at least the output size
-                assert s == 8 or min(w, h) / (2 * s) < size  # and it is the largest such scale
-                x = crop(im, torch.Generator().manual_seed(seed))
-                decoded = im.size
-            assert decoded == ((1200 + s - 1) // s, (900 + s - 1) // s)  # PIL's draft decoded at 1/s
-            with Image.open(path) as im:
-                full = RandomResizedCropDecode(size, draft=False)(im, torch.Generator().manual_seed(seed))
-            assert x.shape == full.shape == (3, size, size) and x.dtype == torch.uint8
-            # the same region of the photo: reduced decoding differs by resampling error only
-            assert (x.float() - full.float()).abs().mean() < 4, seed
-    assert all(used.values()), used  # every scale occurs
-    # a PNG is never reduced
-    png = tmp_path / "big.png"
-    Image.fromarray(_smooth_image(1200, 1600).numpy()).save(png)
-    with Image.open(png) as im:
-        assert crop.draft_scale(im, (0, 0, 1200, 1600)) == 1
-
-
-def test_val_decoding_is_reduced_only_while_the_shorter_side_stays_at_least_val_resize(tmp_path):
-    from PIL import Image
-
-    path = tmp_path / "big.jpg"
-    Image.fromarray(_smooth_image(600, 900).numpy()).save(path, quality=92)
-    for resize, scale in ((256, 2), (150, 4), (300, 2), (301, 1)):
-        with Image.open(path) as im:
-            x = ResizeCenterCropDecode(resize, 128)(im)
-            assert im.size[1] == 600 // scale
-        with Image.open(path) as im:
-            full = ResizeCenterCropDecode(resize, 128, draft=False)(im)
-        assert x.shape == (3, 128, 128) and (x.float() - full.float()).abs().mean() < 3
 
 
 def test_the_val_loader_is_built_once_per_run(tmp_path):
@@ -227,7 +152,7 @@ def test_device_batches_prefetch_on_a_side_stream_with_cuda_stubbed(monkeypatch)
     over; the training stream waits for the side stream and records each batch it takes."""
     import contextlib
 
-    import lbsgd_cli.streaming as S
+    import lbsgd_cli.data.streaming as S
 
     events = []
 
@@ -247,7 +172,7 @@ def test_device_batches_prefetch_on_a_side_stream_with_cuda_stubbed(monkeypatch)
         yield
         current.pop()
 
-    monkeypatch.setattr(S, "_side_stream_prefetch", lambda device: True)
+    monkeypatch.setattr(S, "side_stream_prefetch", lambda device: True)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
     monkeypatch.setattr(torch.cuda, "stream", on)
@@ -283,7 +208,7 @@ def test_decode_gpu_runs_on_a_helper_thread_and_stream_in_order_with_cuda_stubbe
 
     from PIL import Image
 
-    import lbsgd_cli.streaming as S
+    import lbsgd_cli.data.streaming as S
 
     events, local = [], threading.local()
 
@@ -305,7 +230,7 @@ def test_decode_gpu_runs_on_a_helper_thread_and_stream_in_order_with_cuda_stubbe
         yield
         local.stack.pop()
 
-    monkeypatch.setattr(S, "_side_stream_prefetch", lambda device: True)
+    monkeypatch.setattr(S, "side_stream_prefetch", lambda device: True)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "current_stream", current)
     monkeypatch.setattr(torch.cuda, "stream", on)
@@ -326,10 +251,10 @@ def test_decode_gpu_runs_on_a_helper_thread_and_stream_in_order_with_cuda_stubbe
     raws = []
     for i, (h, w) in enumerate(((60, 80), (80, 60), (60, 80))):
         path = tmp_path / f"{i}.jpg"
-        Image.fromarray(_smooth_image(h, w).numpy()).save(path, quality=90)
+        Image.fromarray(smooth_image(h, w).numpy()).save(path, quality=90)
         with Image.open(path) as im:
-            raws.append(S.RawCrop(train=RandomResizedCropDecode(32))(im, torch.Generator().manual_seed(i)))
-    batches = [S.collate_raw([(raws[i], i), (raws[(i + 1) % 3], i)]) for i in range(3)]
+            raws.append(RawCrop(train=RandomResizedCropDecode(32))(im, torch.Generator().manual_seed(i)))
+    batches = [collate_raw([(raws[i], i), (raws[(i + 1) % 3], i)]) for i in range(3)]
     mean, std = _mean_std()
     got = []
     for x, y in S.device_batches(iter(batches), torch.device("cpu"), mean, std, decode_size=32):
@@ -349,67 +274,10 @@ def test_decode_gpu_runs_on_a_helper_thread_and_stream_in_order_with_cuda_stubbe
     scale, shift = 1.0 / (255.0 * std), mean / std
     for x, (raw, _) in zip(got, batches):
         assert torch.equal(x, real(raw, 32, torch.device("cpu")).mul_(scale).sub_(shift))
-    bad = S.collate_raw([((torch.frombuffer(bytearray(b"\xff\xd8 not a jpeg"), dtype=torch.uint8),
+    bad = collate_raw([((torch.frombuffer(bytearray(b"\xff\xd8 not a jpeg"), dtype=torch.uint8),
                            torch.tensor([0.0, 0.0, 8.0, 8.0]), False), 0)])
     with pytest.raises(UserError, match="data.decode=gpu: cannot decode a JPEG of this batch"):
         list(S.device_batches(iter([batches[0], bad, batches[1]]), torch.device("cpu"), mean, std, decode_size=32))
-
-
-def test_decode_on_device_crops_by_shape_groups_as_image_by_image():
-    """One roi_align per group of same-shaped images (at most CROP_GROUP): each crop equals its own call."""
-    from torchvision.ops import roi_align
-
-    import lbsgd_cli.streaming as S
-
-    g = torch.Generator().manual_seed(0)
-    shapes = [(3, 40, 50), (3, 50, 40), (3, 40, 50), (3, 40, 50), (3, 30, 30)] * 8  # 24 of one shape: 2 groups
-    images = [torch.randint(0, 256, s, dtype=torch.uint8, generator=g) for s in shapes]
-    boxes = torch.tensor([[2.0, 3.0, 2.0 + 20 + i % 9, 3.0 + 25 - i % 7] for i in range(len(images))])
-    flips = torch.tensor([i % 3 == 0 for i in range(len(images))])
-    out = S.decode_on_device((images, boxes, flips), 16, torch.device("cpu"))
-    for i, (img, b) in enumerate(zip(images, boxes.tolist())):
-        ratio = max(1, math.ceil(max(b[2] - b[0], b[3] - b[1]) / 16))
-        one = roi_align(img[None].float(), torch.tensor([[0.0, *b]]), (16, 16), 1.0, ratio, aligned=True)[0]
-        assert torch.equal(out[i], one.flip(2) if flips[i] else one)
-
-
-def test_decode_on_the_device_matches_the_worker_decode_with_the_cpu_as_device(tmp_path):
-    """data.decode=gpu tested with the CPU as the device: the same boxes and flips, other resampling."""
-    from lbsgd_cli.streaming import RawCrop
-
-    root = make_image_tree(tmp_path / "d", size=80, per_class=4, val_per_class=2)
-    common = dict(root=str(root), crop_size=64, val_resize=72, num_workers=0)
-    cpu, gpu = load_data(dcfg(**common)), load_data(dcfg(decode="gpu", **common))
-    a = list(TrainLoader(cpu, 2, 2, 0, 1, seed=1).epoch(0))
-    b = list(TrainLoader(gpu, 2, 2, 0, 1, seed=1).epoch(0))
-    assert len(a) == len(b) == 3
-    for (xa, ya), (xb, yb) in zip(a, b):
-        assert xb.shape == xa.shape and xb.dtype == torch.float32 and torch.equal(ya, yb)
-        assert (xa - xb).abs().mean() < 0.1  # ~5/255 after normalisation: resampling differences only
-    va = torch.cat([x for x, _ in val_batches(cpu, 0, 1, 4, torch.device("cpu"))])
-    vb = torch.cat([x for x, _ in val_batches(gpu, 0, 1, 4, torch.device("cpu"))])
-    assert va.shape == vb.shape and (va - vb).abs().mean() < 0.1
-    # on a smooth photo-like JPEG the two decodes agree closely (a box off by 8 px differs by ~6 of 255)
-    from PIL import Image
-
-    from lbsgd_cli.streaming import collate_raw, decode_on_device
-
-    path = tmp_path / "smooth.jpg"
-    Image.fromarray(_smooth_image(375, 500).numpy()).save(path, quality=92)
-    full = RandomResizedCropDecode(224, draft=False)
-    for seed in range(10):
-        with Image.open(path) as im:
-            ref = full(im, torch.Generator().manual_seed(seed)).float()
-        with Image.open(path) as im:
-            raw = RawCrop(train=full)(im, torch.Generator().manual_seed(seed))
-        got = decode_on_device(collate_raw([(raw, 0)])[0], 224, torch.device("cpu"))[0]
-        assert (ref - got).abs().mean() < 1.0
-    crop = RandomResizedCropDecode(64)
-    for seed in range(50):
-        box, flip = RawCrop(train=crop).box(80, 60, torch.Generator().manual_seed(seed))
-        g = torch.Generator().manual_seed(seed)
-        top, left, h, w = crop.box(60, 80, g)
-        assert box == (left, top, left + w, top + h) and flip == (torch.rand(1, generator=g).item() < 0.5)
 
 
 def test_a_samples_crop_and_flip_depend_on_seed_epoch_and_position_only(tmp_path):
@@ -420,11 +288,24 @@ def test_a_samples_crop_and_flip_depend_on_seed_epoch_and_position_only(tmp_path
     for workers in (0, 2):
         data = load_data(dcfg(root=str(root), crop_size=48, val_resize=56, num_workers=workers))
         one = TrainLoader(data, 2, 2, 0, 1, seed=3, device=torch.device("cpu"))
-        batches = [x for epoch in (0, 1) for x, _ in one.host_batches(epoch)]
+        batches = [x for epoch in (0, 1) for x, _ in data.host_batches(one.plans(epoch))]
         if ref is None:
             ref = batches
         assert all(torch.equal(a, b) for a, b in zip(batches, ref)) and len(batches) == len(ref) == 6
         for rank in (0, 1):
             share = TrainLoader(data, 2, 2, rank, 2, seed=3, device=torch.device("cpu"))
-            mine = [x for epoch in (0, 1) for x, _ in share.host_batches(epoch)]
-            assert all(torch.equal(a, b[share.part]) for a, b in zip(mine, ref))
+            mine = [x for epoch in (0, 1) for x, _ in data.host_batches(share.plans(epoch))]
+            assert all(torch.equal(a, b[share.plans(0)[0].part]) for a, b in zip(mine, ref))
+
+
+def test_device_batches_without_cuda_copy_and_normalise_each_uint8_batch_in_order():
+    """Without a CUDA side stream each uint8 batch is copied to the device and normalised there, in order."""
+    import lbsgd_cli.data.streaming as S
+
+    batches = [(torch.full((2, 3, 4, 4), 40 * i, dtype=torch.uint8), torch.tensor([i, i])) for i in range(3)]
+    mean, std = _mean_std()
+    got = list(S.device_batches(iter(batches), torch.device("cpu"), mean, std))
+    assert len(got) == 3
+    for (x, y), (xu, yu) in zip(got, batches):
+        assert x.dtype == torch.float32 and torch.equal(y, yu)
+        torch.testing.assert_close(x, normalise(xu, mean, std), rtol=0, atol=1e-5)

@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lbsgd_cli import decode
-from lbsgd_cli.streaming import RandomResizedCropDecode, RawCrop, ResizeCenterCropDecode
+from lbsgd_cli.data import decode
+from lbsgd_cli.data.transforms import RandomResizedCropDecode, RawCrop, ResizeCenterCropDecode
 
-pytestmark = pytest.mark.skipif(decode.simplejpeg is None, reason="simplejpeg is not installed")
+# only the tests of libjpeg-turbo's own decoding need simplejpeg; the fallbacks are tested without it too
+needs_turbo = pytest.mark.skipif(decode.simplejpeg is None, reason="simplejpeg is not installed")
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -48,6 +49,7 @@ def _odd_files(tmp_path) -> dict[str, object]:
 TURBO = {"baseline", "baseline_444", "progressive", "grayscale", "extraneous"}
 
 
+@needs_turbo
 def test_turbo_takes_rgb_and_gray_jpegs_only_and_gives_pils_pixels(tmp_path):
     for name, path in _odd_files(tmp_path).items():
         with Image.open(path) as im:
@@ -65,6 +67,7 @@ def test_turbo_takes_rgb_and_gray_jpegs_only_and_gives_pils_pixels(tmp_path):
             assert np.array_equal(got.permute(1, 2, 0).numpy(), pil[30:190, 17:217]), name
 
 
+@needs_turbo
 @pytest.mark.parametrize("draft", [True, False])
 def test_every_file_decodes_to_the_same_samples_with_and_without_turbo(tmp_path, draft):
     """The training crops and the val crop equal PIL's path exactly on every kind of file, CMYK and PNG
@@ -130,7 +133,7 @@ def test_without_simplejpeg_pil_decodes_and_one_line_says_so(tmp_path, monkeypat
     with Image.open(path) as im:
         want = RandomResizedCropDecode(64)(im, torch.Generator().manual_seed(3))
     monkeypatch.setattr(decode, "simplejpeg", None)
-    monkeypatch.setattr(decode, "_warned", False)
+    monkeypatch.setattr(decode, "warned_missing", False)
     with Image.open(path) as im:
         assert decode.decode_rgb(im) is None
         got = RandomResizedCropDecode(64)(im, torch.Generator().manual_seed(3))
@@ -147,3 +150,21 @@ def test_a_bad_file_is_left_to_pil_which_names_the_error(tmp_path):
         assert decode.decode_rgb(im) is None
         with pytest.raises(OSError):
             RandomResizedCropDecode(64)(im, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.slow
+def test_without_simplejpeg_only_the_tests_that_need_it_skip():
+    """This file run where simplejpeg cannot be imported: the turbo tests skip, the fallbacks run and pass."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    me = Path(__file__)
+    code = ("import sys; sys.modules['simplejpeg'] = None; import pytest; "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-o', 'addopts=', {str(me)!r}, "
+            "'-k', 'not only_the_tests_that_need_it_skip']))")  # not this test again
+    proc = subprocess.run([sys.executable, "-c", code], cwd=me.parents[2], capture_output=True, text=True,
+                          timeout=600)
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "3 skipped" in summary and "5 passed" in summary, summary

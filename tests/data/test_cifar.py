@@ -15,13 +15,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lbsgd_cli import cifar
 from lbsgd_cli.checkpoint import read_checkpoint
 from lbsgd_cli.config import DataConfig
-from lbsgd_cli.data import load_data
+from lbsgd_cli.data import cifar, load_data
 from lbsgd_cli.errors import UserError
 
-from .conftest import lbsgd
+from ..conftest import lbsgd
 
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]
 

@@ -1,7 +1,7 @@
 """Broken files in an image tree: one line naming the file by default, ``data.skip_bad=true`` to skip and count.
 
 What a real data set legitimately holds (CMYK JPEGs, PNG data in ``.JPEG`` files, grayscale, 16-bit PNGs;
-ImageNet's train set has the first two) is decoded (:func:`lbsgd_cli.source.rgb_image`), never counted
+ImageNet's train set has the first two) is decoded (:func:`lbsgd_cli.data.source.rgb_image`), never counted
 here. A *bad* file is one that cannot be decoded: empty, truncated, not an image, over PIL's
 decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), unreadable, or not a regular file.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
 WAY_OUT = "remove or replace it, or set data.skip_bad=true to skip and count bad files"
 # a worker meeting this many bad files in a row for one sample stops the run (the tree is mostly broken)
@@ -75,7 +75,7 @@ class BadData:
         collective with several processes: every rank calls it)."""
         met = 0
         if self.marks:
-            from . import distributed as D
+            from .. import distributed as D
 
             marks = torch.cat([m for _, m in sorted(self.marks.items())]).to(device)
             if D.initialized():

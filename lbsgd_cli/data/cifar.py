@@ -5,7 +5,7 @@ torchvision's layout is the archive of the data set's authors unpacked: ``cifar-
 (``train``, ``test``, ``meta``). Each file is a pickled dict: ``data`` is a uint8 array of N x 3072
 (1024 red, 1024 green, 1024 blue values of a 32x32 image, row by row, so a reshape gives CHW),
 ``labels`` (CIFAR-10) or ``fine_labels`` / ``coarse_labels`` (CIFAR-100) a list of N ints; the meta
-file names the classes. The images go straight into the in-memory path of :mod:`lbsgd_cli.data`
+file names the classes. The images go straight into the in-memory source (:mod:`lbsgd_cli.data.in_memory`)
 (decoded once, augmented on the device: pad-and-crop and flip, §5.1); no JPEG round trip changes a pixel.
 
 Reading a file never runs its code. torchvision's own CIFAR classes call ``pickle.load``, which runs
@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
+from .in_memory import InMemoryData, TensorSplit, channel_stats
 
 SIDE = 32
 PIXELS = 3 * SIDE * SIDE  # one row of ``data``: R, G, B planes of 32x32
@@ -323,3 +324,12 @@ def read_cifar(dcfg: Any, expected_md5: dict[str, str] | None = None
     train = _read_split(folder, train_names, label_key, len(classes))
     val = _read_split(folder, test_names, label_key, len(classes))
     return classes, train, val
+
+
+def load_cifar_data(dcfg) -> InMemoryData:
+    """torchvision's CIFAR-10 / CIFAR-100 batches, read as they are into memory."""
+    classes, (train_x, train_y), (val_x, val_y) = read_cifar(dcfg)
+    tr = TensorSplit(train_x, train_y).subset(dcfg.train_subset)
+    va = TensorSplit(val_x, val_y).subset(dcfg.val_subset)
+    mean, std = channel_stats(tr.x) if dcfg.mean is None else (tuple(dcfg.mean), tuple(dcfg.std))
+    return InMemoryData(tr, va, classes, mean, std, dcfg.pad, dcfg.flip)
