@@ -384,7 +384,7 @@ ANCHORS: list[dict[str, Any]] = [
     # Another group, another GPU, fp16 and NCCL's trees. NCCL 2.4.6 (the run's) reduces along a chain in each
     # node and a binary tree between node masters whenever its ring latency estimate exceeds the tree's (init.cc,
     # ncclTreeThreshold: 6 us x 1039 ring steps against 15 us x log2(130) + 4 us x 7), which at 130 nodes is every
-    # buffer up to ~90 MB: the model's `hierarchical`. MXNet's fp16 weights give fp16 gradients (2 bytes each);
+    # buffer up to at least 91.5 MB: the model's `hierarchical`. MXNet's fp16 weights give fp16 gradients (2 bytes each);
     # MXNET_HOROVOD_NUM_GROUPS=16 groups them into 16 allreduces overlapped with backward.
     {"name": "MLPerf v0.6 (NVIDIA), 130 DGX-1 = 1,040 V100s, kn=54,080: time per iteration",
      "world": 1040, "quantity": "iter_s", "reported": MLPERF_N130_KN / MLPERF_N130_IMAGES_PER_S,
