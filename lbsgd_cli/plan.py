@@ -45,6 +45,14 @@ GPU_TABLE: dict[str, dict[str, Any]] = {
                   "per iteration of 32 images per GPU (Caffe2, one Big Basin server; includes its intra-server "
                   "allreduce and loader)",
     },
+    "V100": {
+        "images_per_s": 1402.1,
+        "arch": "resnet50", "n": 208, "precision": "fp16",
+        "source": "MLPerf Training v0.6, NVIDIA, closed, 1xDGX-1 (8 V100-SXM2-16GB), MXNet 19.05: the median of the "
+                  "'Speed' lines of its five logs (mlcommons/training_results_v0.6, NVIDIA/results/"
+                  "dgx1_ngc19.05_mxnet/resnet/result_*.txt, epochs 1 onward), 11,216.8 images/s for 8 GPUs at 208 "
+                  "per GPU (includes the server's allreduce and DALI loader)",
+    },
 }
 
 # Interconnects as their makers or the anchors' papers state them (nominal, per direction). Latencies are not
@@ -53,6 +61,8 @@ LINKS: dict[str, dict[str, Any]] = {
     "ethernet50": {"gbit": 50.0, "source": "Goyal et al. 2017 §4.3: Mellanox ConnectX-4 50Gbit Ethernet"},
     "fdr_ib_x2": {"gbit": 112.0, "source": "Preferred Networks, 'MN-1: a GPU cluster behind 15-min ImageNet' "
                                            "(2017): two FDR InfiniBand links (56Gbps x 2) per node"},
+    "edr_ib_x4": {"gbit": 400.0, "source": "MLPerf Training v0.6, NVIDIA/systems/dgx1_n130_ngc19.05_mxnet.json: "
+                                           "4 ConnectX-4 cards per DGX-1, 'InfiniBand 100 Gb/sec (4X EDR)'"},
 }
 ASSUMED_INTER_LATENCY_US = 10.0  # assumed, not from a source: a small message across a switched network
 ASSUMED_INTRA_LATENCY_US = 5.0  # assumed, not from a source: a kernel launch plus an NVLink/PCIe hop
@@ -328,7 +338,18 @@ RESNET101_GRAD_BYTES = 44_549_160 * 4  # torchvision resnet101: 44,549,160 param
 # Forward FLOPs of one 224x224 image, torch.utils.flop_counter on torchvision's models: 15.60e9 / 8.18e9
 RESNET101_OVER_50_FLOPS = 1.908
 P100_NVLINK_GBIT = 160.0  # one NVLink 1.0 link, 20 GB/s per direction (NVIDIA's P100 whitepaper; not re-read here)
+# One NVLink 2.0 link, 25 GB/s per direction (NVIDIA's NVLink page: "increased the signaling rate from 20 to 25
+# GB/second in each direction"); DGX-1's cube-mesh is "three interwoven rings of single NVLink connections"
+V100_NVLINK_GBIT = 200.0
 IMAGENET_TRAIN = 1_281_167
+# MLPerf Training v0.6, NVIDIA closed division, 130 DGX-1 (mlcommons/training_results_v0.6, NVIDIA/results/
+# dgx1_n130_ngc19.05_mxnet/resnet/result_[0-4].txt and config_DGX1_multi.sh): 52 images per GPU, global batch
+# 54,080; the median "Speed" line of the five logs (epochs 1 onward) is 1,147,380 images/s
+MLPERF_N130_KN = 54_080
+MLPERF_N130_IMAGES_PER_S = 1_147_380.0
+MLPERF_N130 = {"images_per_s": 1402.1, "grad_bytes": 25_557_032 * 2, "n": 52, "gpus_per_node": 8,
+               "intra_gbit": V100_NVLINK_GBIT, "inter_gbit": 400.0, "algorithm": "hierarchical",
+               "bucket_mb": 25_557_032 * 2 / 16 / 2**20, "first_bucket_mb": 0.0, "overlap": True, "epochs": 86}
 
 # Fitted constants: none. Every input below is a published figure or a stated assumption (the latencies).
 ANCHORS: list[dict[str, Any]] = [
@@ -360,6 +381,21 @@ ANCHORS: list[dict[str, Any]] = [
      "cluster": {"images_per_s": 136.0, "grad_bytes": RESNET50_GRAD_BYTES, "n": 32, "gpus_per_node": 8,
                  "intra_gbit": P100_NVLINK_GBIT, "inter_gbit": 112.0, "algorithm": "ring", "bucket_mb": 0.0,
                  "overlap": False}},
+    # Another group, another GPU, fp16 and NCCL's trees. NCCL 2.4.6 (the run's) reduces along a chain in each
+    # node and a binary tree between node masters whenever its ring latency estimate exceeds the tree's (init.cc,
+    # ncclTreeThreshold: 6 us x 1039 ring steps against 15 us x log2(130) + 4 us x 7), which at 130 nodes is every
+    # buffer up to at least 91.5 MB: the model's `hierarchical`. MXNet's fp16 weights give fp16 gradients (2 bytes each);
+    # MXNET_HOROVOD_NUM_GROUPS=16 groups them into 16 allreduces overlapped with backward.
+    {"name": "MLPerf v0.6 (NVIDIA), 130 DGX-1 = 1,040 V100s, kn=54,080: time per iteration",
+     "world": 1040, "quantity": "iter_s", "reported": MLPERF_N130_KN / MLPERF_N130_IMAGES_PER_S,
+     "source": "mlcommons/training_results_v0.6, NVIDIA/results/dgx1_n130_ngc19.05_mxnet/resnet: median 'Speed' "
+               "1,147,380 images/s at a global batch of 54,080: 47.1 ms",
+     "cluster": MLPERF_N130},
+    {"name": "MLPerf v0.6 (NVIDIA), 130 DGX-1 = 1,040 V100s, kn=54,080: time to train (86 epochs to 75.9%)",
+     "world": 1040, "quantity": "time_to_train_s", "reported": 101.45,
+     "source": "the same five logs, run_stop - run_start: 101.56, 101.44, 101.44, 97.09, 101.46 s; MLPerf's score "
+               "(mean of the middle three) 101.45 s = 1.69 min; 86 epochs in four runs of five",
+     "cluster": MLPERF_N130},
 ]
 
 

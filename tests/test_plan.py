@@ -1,5 +1,5 @@
 """``lbsgd plan`` (issue 35): each allreduce algorithm's cost on cases computed by hand, the overlap, the loader,
-the bottleneck, the noise-scale edge, one published run within the stated tolerance, the command and
+the bottleneck, the noise-scale edge, published runs within the stated tolerance, the command and
 ``scripts/check_plan_local.py``. In-process and fast: nothing trains."""
 
 from __future__ import annotations
@@ -128,6 +128,28 @@ def test_goyal_256_p100s_train_in_about_an_hour_within_25_percent():
     checked = {a["name"]: P.check_anchor(a) for a in P.ANCHORS}  # the module's own table agrees
     assert all(abs(c["rel_error"]) <= 0.25 for c in checked.values()), checked
     assert P.GPU_TABLE["P100"]["images_per_s"] == pytest.approx(p100, rel=0.01)
+
+
+def test_mlperf_v06_1040_v100s_iteration_and_time_to_train_within_25_percent():
+    """MLPerf Training v0.6, NVIDIA closed division, 130 DGX-1 (1,040 V100s, 8 per node, NVLink 2.0; four EDR
+    InfiniBand cards per node, 4 x 100 Gbit/s), MXNet + Horovod + NCCL 2.4.6 (a chain in each node, a binary tree
+    between nodes: `hierarchical`), fp16 gradients in 16 groups overlapped with backward, 52 images per GPU
+    (kn = 54,080). The V100's rate is the same round's single DGX-1 logs (11,216.8 images/s for 8 GPUs at 208 per
+    GPU). Published: 1,147,380 images/s (47.1 ms per iteration) and 101.45 s to train (86 epochs). Nothing fitted:
+    the model lands 20% and 24% short (see results/plan.md for why)."""
+    grad = 25_557_032 * 2
+    cluster = P.Cluster(images_per_s=11_216.8 / 8, grad_bytes=grad, n=52, gpus_per_node=8, intra_gbit=200.0,
+                        intra_latency_us=5.0, inter_gbit=4 * 100.0, inter_latency_us=10.0, algorithm="hierarchical",
+                        bucket_mb=grad / 16 / 2**20, first_bucket_mb=0.0, overlap=True, epochs=86,
+                        dataset_size=1_281_167)
+    row = P.plan_rows(cluster, [1040])[0]
+    iter_reported, ttt_reported = 54_080 / 1_147_380, 101.45
+    assert abs(row["iter_s"] / iter_reported - 1) <= 0.25, row["iter_s"]
+    assert abs(row["time_to_train_s"] / ttt_reported - 1) <= 0.25, row["time_to_train_s"]
+    assert row["iter_s"] < iter_reported  # the miss is one-sided: the model is optimistic here (results/plan.md)
+    mlperf = [P.check_anchor(a) for a in P.ANCHORS if a["name"].startswith("MLPerf v0.6")]
+    assert [c["predicted"] for c in mlperf] == pytest.approx([row["iter_s"], row["time_to_train_s"]])
+    assert P.GPU_TABLE["V100"]["images_per_s"] == pytest.approx(11_216.8 / 8, rel=1e-3)
 
 
 # --------------------------------------------------------------------------- the command
