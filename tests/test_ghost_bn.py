@@ -174,13 +174,11 @@ def _new_and_reference(c, n, dtype=torch.float64, kernel="native", **kw):
 
 
 _FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-MAX_DIFF: dict[str, float] = {}  # largest float64 difference seen per quantity (printed by -s runs)
 
 
 def _close(name, a, b, tol=1e-12):
     """Equal within float64 roundoff: ``tol`` relative to the quantity's scale."""
     diff = float((a - b).detach().abs().max()) if a.numel() else 0.0
-    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
     assert diff <= tol * max(1.0, float(b.detach().abs().max())), f"{name}: {diff}"
 
 
@@ -410,9 +408,3 @@ def test_fused_compile_failure_is_one_user_error(monkeypatch):
 def test_unknown_kernel_is_an_error():
     with pytest.raises(ValueError, match="native or fused"):
         GhostBatchNorm2d(4, 2, "cudnn")
-
-
-def test_print_max_float64_differences():
-    """Run last (-s shows it): the largest differences measured above."""
-    print("\nmax abs difference, copy-free (native and fused) vs former ghost BN (float64):",
-          ", ".join(f"{k} {v:.1e}" for k, v in sorted(MAX_DIFF.items())))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,19 @@ def test_exp_beyond_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) 
     noise = [d for r, d in zip(runs, dirs) if "experiment=cifar_baseline" in r]
     assert len(noise) == 1 and noise[0].endswith("/noise/kn128-noise-s0") and "/beyond/" not in noise[0]
     assert all("log.noise_scale=true" in r for r in runs if any(a.startswith("schedule.warmup_epochs=") for a in r))
+
+
+def test_every_variable_exp_env_sets_is_read_by_exp_env_or_a_script_that_sources_it() -> None:
+    scripts = ROOT / "scripts"
+    env_text = (scripts / "exp_env.sh").read_text()
+    code = [line.split("#", 1)[0] for line in env_text.splitlines()]
+    assigned = {m.group(1) for line in code for m in re.finditer(r"(?:^|[;(]|\s)([A-Z][A-Z0-9_]*)=", line)}
+    readers = [env_text] + [p.read_text() for p in scripts.glob("*.sh")
+                            if re.search(r"^\s*(source|\.)\s.*exp_env\.sh", p.read_text(), re.M)]
+    assert assigned >= {"DATA", "RUNS", "SCALE", "LBSGD"} and len(readers) >= 2
+    unread = sorted(name for name in assigned if not any(
+        re.search(rf"\$\{{?{name}\b", re.sub(rf"\b{name}=\$\{{{name}\b", "", text)) for text in readers))
+    assert unread == [], f"scripts/exp_env.sh sets {unread}, which nothing reads"
 
 
 def _bench_gpu():
