@@ -1,8 +1,8 @@
 """The ``lbsgd`` command: ``lbsgd <command> [hydra overrides]``.
 
-Each command is a Hydra app whose primary config is ``conf/<command>.yaml``, so
-``-m/--multirun``, ``--cfg job``, ``--help`` and every override work as Hydra users
-expect. Before Hydra starts, overrides are checked against the composed config so
+The commands are the table :data:`COMMANDS`. Each but ``plot`` is a Hydra app whose primary config is
+``conf/<command>.yaml``, so ``-m/--multirun``, ``--cfg job``, ``--help`` and every override work as Hydra
+users expect. Before Hydra starts, overrides are checked against the composed config so
 that an unknown key or a bad value is one line on stderr and exit status 2.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,23 +20,6 @@ from .errors import CheckpointWriteError, Diverged, Interrupted, PeerFailure, Pr
 # Jobs of this call's sweep that diverged: a `-m` sweep goes on to the next job and exits 5 at its end.
 _DIVERGED_JOBS: list[str] = []
 
-USAGE = """usage: lbsgd <command> [overrides...] [hydra flags]
-
-commands:
-  train      train a network with the large-minibatch recipe of Goyal et al. (2017)
-  quantize   b-bit integer weights (and activations) of a trained network, measured against fp32
-  eval       top-1/top-5 error of a checkpoint (eval.bn_recompute=N, offload.mode=sequential|model)
-  plot       the paper's tables and figures from run directories: lbsgd plot RUN_OR_SWEEP_DIR... --out DIR
-
-examples:
-  lbsgd train                                    # embedded digits, CPU, about 20 s on 2 cores
-  lbsgd train batch.k=8 schedule.warmup=constant
-  lbsgd train -m batch.k=1,2,4,8                 # a sweep
-  lbsgd train experiment=imagenet_8k_gradual data.root=/datasets/imagenet
-  lbsgd train --cfg job                          # print the composed config
-  lbsgd train --help                             # config groups and keys
-  lbsgd eval checkpoint=runs/train/default/checkpoints/last.pt offload.mode=model
-"""
 
 # Hydra flags that take a value: their value is not an override.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -64,17 +48,58 @@ def _run_quantize(cfg, run_dir: Path) -> Any:
     return quantize_command(cfg, run_dir)
 
 
-COMMANDS: dict[str, Callable] = {"train": _run_train}
-COMMANDS["quantize"] = _run_quantize
-
-
 def _run_eval(cfg, run_dir: Path) -> Any:
     from .evaluate import run_eval
 
     return run_eval(cfg, run_dir)
 
 
-COMMANDS["eval"] = _run_eval
+def _run_plot(argv: list[str]) -> int:
+    from .plot import main as plot_main
+
+    return plot_main(argv)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``lbsgd`` command: a Hydra app (``task(cfg, run_dir)``, its config ``conf/<name>.yaml``, checked by
+    :data:`lbsgd_cli.config.VALIDATORS` before it runs) or, with ``main``, a plain one (``main(argv)``, the
+    exit status) that reads files rather than a config. ``help`` is its line in ``lbsgd --help``."""
+
+    help: str
+    task: Callable[[Any, Path], Any] | None = None
+    main: Callable[[list[str]], int] | None = None
+
+
+# Every command of `lbsgd`, in the order `lbsgd --help` lists them: a new command is one line here.
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a network with the large-minibatch recipe of Goyal et al. (2017)", task=_run_train),
+    "quantize": Command("b-bit integer weights (and activations) of a trained network, measured against fp32",
+                        task=_run_quantize),
+    "eval": Command("top-1/top-5 error of a checkpoint (eval.bn_recompute=N, offload.mode=sequential|model)",
+                    task=_run_eval),
+    "plot": Command("the paper's tables and figures from run directories: lbsgd plot RUN_OR_SWEEP_DIR... --out DIR",
+                    main=_run_plot),
+}
+
+
+def usage() -> str:
+    """``lbsgd --help``: the commands of :data:`COMMANDS`, then examples."""
+    width = max(map(len, COMMANDS)) + 2
+    lines = [f"  {name:<{width}} {command.help}" for name, command in COMMANDS.items()]
+    return "usage: lbsgd <command> [overrides...] [hydra flags]\n\ncommands:\n" + "\n".join(lines) + "\n" + EXAMPLES
+
+
+EXAMPLES = """
+examples:
+  lbsgd train                                    # embedded digits, CPU, about 20 s on 2 cores
+  lbsgd train batch.k=8 schedule.warmup=constant
+  lbsgd train -m batch.k=1,2,4,8                 # a sweep
+  lbsgd train experiment=imagenet_8k_gradual data.root=/datasets/imagenet
+  lbsgd train --cfg job                          # print the composed config
+  lbsgd train --help                             # config groups and keys
+  lbsgd eval checkpoint=runs/train/default/checkpoints/last.pt offload.mode=model
+"""
 
 
 def _run_name(override_dirname: str) -> str:
@@ -231,7 +256,7 @@ def _task(command: str) -> Callable:
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            result = COMMANDS[command](cfg, run_dir)
+            result = COMMANDS[command].task(cfg, run_dir)
         except UserError as exc:
             print(f"lbsgd: error: {exc}", file=sys.stderr, flush=True)
             _leave(D, UserError.exit_code)
@@ -284,22 +309,20 @@ def _leave(D, code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        print(usage(), end="")
         return 0 if argv else 2
     command, rest = argv[0], quote_paths(argv[1:])
-    if command == "train":
-        rest = slurm_sweep_args(rest)
-    if command == "plot":  # not a Hydra app: it reads run directories, not a config
-        from .plot import main as plot_main
-
+    if command not in COMMANDS:
+        print(f"lbsgd: error: unknown command {command!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    if COMMANDS[command].main is not None:  # not a Hydra app: it reads run directories, not a config
         try:
-            return plot_main(argv[1:])
+            return COMMANDS[command].main(argv[1:])
         except UserError as exc:
             print(f"lbsgd: error: {exc}", file=sys.stderr)
             return UserError.exit_code
-    if command not in COMMANDS:
-        print(f"lbsgd: error: unknown command {command!r} (commands: {', '.join([*COMMANDS, 'plot'])})", file=sys.stderr)
-        return 2
+    if command == "train":
+        rest = slurm_sweep_args(rest)
     try:
         _register()
         preflight(command, rest)

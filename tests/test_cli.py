@@ -10,6 +10,7 @@ import platform
 import pytest
 from omegaconf import OmegaConf
 
+from lbsgd_cli import cli
 from lbsgd_cli.rundir import RunLock
 
 from .conftest import SHORT, lbsgd
@@ -72,6 +73,17 @@ def test_unknown_command_and_usage():
     assert proc.stderr.strip() == "lbsgd: error: unknown command 'fly' (commands: train, quantize, eval, plot)"
     usage = lbsgd()
     assert usage.returncode == 2 and "train" in usage.stdout and "quantize" in usage.stdout
+
+
+def test_every_command_is_one_line_of_one_table_that_the_usage_lists():
+    assert list(cli.COMMANDS) == ["train", "quantize", "eval", "plot"]
+    usage = lbsgd("--help")
+    assert usage.returncode == 0
+    for name, command in cli.COMMANDS.items():
+        assert f"\n  {name} " in usage.stdout and command.help in usage.stdout
+        assert (command.task is None) != (command.main is None), f"{name}: a Hydra task or a plain main, not both"
+    plot = lbsgd("plot", "--help")  # plot, a plain command, runs through the table too
+    assert plot.returncode == 0 and "RUN_OR_SWEEP_DIR" not in plot.stderr and "--no-figures" in plot.stdout
 
 
 def test_cfg_job_and_help():
