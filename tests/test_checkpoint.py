@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -151,6 +153,17 @@ def test_read_checkpoint_refuses_globals_with_one_line(tmp_path):
     with pytest.raises(UserError, match="refused without running any of it") as info:
         checkpoint.read_checkpoint(evil)
     assert "\n" not in str(info.value) and not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_raw_pickle_checkpoint_is_refused_in_one_line_with_no_warning_before_it(tmp_path, protocol):
+    raw = tmp_path / "raw.pkl"  # pickle.dump of what a checkpoint holds, not torch.save
+    raw.write_bytes(pickle.dumps({"format": checkpoint.FORMAT, "model": {"w": [1.0]}}, protocol=protocol))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match="is not a readable checkpoint") as info:
+            checkpoint.read_checkpoint(raw)
+    assert [str(w.message) for w in caught] == [] and "\n" not in str(info.value)
 
 
 def test_a_real_full_file_system_keeps_the_previous_checkpoint(tmp_path):
