@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CheckpointWriteError, Diverged, Interrupted, PeerFailure, Preempted, UserError, first_line
+from .output_dir import FoldersBefore
 
 # Jobs of this call's sweep that diverged: a `-m` sweep goes on to the next job and exits 5 at its end.
 _DIVERGED_JOBS: list[str] = []
+# The folders on the way to this call's output that existed before Hydra ran (set by main).
+_FOLDERS_BEFORE = FoldersBefore()
 
 
 # Hydra flags that take a value: their value is not an override.
@@ -204,6 +207,28 @@ def preflight(command: str, args: list[str]) -> None:
     GlobalHydra.instance().clear()
 
 
+def output_templates(command: str, args: list[str]) -> list[str]:
+    """``hydra.run.dir`` and ``hydra.sweep.dir`` of this call as written (``runs/eval/${run_name:...}``), the
+    job name filled in: where Hydra will make the output folder (:mod:`lbsgd_cli.output_dir`)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    keys = ("hydra.run.dir=", "hydra.sweep.dir=", "hydra.job.name=")
+    overrides = [o for o in _override_args(args) if o.lstrip("+").startswith(keys)]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            hydra_cfg = compose(config_name=command, overrides=overrides, return_hydra_config=True).hydra
+            name = str(hydra_cfg.job.name)
+            raw = OmegaConf.to_container(hydra_cfg, resolve=False)
+    except Exception:  # Hydra reports a bad hydra.* override itself when it starts
+        return []
+    finally:
+        GlobalHydra.instance().clear()
+    return [str(raw[part]["dir"]).replace("${hydra.job.name}", name) for part in ("run", "sweep")]
+
+
 def slurm_sweep_args(args: list[str]) -> list[str]:
     """``lbsgd train ... hydra/launcher=slurm`` adds ``dist.requeue=true`` unless the user set ``dist.requeue``: a sweep's job
     that is preempted writes its checkpoint, requeues itself, and submitit runs it again (it resumes). Without
@@ -255,10 +280,12 @@ def _task(command: str) -> Callable:
         from . import distributed as D
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        created = _FOLDERS_BEFORE.created(run_dir)  # asked before the command writes into it
         try:
             result = COMMANDS[command].task(cfg, run_dir)
         except UserError as exc:
             print(f"lbsgd: error: {exc}", file=sys.stderr, flush=True)
+            _FOLDERS_BEFORE.remove_new(run_dir, created)  # a refusal leaves no empty run directory behind
             _leave(D, UserError.exit_code)
         except Preempted as exc:
             print(f"lbsgd: preempted: {exc}", file=sys.stderr, flush=True)
@@ -332,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import hydra
 
+    global _FOLDERS_BEFORE
+    _FOLDERS_BEFORE = FoldersBefore.note(output_templates(command, rest))
     app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_task(command))
     sys.argv = [f"lbsgd {command}", *rest]
     _DIVERGED_JOBS.clear()

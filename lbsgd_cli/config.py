@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -17,9 +18,9 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .choices import (Backend, BNKernel, CommHook, CompileMode, DataName, Decay, Decode, Device, EvalPrecision,
-                      Granularity, Labels, LRRule, MomentumForm, OffloadMode, Optimizer, Precision, Progress,
-                      RangeMethod, Shortcut, Stem, Warmup)
+from .choices import (BUILTIN_NETWORKS, ROOTED_DATA, Backend, BNKernel, CommHook, CompileMode, DataName, Decay,
+                      Decode, Device, EvalPrecision, Granularity, Labels, LRRule, MomentumForm, OffloadMode,
+                      Optimizer, Precision, Progress, RangeMethod, Shortcut, Stem, Warmup)
 from .errors import UserError
 
 # Field metadata of a key whose value does not change the result (weights, metrics): it does not name
@@ -363,11 +364,19 @@ def validate(cfg: DictConfig | Any) -> None:
     """Check what types cannot: finite floats, signs, ranges and consistency. Raises :class:`UserError`."""
     _check_finite(cfg, "train")
     b, o, s, m, d = cfg.batch, cfg.optim, cfg.schedule, cfg.model, cfg.data
+    if m.arch not in BUILTIN_NETWORKS:  # the name first: the keys below depend on the network
+        from .models import check_arch  # torchvision's list, imported only for a name that is not lbsgd's own
+
+        check_arch(m.arch)
+    check_data_root(d.name, d.root)
     positive = (("batch.k", b.k, "a positive number of workers"), ("batch.n", b.n, "a positive per-worker batch"),
                 ("batch.eval_batch", b.eval_batch, "positive"), ("optim.base_lr", o.base_lr, "positive"),
                 ("optim.ref_batch", o.ref_batch, "positive"), ("schedule.epochs", s.epochs, "positive"),
                 ("log.every", cfg.log.every, "positive"),
                 ("checkpoint.preempt_check_every", cfg.checkpoint.preempt_check_every, "positive"))
+    for name in cfg.checkpoint.preempt_signals:  # before the run starts, not when it installs the handlers
+        if not isinstance(getattr(signal, str(name), None), signal.Signals):
+            _fail("checkpoint.preempt_signals", f"unknown signal {name!r}")
     if cfg.checkpoint.stop_after_epoch < 0:
         _fail("checkpoint.stop_after_epoch", f"must be >= 0 (0: never), got {cfg.checkpoint.stop_after_epoch}")
     for key, value, what in positive:
@@ -420,6 +429,14 @@ def validate(cfg: DictConfig | Any) -> None:
         _fail("compile_mode", f"{cfg.compile_mode} is a torch.compile mode; it needs compile=true")
     _validate_train_memory(cfg)
     _validate_beyond(cfg)
+
+
+def check_data_root(name: DataName | str, root: str | None, key: str = "data.root") -> None:
+    """``data.root`` (``key``) only where the data set reads it (:data:`ROOTED_DATA`): the embedded digits
+    have no folder, and a root given with them would be silently ignored."""
+    if root and name not in ROOTED_DATA:
+        _fail(key, f"has no meaning for data={name} (the embedded 8x8 digits come with scikit-learn, "
+              f"from no folder); data={', '.join(map(str, ROOTED_DATA))} read it")
 
 
 def _validate_cifar(cfg: DictConfig | Any) -> None:

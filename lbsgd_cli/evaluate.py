@@ -33,7 +33,7 @@ from torch import nn
 from . import distributed as D
 from .checkpoint import FORMAT, load_model_state, read_checkpoint
 from .choices import EvalPrecision
-from .config import TrainConfig
+from .config import TrainConfig, check_data_root
 from .data import TrainLoader, load_data
 from .engine import evaluate
 from .errors import UserError, first_line
@@ -194,6 +194,7 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     for key in ("root", "cache_dir", "num_workers"):
         if cfg.data[key] is not None:
             tcfg.data[key] = cfg.data[key]
+    check_data_root(tcfg.data.name, tcfg.data.root)  # data.root=... for a digits checkpoint: refused, not ignored
     data = load_data(tcfg.data).to(dist.device)
     out_features = _classes_and_channels(model.state_dict())[0]
     if data.num_classes != out_features:

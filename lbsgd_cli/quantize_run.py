@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import FORMAT as TRAIN_FORMAT
 from .checkpoint import load_model_state, read_checkpoint, training_checkpoint
-from .config import TrainConfig, as_list, validate_quantize
+from .config import TrainConfig, as_list, check_data_root, validate_quantize
 from .data import load_data, val_batches
 from .distributed import pick_device
 from .engine import evaluate
@@ -85,6 +85,7 @@ def load_source(cfg: DictConfig, device: torch.device):
         raise UserError(f"checkpoint: {path} has a config this version cannot read: {first_line(exc)}") \
             from None
     if cfg.data_root:
+        check_data_root(train_cfg.data.name, cfg.data_root, key="data_root")  # a digits checkpoint has no folder
         train_cfg.data.root = cfg.data_root
     data = load_data(train_cfg.data)
     model = build_model(train_cfg.model, data.num_classes, data.in_channels, bn_group=None)

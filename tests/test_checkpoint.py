@@ -73,6 +73,15 @@ def test_a_hostile_checkpoint_runs_no_code_in_train_eval_or_quantize(trained, tm
     assert not target.exists()
 
 
+def test_eval_and_quantize_refuse_a_data_root_for_a_digits_checkpoint_rather_than_ignore_it(trained, tmp_path):
+    last = trained / "checkpoints" / "last.pt"
+    for command, key in (("eval", "data.root"), ("quantize", "data_root")):
+        proc = lbsgd(command, f"checkpoint={last}", f"{key}=/nonexistent", f"hydra.run.dir={tmp_path / command}")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith(f"lbsgd: error: {key}: has no meaning for data=digits")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_checkpoint_written_before_the_rule_still_loads(trained, tmp_path):
     """Before, ``meta.torch`` was ``torch.__version__`` (a TorchVersion): the one allowlisted type."""
     ckpt = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)

@@ -48,9 +48,14 @@ def _one_line_exit_2(proc, needle: str) -> None:
     (["batch.k=3,nan"], "batch.k"),  # a sweep: every value is checked before anything runs
     (["-m", "optim.base_lr=0.1,nan"], "optim.base_lr: must be a finite number"),
     (["checkpoint.preempt_signals=[SIGNOPE]"], "checkpoint.preempt_signals: unknown signal 'SIGNOPE'"),
+    (["data.root=/nonexistent"], "data.root: has no meaning for data=digits"),  # digits read no folder
+    (["data.root=/nonexistent"], "data=imagefolder, cifar10, cifar100 read it"),
+    (["model.arch=foo"], "model.arch: unknown network 'foo'"),  # the name first, not "foo expects RGB images"
+    (["model.arch=resnet18"], "model.arch: resnet18 expects RGB images, the data has 1 channel(s)"),
 ])
-def test_bad_train_input_is_one_line_exit_2(args, needle, tmp_path):
+def test_bad_train_input_is_one_line_exit_2_and_leaves_nothing_behind(args, needle, tmp_path):
     _one_line_exit_2(lbsgd("train", "threads=1", f"hydra.run.dir={tmp_path / 'run'}", *args), needle)
+    assert list(tmp_path.iterdir()) == []  # no run directory, no .lock: the refusal wrote nothing
 
 
 @pytest.mark.parametrize("command,args,needle", [
@@ -63,8 +68,24 @@ def test_bad_train_input_is_one_line_exit_2(args, needle, tmp_path):
     ("quantize", ["checkpoint=x.pt", "quant.bits=1"], "quant.bits"),
     ("quantize", ["checkpoint=/no/such.pt"], "checkpoint: /no/such.pt does not exist"),
 ])
-def test_bad_eval_and_quantize_input_is_one_line_exit_2(command, args, needle, tmp_path):
+def test_bad_eval_and_quantize_input_is_one_line_exit_2_and_leaves_nothing_behind(command, args, needle, tmp_path):
     _one_line_exit_2(lbsgd(command, f"hydra.run.dir={tmp_path / 'run'}", *args), needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refusal_removes_the_folders_it_made_and_keeps_what_was_there_before(tmp_path):
+    new = tmp_path / "a" / "b" / "run"  # three folders Hydra makes for the call: all go
+    _one_line_exit_2(lbsgd("eval", f"hydra.run.dir={new}", "checkpoint=/no/such.pt"), "does not exist")
+    assert list(tmp_path.iterdir()) == []
+    empty = tmp_path / "empty"  # a folder that was there, empty: it stays
+    empty.mkdir()
+    _one_line_exit_2(lbsgd("quantize", f"hydra.run.dir={empty}", "checkpoint=/no/such.pt"), "does not exist")
+    assert empty.is_dir() and list(empty.iterdir()) == []
+    run = tmp_path / "run"  # a run directory with a log but no checkpoint: train refuses it, no .lock left
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    _one_line_exit_2(lbsgd("train", f"hydra.run.dir={run}", *SHORT), "has metrics.jsonl but no checkpoint")
+    assert [p.name for p in run.iterdir()] == ["metrics.jsonl"]
 
 
 def test_unknown_command_and_usage():
