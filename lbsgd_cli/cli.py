@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CheckpointWriteError, Diverged, Interrupted, PeerFailure, Preempted, UserError, first_line
+from . import sweep
 from .output_dir import FoldersBefore
+from .sweep import Point
 
 # Jobs of this call's sweep that diverged: a `-m` sweep goes on to the next job and exits 5 at its end.
 _DIVERGED_JOBS: list[str] = []
@@ -97,7 +99,7 @@ EXAMPLES = """
 examples:
   lbsgd train                                    # embedded digits, CPU, about 20 s on 2 cores
   lbsgd train batch.k=8 schedule.warmup=constant
-  lbsgd train -m batch.k=1,2,4,8                 # a sweep
+  lbsgd train -m batch.k=1,2,4,8                 # a sweep: refused whole, naming the point, unless every point can run
   lbsgd train experiment=imagenet_8k_gradual data.root=/datasets/imagenet
   lbsgd train --cfg job                          # print the composed config
   lbsgd train --help                             # config groups and keys
@@ -166,10 +168,16 @@ def _has_module(name: str) -> bool:
         return False
 
 
-def preflight(command: str, args: list[str]) -> None:
-    """Compose the config with each override (each value of a sweep) and turn failures into one line."""
+def is_multirun(args: list[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in args)
+
+
+def preflight(command: str, args: list[str]) -> list[Point]:
+    """Compose the config of the call (with each value of a sweep override), or of every point of a ``-m``
+    sweep, validate each, and turn failures into one line (a sweep's names its point). Returns the points
+    composed (none when Hydra only prints help)."""
     if any(a in _HELP_FLAGS or a.startswith("--info") for a in args):
-        return
+        return []
     if "hydra/launcher=slurm" in args and not _has_module("hydra_plugins.hydra_submitit_launcher"):
         raise UserError("hydra/launcher=slurm needs hydra-submitit-launcher: pip install 'lbsgd[slurm]'")
     from hydra import compose, initialize_config_dir
@@ -187,24 +195,37 @@ def preflight(command: str, args: list[str]) -> None:
             raise UserError("optim.name: choose the optimizer with its group, optim=sgd or optim=lars "
                             "(the group also sets its base_lr)")
     base = [o.input_line for o in parsed if not o.is_sweep_override()]
-    variants = [[]] + [
-        [f"{o.get_key_element()}={v}"] for o in parsed if o.is_sweep_override() for v in o.sweep_string_iterator()
-    ]
     printing_only = any(a in ("--cfg", "-c") for a in args)  # `--cfg job` shows a config, runs nothing
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        if "hydra/launcher=slurm" in args:
-            _check_slurm_launcher(compose, command, args)
-        for extra in variants:
-            try:
-                cfg = compose(config_name=command, overrides=base + extra)
-            except Exception as exc:  # Hydra/OmegaConf composition errors
-                raise UserError(_composition_message(exc)) from None
-            if not printing_only:
-                from . import config
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            if "hydra/launcher=slurm" in args:
+                _check_slurm_launcher(compose, command, args)
+            if is_multirun(args):  # every job of the sweep, as Hydra's sweeper will make them
+                try:
+                    params = compose(config_name=command, overrides=base, return_hydra_config=True).hydra.sweeper
+                except Exception as exc:  # Hydra/OmegaConf composition errors
+                    raise UserError(_composition_message(exc)) from None
+                jobs = sweep.points(overrides, dict(params.get("params") or {}))
+            else:  # each value of a sweep override (Hydra refuses those without -m itself)
+                jobs = [Point(base, [])] + [Point(base + [f"{o.get_key_element()}={v}"], []) for o in parsed
+                                            if o.is_sweep_override() for v in o.sweep_string_iterator()]
+            several = len(jobs) > 1 and is_multirun(args)
+            for job in jobs:
+                try:
+                    try:
+                        job.cfg = compose(config_name=command, overrides=job.overrides)
+                    except Exception as exc:  # Hydra/OmegaConf composition errors
+                        raise UserError(_composition_message(exc)) from None
+                    if not printing_only:
+                        from . import config
 
-                config.VALIDATORS[command](cfg)
-    GlobalHydra.instance().clear()
+                        config.VALIDATORS[command](job.cfg)
+                except UserError as exc:
+                    raise job.refused(str(exc)) if several else exc from None
+    finally:
+        GlobalHydra.instance().clear()
+    return jobs
 
 
 def output_templates(command: str, args: list[str]) -> list[str]:
@@ -352,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         rest = slurm_sweep_args(rest)
     try:
         _register()
-        preflight(command, rest)
+        jobs = preflight(command, rest)
+        if command == "train" and is_multirun(rest) and len(jobs) > 1 and "--cfg" not in rest and "-c" not in rest:
+            sweep.check_against_data(jobs)  # the data set's size and channels: no point starts unless all fit
     except UserError as exc:
         print(f"lbsgd: error: {exc}", file=sys.stderr)
         return UserError.exit_code

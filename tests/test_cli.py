@@ -10,7 +10,7 @@ import platform
 import pytest
 from omegaconf import OmegaConf
 
-from lbsgd_cli import cli
+from lbsgd_cli import cli, sweep
 from lbsgd_cli.rundir import RunLock
 
 from .conftest import SHORT, lbsgd
@@ -86,6 +86,25 @@ def test_a_refusal_removes_the_folders_it_made_and_keeps_what_was_there_before(t
     (run / "metrics.jsonl").write_text("{}\n")
     _one_line_exit_2(lbsgd("train", f"hydra.run.dir={run}", *SHORT), "has metrics.jsonl but no checkpoint")
     assert [p.name for p in run.iterdir()] == ["metrics.jsonl"]
+
+
+def test_a_sweep_with_a_point_that_cannot_run_is_refused_whole_naming_it_before_any_point_runs(tmp_path):
+    proc = lbsgd("train", "-m", "batch.k=1000,2", "threads=1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _one_line_exit_2(proc, "sweep point batch.k=1000: batch: k*n = 32000 is larger than the training set "
+                           "(1437 images); no point of the sweep ran")
+    assert list(tmp_path.iterdir()) == []  # not even the valid point batch.k=2 ran
+    proc = lbsgd("train", "-m", "model.arch=small_cnn,resnet18", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _one_line_exit_2(proc, "sweep point model.arch=resnet18: model.arch: resnet18 expects RGB images")
+    proc = lbsgd("train", "-m", "batch.k=2,4", "optim.base_lr=0.1,nan", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _one_line_exit_2(proc, "sweep point batch.k=2,optim.base_lr=nan: optim.base_lr: must be a finite number")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_points_are_hydras_jobs_the_command_line_replacing_a_presets_values():
+    jobs = sweep.points(["batch.k=2,4", "seed=0,1", "threads=1"], {"batch.k": "8,16,32", "optim.base_lr": "0.1,0.2"})
+    assert len(jobs) == 2 * 2 * 2
+    assert jobs[0].overrides == ["batch.k=2", "optim.base_lr=0.1", "seed=0", "threads=1"]
+    assert jobs[0].label == "batch.k=2,optim.base_lr=0.1,seed=0" and jobs[-1].label == "batch.k=4,optim.base_lr=0.2,seed=1"
 
 
 def test_unknown_command_and_usage():
