@@ -115,6 +115,7 @@ def test_runs_of_other_networks_are_another_study(study_dir: Path, tmp_path: Pat
     assert "| none warmup | 2048 | 1.6 | diverged | 0 |" in text  # the depth-20 run is not mixed into it
 
 
+@pytest.mark.slow  # draws every figure of two studies
 def test_studies_of_two_lengths_get_figure_1_side_by_side(study_dir: Path, tmp_path: Path) -> None:
     longer = tmp_path / "longer"
     make_run(longer, "base", 4, "none", errs=(0.9, 0.2, 0.19), epochs=6)
@@ -169,6 +170,7 @@ def test_a_sweep_that_changes_a_setting_for_every_run_gets_its_own_recipe(tmp_pa
     assert "| False (the recipe) | 0.8 | 21.00 | +1.00 | 0 |" in text and "| True | 0.8 | 25.00 | +5.00 | 0 |" in text
 
 
+@pytest.mark.slow  # draws every figure of three studies
 def test_a_setting_rerun_as_a_ladder_gets_its_own_table_1_and_figure_1(study_dir: Path, tmp_path: Path) -> None:
     make_run(study_dir, "base-nozg", 4, "none", zero_gamma=False, errs=(0.9, 0.19, 0.18))
     make_run(study_dir, "ladder-16-nozg", 16, zero_gamma=False, errs=(0.9, 0.2, 0.185))
@@ -275,3 +277,31 @@ def test_methods_beyond_the_paper_get_their_own_table_and_figure_1(study_dir: Pa
     pytest.importorskip("matplotlib")
     assert main(["plot", str(study_dir), str(beyond), "--out", str(out)]) == 0
     assert (out / "fig1_methods.png").exists() and (out / "fig1_err_vs_kn.png").exists()
+
+
+def test_values_written_at_the_edge_overlap_neither_each_other_nor_the_lines():
+    """Two studies beyond the edge at kn 8192 (results/fig1_err_vs_kn_studies.png): both values legible, and
+    neither written on a line (results/cifar_resnet-8_45ep_bf16/fig1_methods.png's 68.0 was)."""
+    pytest.importorskip("matplotlib")
+    from lbsgd_cli import plot
+
+    plt = plot._pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    top, kns = 15.0, [2 ** i for i in range(7, 14)]
+    gaps = ([0, 0.1, 0.3, 0.3, 1.7, 7.8, 60.7], [0, 0.1, 0.5, 1.3, 3.4, 13.2, 66.7], [0, 1, 2, 5, 9, 12, 14])
+    lines = [ax.plot(kns, [min(g, top) for g in gap], "o-")[0] for gap in gaps]
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(top=top + 0.5)
+    ax.set(xlabel="minibatch size kn", title="error vs minibatch size, per study (Fig. 1)")
+    texts = plot.label_clipped(ax, [(8192, top, f"+{gap[-1]:.1f}", line.get_color())
+                                    for gap, line in zip(gaps, lines) if gap[-1] > top])
+    fig.tight_layout()
+    fig.canvas.draw()
+    boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in texts]
+    assert len(boxes) == 2 and not boxes[0].overlaps(boxes[1])
+    title = ax.title.get_window_extent(fig.canvas.get_renderer())
+    assert not any(b.overlaps(title) for b in boxes) and all(ax.bbox.x0 < b.x0 and b.x1 < ax.bbox.x1 for b in boxes)
+    for line in lines:
+        path = line.get_transform().transform_path(line.get_path())  # in pixels
+        assert not any(path.intersects_bbox(b, filled=False) for b in boxes)
+    plt.close(fig)
