@@ -104,7 +104,8 @@ def test_sweep_points_are_hydras_jobs_the_command_line_replacing_a_presets_value
     jobs = sweep.points(["batch.k=2,4", "seed=0,1", "threads=1"], {"batch.k": "8,16,32", "optim.base_lr": "0.1,0.2"})
     assert len(jobs) == 2 * 2 * 2
     assert jobs[0].overrides == ["batch.k=2", "optim.base_lr=0.1", "seed=0", "threads=1"]
-    assert jobs[0].label == "batch.k=2,optim.base_lr=0.1,seed=0" and jobs[-1].label == "batch.k=4,optim.base_lr=0.2,seed=1"
+    assert jobs[0].label == "batch.k=2,optim.base_lr=0.1,seed=0"
+    assert jobs[-1].label == "batch.k=4,optim.base_lr=0.2,seed=1"
 
 
 def test_unknown_command_and_usage():

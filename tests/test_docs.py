@@ -4,6 +4,7 @@ and its table of extras is pyproject.toml's."""
 from __future__ import annotations
 
 import re
+
 import tomllib
 
 from .conftest import ROOT
@@ -13,7 +14,7 @@ CPU_INDEX = "--index-url https://download.pytorch.org/whl/cpu"
 
 
 def _commands(text: str) -> list[str]:
-    return [line.strip() for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
+    return [line.strip() for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
             for line in block.splitlines() if line.strip()]
 
 
@@ -26,5 +27,5 @@ def test_the_cpu_only_install_takes_torch_from_the_cpu_index_before_the_project(
 
 def test_the_table_of_extras_is_pyprojects():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    rows = re.findall(r"^\| `([a-z0-9]+)` \|", INSTALL.read_text(), flags=re.M)
+    rows = re.findall(r"^\| `([a-z0-9]+)` \|", INSTALL.read_text(), flags=re.MULTILINE)
     assert sorted(rows) == sorted(extras)
