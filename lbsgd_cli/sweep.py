@@ -12,6 +12,7 @@ half-runs, and the corrected command runs every point. :func:`points` lists the 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,12 +39,22 @@ class Point:
 def points(overrides: list[str], sweeper_params: dict[str, Any]) -> list[Point]:
     """The jobs Hydra's basic sweeper makes of ``sweeper_params`` (``hydra.sweeper.params``) and the command
     line's ``overrides`` (a key of both: the command line's values), in the order it runs them."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides([*(f"{k}={v}" for k, v in sweeper_params.items()), *overrides])
-    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
-    jobs = BasicSweeper.split_arguments(parsed, None)[0]
+    values: dict[str, list[str]] = {}  # per key, in first-seen order; a later override of a key replaces its values
+    swept: set[str] = set()
+    for o in parsed:  # as hydra's BasicSweeper.split_arguments
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            if not o.is_discrete_sweep():
+                raise UserError(f"{o.input_line}: a sweep takes a list of values (a,b,c or range(...)), not an interval")
+            values[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+            swept.add(key)
+        else:
+            values[key] = [f"{key}={o.get_value_element_as_str()}"]
+            swept.discard(key)
+    jobs = [list(job) for job in itertools.product(*values.values())]
     return [Point(job, [o for o in job if o.split("=", 1)[0] in swept]) for job in jobs]
 
 
