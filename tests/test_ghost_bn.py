@@ -197,7 +197,9 @@ def _run_both(new, ref, x, dy, mode="train"):
 
 # model.bn_kernel: one native call per worker's slice | one compiled kernel; "traced": the plain-op formula
 # that torch.compile traces (compile=true, either key value), run eagerly here (the autouse fixture below)
-KERNELS = ["native", "fused", "traced"]
+# the fused kernel compiles with inductor (tens of seconds of CPU per test): slow tier; native and traced stay fast
+FUSED = pytest.param("fused", marks=pytest.mark.slow)
+KERNELS = ["native", FUSED, "traced"]
 
 
 def _k(kernel: str) -> str:
@@ -218,7 +220,7 @@ def _traced_kernel(request, monkeypatch):
 # the fused kernel at g = 1 and 4 in training (g = 32 is g = 4's code at another size, one more compile;
 # evaluation runs PyTorch's BN with either kernel)
 _CASES = [(g, fmt, mode, "native") for g in (1, 4, 32) for fmt in _FORMATS for mode in ("train", "eval")] + \
-         [(g, fmt, "train", "fused") for g in (1, 4) for fmt in _FORMATS] + \
+         [pytest.param(g, fmt, "train", "fused", marks=pytest.mark.slow) for g in (1, 4) for fmt in _FORMATS] + \
          [(g, fmt, "train", "traced") for g in (1, 4, 32) for fmt in _FORMATS]
 
 
@@ -332,6 +334,7 @@ def test_bf16_autocast_keeps_fp32_statistics(fmt, kernel):
     torch.testing.assert_close(ghost.running_var, fp32.running_var, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the fused kernel compiles
 @pytest.mark.parametrize("fmt", list(_FORMATS))
 def test_fused_bf16_is_as_close_to_float64_as_native(fmt):
     """bf16 input: the fused kernel's output and gradients are within the native kernel's distance of a
@@ -357,6 +360,7 @@ def test_fused_bf16_is_as_close_to_float64_as_native(fmt):
         assert err_fused <= 1.5 * err_native + 1e-5, f"{name}: fused {err_fused:.2e}, native {err_native:.2e}"
 
 
+@pytest.mark.slow  # the fused kernel compiles
 def test_fused_groups_are_bit_exact_across_pass_sizes():
     """What 1-vs-W bit-exactness needs of a BN kernel: a worker's output and input gradient do not depend
     on how many other workers share its pass (README "Guarantee"). The fused kernel reduces each group in

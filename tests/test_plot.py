@@ -88,6 +88,7 @@ def test_cli_writes_summary_with_steps_and_diverged(study_dir: Path, tmp_path: P
     assert next(r for r in rows if r["run"] == "base-s0")["steps"] == "30"
 
 
+@pytest.mark.slow  # draws Figures 1-4 (the fast tier draws the methods figure and the edge labels)
 def test_figures_are_written(study_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "figs"

@@ -30,6 +30,7 @@ def _recorded_runs(tmp_path: Path, script: str, parts: list[str], **env: str) ->
     return [json.loads(line) for line in calls.read_text().splitlines()]
 
 
+@pytest.mark.slow  # composes and validates every run of the script
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_exp_cifar_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -> None:
     parts = ["ladder", "table1", "seeds", "rules", "nozg", "fp32", "probe"]
@@ -42,6 +43,7 @@ def test_exp_cifar_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -
         validate(compose("train", overrides))  # every key the script sets exists and every value is valid
 
 
+@pytest.mark.slow  # runs the script twice
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_exp_cifar_with_jobs_starts_the_same_runs_at_once_each_logging_to_its_own_file(tmp_path: Path) -> None:
     """JOBS=3 (several runs sharing a GPU): the same command lines as one at a time, each output in logs/NAME.log."""
@@ -67,6 +69,7 @@ def test_exp_cifar_with_jobs_starts_the_same_runs_at_once_each_logging_to_its_ow
     assert normal(calls(3), 3) == normal(calls(1), 1)
 
 
+@pytest.mark.slow  # composes and validates every run of the script
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_exp_beyond_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -> None:
     runs = _recorded_runs(tmp_path, "exp_beyond.sh", ["noise", "lars-probe", "lars", "warmup"])
@@ -113,6 +116,7 @@ def _bench_gpu():
     return mod
 
 
+@pytest.mark.slow  # runs every section of the benchmark
 def test_bench_gpu_smoke_measures_every_section_through_lbsgds_own_path(tmp_path: Path) -> None:
     """scripts/bench_gpu.py --smoke: tiny generated ImageNet-like files (the odd kinds included), the step
     per precision and memory format with ghost and plain BN, the loader per decode mode, end to end, the
@@ -155,6 +159,7 @@ def test_bench_gpu_generates_imagenet_like_sizes(tmp_path: Path) -> None:
     assert 0.7 < (sizes[:, 0] >= sizes[:, 1]).mean() < 0.85 and sizes.max() < 1000 and sizes.min() >= 16
 
 
+@pytest.mark.slow  # every row is a lbsgd run in a subprocess
 def test_bench_memory_smoke_runs_every_train_and_eval_row_through_the_cli(tmp_path: Path) -> None:
     """scripts/bench_memory.py --smoke: lbsgd train with and without memory.checkpointing, then lbsgd eval of
     its checkpoint per offload mode and precision; every command exits 0 and no memory is claimed off CUDA."""
