@@ -24,6 +24,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,20 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"checkpoint: {path} does not exist")
     if path.is_dir():
         raise UserError(f"checkpoint: {path} is a directory, not a checkpoint file")
+    with warnings.catch_warnings(record=True) as caught:  # a refusal is its one line, no warning before it
+        warnings.simplefilter("always")
+        ckpt = _load_data_only(path, map_location)
+    for w in caught:  # a file read: torch's other warnings still show; its note on the pickle protocol does not
+        if not _PROTOCOL_NOTE.search(str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ckpt
+
+
+# torch's weights-only unpickler on a file of another pickle protocol than torch.save's (a raw pickle.dump)
+_PROTOCOL_NOTE = re.compile(r"Detected pickle protocol \d+ in the checkpoint")
+
+
+def _load_data_only(path: Path, map_location: str | torch.device) -> Any:
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)

@@ -80,6 +80,10 @@ class DataName(Choice):
     cifar100 = "cifar100"
 
 
+# The data sets that read ``data.root`` (the folder they live in); the embedded digits have none.
+ROOTED_DATA = (DataName.imagefolder, DataName.cifar10, DataName.cifar100)
+
+
 class Labels(Choice):
     """CIFAR-100's labels: its 100 ``fine`` classes or its 20 ``coarse`` superclasses."""
 
@@ -102,6 +106,10 @@ class Shortcut(Choice):
 
     A = "A"
     B = "B"
+
+
+# ``model.arch``'s own networks (lbsgd_cli/models.py); any other name is one of torchvision's classifiers.
+BUILTIN_NETWORKS = ("small_cnn", "cifar_resnet")
 
 
 class Progress(Choice):

@@ -1,8 +1,8 @@
 """The ``lbsgd`` command: ``lbsgd <command> [hydra overrides]``.
 
-Each command is a Hydra app whose primary config is ``conf/<command>.yaml``, so
-``-m/--multirun``, ``--cfg job``, ``--help`` and every override work as Hydra users
-expect. Before Hydra starts, overrides are checked against the composed config so
+The commands are the table :data:`COMMANDS`. Each but ``plot`` is a Hydra app whose primary config is
+``conf/<command>.yaml``, so ``-m/--multirun``, ``--cfg job``, ``--help`` and every override work as Hydra
+users expect. Before Hydra starts, overrides are checked against the composed config so
 that an unknown key or a bad value is one line on stderr and exit status 2.
 """
 
@@ -11,34 +11,21 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import sweep
 from .errors import CheckpointWriteError, Diverged, Interrupted, PeerFailure, Preempted, UserError, first_line
+from .output_dir import FoldersBefore
 from .preemption import catch_early, forget_early
+from .sweep import Point
 
 # Jobs of this call's sweep that diverged: a `-m` sweep goes on to the next job and exits 5 at its end.
 _DIVERGED_JOBS: list[str] = []
+# The folders on the way to this call's output that existed before Hydra ran (set by main).
+_FOLDERS_BEFORE = FoldersBefore()
 
-USAGE = """usage: lbsgd <command> [overrides...] [hydra flags]
-
-commands:
-  train      train a network with the large-minibatch recipe of Goyal et al. (2017)
-  quantize   b-bit integer weights (and activations) of a trained network, measured against fp32
-  eval       top-1/top-5 error of a checkpoint (eval.bn_recompute=N, offload.mode=sequential|model)
-  plot       the paper's tables and figures from run directories: lbsgd plot RUN_OR_SWEEP_DIR... --out DIR
-  plan       time per iteration, allreduce, loader and time to train from 8 to plan.gpus GPUs (nothing runs)
-
-examples:
-  lbsgd train                                    # embedded digits, CPU, about 20 s on 2 cores
-  lbsgd train batch.k=8 schedule.warmup=constant
-  lbsgd train -m batch.k=1,2,4,8                 # a sweep
-  lbsgd train experiment=imagenet_8k_gradual data.root=/datasets/imagenet
-  lbsgd train --cfg job                          # print the composed config
-  lbsgd train --help                             # config groups and keys
-  lbsgd eval checkpoint=runs/train/default/checkpoints/last.pt offload.mode=model
-  lbsgd plan plan.gpus=256 plan.gpu=P100 plan.inter_gbit=50   # Goyal et al.'s cluster, before asking for it
-"""
 
 # Hydra flags that take a value: their value is not an override.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -67,17 +54,16 @@ def _run_quantize(cfg, run_dir: Path) -> Any:
     return quantize_command(cfg, run_dir)
 
 
-COMMANDS: dict[str, Callable] = {"train": _run_train}
-COMMANDS["quantize"] = _run_quantize
-
-
 def _run_eval(cfg, run_dir: Path) -> Any:
     from .evaluate import run_eval
 
     return run_eval(cfg, run_dir)
 
 
-COMMANDS["eval"] = _run_eval
+def _run_plot(argv: list[str]) -> int:
+    from .report.command import main as plot_main
+
+    return plot_main(argv)
 
 
 def _run_plan(cfg, run_dir: Path) -> Any:
@@ -86,7 +72,49 @@ def _run_plan(cfg, run_dir: Path) -> Any:
     return plan_command(cfg, run_dir)
 
 
-COMMANDS["plan"] = _run_plan
+@dataclass(frozen=True)
+class Command:
+    """One ``lbsgd`` command: a Hydra app (``task(cfg, run_dir)``, its config ``conf/<name>.yaml``, checked by
+    :data:`lbsgd_cli.validation.VALIDATORS` before it runs) or, with ``main``, a plain one (``main(argv)``, the
+    exit status) that reads files rather than a config. ``help`` is its line in ``lbsgd --help``."""
+
+    help: str
+    task: Callable[[Any, Path], Any] | None = None
+    main: Callable[[list[str]], int] | None = None
+
+
+# Every command of `lbsgd`, in the order `lbsgd --help` lists them: a new command is one line here.
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a network with the large-minibatch recipe of Goyal et al. (2017)", task=_run_train),
+    "quantize": Command("b-bit integer weights (and activations) of a trained network, measured against fp32",
+                        task=_run_quantize),
+    "eval": Command("top-1/top-5 error of a checkpoint (eval.bn_recompute=N, offload.mode=sequential|model)",
+                    task=_run_eval),
+    "plot": Command("the paper's tables and figures from run directories: lbsgd plot RUN_OR_SWEEP_DIR... --out DIR",
+                    main=_run_plot),
+    "plan": Command("time per iteration, allreduce, loader and time to train from 8 to plan.gpus GPUs (nothing runs)",
+                    task=_run_plan),
+}
+
+
+def usage() -> str:
+    """``lbsgd --help``: the commands of :data:`COMMANDS`, then examples."""
+    width = max(map(len, COMMANDS)) + 2
+    lines = [f"  {name:<{width}} {command.help}" for name, command in COMMANDS.items()]
+    return "usage: lbsgd <command> [overrides...] [hydra flags]\n\ncommands:\n" + "\n".join(lines) + "\n" + EXAMPLES
+
+
+EXAMPLES = """
+examples:
+  lbsgd train                                    # embedded digits, CPU, about 20 s on 2 cores
+  lbsgd train batch.k=8 schedule.warmup=constant
+  lbsgd train -m batch.k=1,2,4,8                 # a sweep: refused whole, naming the point, unless every point can run
+  lbsgd train experiment=imagenet_8k_gradual data.root=/datasets/imagenet
+  lbsgd train --cfg job                          # print the composed config
+  lbsgd train --help                             # config groups and keys
+  lbsgd eval checkpoint=runs/train/default/checkpoints/last.pt offload.mode=model
+  lbsgd plan plan.gpus=256 plan.gpu=P100 plan.inter_gbit=50   # Goyal et al.'s cluster, before asking for it
+"""
 
 
 def _run_name(override_dirname: str) -> str:
@@ -151,10 +179,16 @@ def _has_module(name: str) -> bool:
         return False
 
 
-def preflight(command: str, args: list[str]) -> None:
-    """Compose the config with each override (each value of a sweep) and turn failures into one line."""
+def is_multirun(args: list[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in args)
+
+
+def preflight(command: str, args: list[str]) -> list[Point]:
+    """Compose the config of the call (with each value of a sweep override), or of every point of a ``-m``
+    sweep, validate each, and turn failures into one line (a sweep's names its point). Returns the points
+    composed (none when Hydra only prints help)."""
     if any(a in _HELP_FLAGS or a.startswith("--info") for a in args):
-        return
+        return []
     if "hydra/launcher=slurm" in args and not _has_module("hydra_plugins.hydra_submitit_launcher"):
         raise UserError("hydra/launcher=slurm needs hydra-submitit-launcher: pip install 'lbsgd[slurm]'")
     from hydra import compose, initialize_config_dir
@@ -172,24 +206,59 @@ def preflight(command: str, args: list[str]) -> None:
             raise UserError("optim.name: choose the optimizer with its group, optim=sgd or optim=lars "
                             "(the group also sets its base_lr)")
     base = [o.input_line for o in parsed if not o.is_sweep_override()]
-    variants = [[]] + [
-        [f"{o.get_key_element()}={v}"] for o in parsed if o.is_sweep_override() for v in o.sweep_string_iterator()
-    ]
     printing_only = any(a in ("--cfg", "-c") for a in args)  # `--cfg job` shows a config, runs nothing
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        if "hydra/launcher=slurm" in args:
-            _check_slurm_launcher(compose, command, args)
-        for extra in variants:
-            try:
-                cfg = compose(config_name=command, overrides=base + extra)
-            except Exception as exc:  # Hydra/OmegaConf composition errors
-                raise UserError(_composition_message(exc)) from None
-            if not printing_only:
-                from . import validation
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            if "hydra/launcher=slurm" in args:
+                _check_slurm_launcher(compose, command, args)
+            if is_multirun(args):  # every job of the sweep, as Hydra's sweeper will make them
+                try:
+                    params = compose(config_name=command, overrides=base, return_hydra_config=True).hydra.sweeper
+                except Exception as exc:  # Hydra/OmegaConf composition errors
+                    raise UserError(_composition_message(exc)) from None
+                jobs = sweep.points(overrides, dict(params.get("params") or {}))
+            else:  # each value of a sweep override (Hydra refuses those without -m itself)
+                jobs = [Point(base, [])] + [Point(base + [f"{o.get_key_element()}={v}"], []) for o in parsed
+                                            if o.is_sweep_override() for v in o.sweep_string_iterator()]
+            several = len(jobs) > 1 and is_multirun(args)
+            for job in jobs:
+                try:
+                    try:
+                        job.cfg = compose(config_name=command, overrides=job.overrides)
+                    except Exception as exc:  # Hydra/OmegaConf composition errors
+                        raise UserError(_composition_message(exc)) from None
+                    if not printing_only:
+                        from . import validation
 
-                validation.VALIDATORS[command](cfg)
+                        validation.VALIDATORS[command](job.cfg)
+                except UserError as exc:
+                    raise job.refused(str(exc)) if several else exc from None
+    finally:
+        GlobalHydra.instance().clear()
+    return jobs
+
+
+def output_templates(command: str, args: list[str]) -> list[str]:
+    """``hydra.run.dir`` and ``hydra.sweep.dir`` of this call as written (``runs/eval/${run_name:...}``), the
+    job name filled in: where Hydra will make the output folder (:mod:`lbsgd_cli.output_dir`)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    keys = ("hydra.run.dir=", "hydra.sweep.dir=", "hydra.job.name=")
+    overrides = [o for o in _override_args(args) if o.lstrip("+").startswith(keys)]
     GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            hydra_cfg = compose(config_name=command, overrides=overrides, return_hydra_config=True).hydra
+            name = str(hydra_cfg.job.name)
+            raw = OmegaConf.to_container(hydra_cfg, resolve=False)
+    except Exception:  # Hydra reports a bad hydra.* override itself when it starts
+        return []
+    finally:
+        GlobalHydra.instance().clear()
+    return [str(raw[part]["dir"]).replace("${hydra.job.name}", name) for part in ("run", "sweep")]
 
 
 def slurm_sweep_args(args: list[str]) -> list[str]:
@@ -243,10 +312,12 @@ def _task(command: str) -> Callable:
         from . import distributed as D
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        created = _FOLDERS_BEFORE.created(run_dir)  # asked before the command writes into it
         try:
-            result = COMMANDS[command](cfg, run_dir)
+            result = COMMANDS[command].task(cfg, run_dir)
         except UserError as exc:
             print(f"lbsgd: error: {exc}", file=sys.stderr, flush=True)
+            _FOLDERS_BEFORE.remove_new(run_dir, created)  # a refusal leaves no empty run directory behind
             _leave(D, UserError.exit_code)
         except Preempted as exc:
             print(f"lbsgd: preempted: {exc}", file=sys.stderr, flush=True)
@@ -312,31 +383,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        print(usage(), end="")
         return 0 if argv else 2
     command, rest = argv[0], quote_paths(argv[1:])
-    if command == "train":
-        rest = slurm_sweep_args(rest)
-    if command == "plot":  # not a Hydra app: it reads run directories, not a config
-        from .report.command import main as plot_main
-
+    if command not in COMMANDS:
+        print(f"lbsgd: error: unknown command {command!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    if COMMANDS[command].main is not None:  # not a Hydra app: it reads run directories, not a config
         try:
-            return plot_main(argv[1:])
+            return COMMANDS[command].main(argv[1:])
         except UserError as exc:
             print(f"lbsgd: error: {exc}", file=sys.stderr)
             return UserError.exit_code
-    if command not in COMMANDS:
-        print(f"lbsgd: error: unknown command {command!r} (commands: {', '.join([*COMMANDS, 'plot'])})", file=sys.stderr)
-        return 2
+    if command == "train":
+        rest = slurm_sweep_args(rest)
     try:
         _register()
-        preflight(command, rest)
+        jobs = preflight(command, rest)
+        if command == "train" and is_multirun(rest) and len(jobs) > 1 and "--cfg" not in rest and "-c" not in rest:
+            sweep.check_against_data(jobs)  # the data set's size and channels: no point starts unless all fit
     except UserError as exc:
         print(f"lbsgd: error: {exc}", file=sys.stderr)
         return UserError.exit_code
 
     import hydra
 
+    global _FOLDERS_BEFORE
+    _FOLDERS_BEFORE = FoldersBefore.note(output_templates(command, rest))
     app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_task(command))
     sys.argv = [f"lbsgd {command}", *rest]
     _DIVERGED_JOBS.clear()

@@ -40,6 +40,7 @@ from .metrics import peak_memory_mb, reset_peak_memory
 from .offload import place, remove
 from .parallel import Parallel
 from .restore import check_classes, model_from_checkpoint
+from .validation import check_data_root
 
 
 # --------------------------------------------------------------------------- precision and BN statistics
@@ -138,6 +139,7 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     for key in ("root", "cache_dir", "num_workers"):
         if cfg.data[key] is not None:
             tcfg.data[key] = cfg.data[key]
+    check_data_root(tcfg.data.name, tcfg.data.root)  # data.root=... for a digits checkpoint: refused, not ignored
     data = load_data(tcfg.data).to(dist.device)
     check_classes(model, data.num_classes, tcfg)
 

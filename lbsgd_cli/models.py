@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import BUILTIN_NETWORKS
 from .errors import UserError
 from .ghost_bn import convert_to_ghost_bn
 
@@ -147,12 +148,24 @@ def init_weights(model: nn.Module, zero_init_residual: bool, fc_init_std: float)
             nn.init.zeros_(bn.weight)
 
 
+def check_arch(arch: str, in_channels: int | None = None) -> None:
+    """``model.arch`` names a network (one of :data:`BUILTIN_NETWORKS` or a torchvision classifier), and a
+    torchvision one gets RGB images (``in_channels`` 3, when known): else a one-line :class:`UserError`.
+    The name is checked first, so a misspelt name is an unknown network whatever the data set."""
+    if arch in BUILTIN_NETWORKS:
+        return
+    import torchvision  # only for a name that is not lbsgd's own (the import costs ~5 s of CPU)
+
+    if arch not in set(torchvision.models.list_models(module=torchvision.models)):
+        raise UserError(f"model.arch: unknown network {arch!r} ({', '.join(BUILTIN_NETWORKS)} or a torchvision "
+                        "classifier such as resnet50)")
+    if in_channels is not None and in_channels != 3:
+        raise UserError(f"model.arch: {arch} expects RGB images, the data has {in_channels} channel(s)")
+
+
 def _torchvision_model(arch: str, num_classes: int) -> nn.Module:
     import torchvision
 
-    available = set(torchvision.models.list_models(module=torchvision.models))
-    if arch not in available:
-        raise UserError(f"model.arch: unknown network {arch!r} (small_cnn, cifar_resnet or a torchvision classifier)")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
@@ -170,13 +183,12 @@ def cifar_stem(model: nn.Module) -> None:
 def build_model(mcfg, num_classes: int, in_channels: int, bn_group: int | None) -> nn.Module:
     """Instantiate ``model.arch``, initialise it per §5.1, and use ghost BN over ``bn_group`` samples."""
     arch = mcfg.arch
+    check_arch(arch, in_channels)
     if arch == "small_cnn":
         model = SmallCNN(in_channels, num_classes, mcfg.width)
     elif arch == "cifar_resnet":
         model = CifarResNet(mcfg.depth, num_classes, in_channels, str(mcfg.get("shortcut", "A")))
     else:
-        if in_channels != 3:
-            raise UserError(f"model.arch: {arch} expects RGB images, the data has {in_channels} channel(s)")
         model = _torchvision_model(arch, num_classes)
         if str(mcfg.get("stem", "imagenet")) == "cifar":
             cifar_stem(model)

@@ -27,15 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import FORMAT as TRAIN_FORMAT
 from .config import as_list, normalise_quantize
-from .data import load_data, val_batches
+from .data import DataSource, load_data, val_batches
 from .distributed import pick_device
 from .engine import evaluate
 from .errors import UserError
 from .quantize import attach_activation_quant, calibrate_activations, load_dequantized, quantize_weights
 from .quantized_checkpoint import save_quantized, state_bytes
 from .restore import check_classes, model_from_checkpoint
-from .data import DataSource
-from .validation import validate_quantize
+from .validation import check_data_root, validate_quantize
 
 TABLE_COLUMNS = ["bits", "granularity", "symmetric", "method", "activations", "act_bits", "fp32_top1_err",
                  "quant_top1_err", "delta", "fp32_bytes", "quant_bytes", "compression", "path"]
@@ -70,6 +69,7 @@ def load_source(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module,
     path = str(Path(cfg.checkpoint).expanduser())
     model, train_cfg = model_from_checkpoint(path, device, ghost_bn=False, quantized=False)
     if cfg.data_root:
+        check_data_root(train_cfg.data.name, cfg.data_root, key="data_root")  # a digits checkpoint has no folder
         train_cfg.data.root = cfg.data_root
     data = load_data(train_cfg.data)
     check_classes(model, data.num_classes, train_cfg)

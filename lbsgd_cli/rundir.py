@@ -101,10 +101,12 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / ".lock"
         self._file: IO[str] | None = None
+        self._created = False  # this process made the lock file (it was not there before)
 
     def acquire(self) -> str | None:
         """Take the lock; the one-line reason if another process holds it (then nothing is held)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = not self.path.exists()
         f = open(self.path, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -125,8 +127,12 @@ class RunLock:
             self._file.write(f"pid {os.getpid()} on host {platform.node()}\n")
             self._file.flush()
 
-    def release(self) -> None:
+    def release(self, refused: bool = False) -> None:
+        """Let the lock go. ``refused``: the run was refused before it claimed the lock, so a lock file this
+        process made (still empty) is removed while it is held: a refusal leaves nothing behind."""
         if self._file is not None:
+            if refused and self._created and os.fstat(self._file.fileno()).st_size == 0:
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None
@@ -153,8 +159,8 @@ class RunDir:
             raise UserError(refused)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self._lock.release(refused=exc_type is not None and issubclass(exc_type, UserError))
 
     def resume_or_start(self, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         auto_chosen: tuple[str, ...] = ()) -> RunState:

@@ -12,7 +12,6 @@ checkpointed through :class:`~lbsgd_cli.rundir.RunDir`.
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -11,12 +11,13 @@ they were handed, then give its values one spelling (:func:`lbsgd_cli.config.nor
 from __future__ import annotations
 
 import math
+import signal
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from .choices import (Backend, CommHook, CompileMode, DataName, Decay, Device, Granularity, Labels, MomentumForm,
-                      OffloadMode, Optimizer, RangeMethod, Shortcut, Stem, Warmup)
+from .choices import (BUILTIN_NETWORKS, ROOTED_DATA, Backend, CommHook, CompileMode, DataName, Decay, Device,
+                      Granularity, Labels, MomentumForm, OffloadMode, Optimizer, RangeMethod, Shortcut, Stem, Warmup)
 from .config import SCHEMAS, as_list, bool_words, in_memory_mode, is_float_type, leaves
 from .errors import UserError
 
@@ -41,6 +42,14 @@ def validate(cfg: DictConfig | Any) -> None:
     """Check what types cannot: finite floats, signs, ranges and consistency. Raises :class:`UserError`."""
     check_finite(cfg, "train")
     b, o, s, m, d = cfg.batch, cfg.optim, cfg.schedule, cfg.model, cfg.data
+    if m.arch not in BUILTIN_NETWORKS:  # the name first: the keys below depend on the network
+        from .models import check_arch  # torchvision's list, imported only for a name that is not lbsgd's own
+
+        check_arch(m.arch)
+    check_data_root(d.name, d.root)
+    for name in cfg.checkpoint.preempt_signals:  # before the run starts, not when it installs the handlers
+        if not isinstance(getattr(signal, str(name), None), signal.Signals):
+            _fail("checkpoint.preempt_signals", f"unknown signal {name!r}")
     positive = (("batch.k", b.k, "a positive number of workers"), ("batch.n", b.n, "a positive per-worker batch"),
                 ("batch.eval_batch", b.eval_batch, "positive"), ("optim.base_lr", o.base_lr, "positive"),
                 ("optim.ref_batch", o.ref_batch, "positive"), ("schedule.epochs", s.epochs, "positive"),
@@ -96,6 +105,14 @@ def validate(cfg: DictConfig | Any) -> None:
         _fail("compile_mode", f"{cfg.compile_mode} is a torch.compile mode; it needs compile=true")
     _validate_train_memory(cfg)
     _validate_beyond(cfg)
+
+
+def check_data_root(name: DataName | str, root: str | None, key: str = "data.root") -> None:
+    """``data.root`` (``key``) only where the data set reads it (:data:`ROOTED_DATA`): the embedded digits
+    have no folder, and a root given with them would be silently ignored."""
+    if root and name not in ROOTED_DATA:
+        _fail(key, f"has no meaning for data={name} (the embedded 8x8 digits come with scikit-learn, "
+              f"from no folder); data={', '.join(map(str, ROOTED_DATA))} read it")
 
 
 def _validate_cifar(cfg: DictConfig | Any) -> None:

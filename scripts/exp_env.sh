@@ -4,16 +4,14 @@
 #   RUNS   where the run directories go: $RUNS/<experiment>/<overrides>/
 #   SCALE  cpu: ResNet-8 on a 5k subset, 16 epochs (conf/scale/cpu_5k.yaml, the regime of results/starved_5k/beyond.md), kn 64 vs 256
 #          full: the presets as they are: ResNet-20, all 50k images, 160 epochs, kn 128 vs 2048
-#   SEEDS  seeds of the runs that carry a claim (default 0,1)
 # Any further arguments are passed to lbsgd as overrides (e.g. threads=2).
 set -euo pipefail
 DATA=${DATA:?set DATA to the CIFAR-10 folder holding train/ and val/}
 RUNS=${RUNS:-runs/results}
 SCALE=${SCALE:-cpu}
-SEEDS=${SEEDS:-0,1}
 case "$SCALE" in
-  cpu)  BASE_K=2; LARGE_K=8; LADDER=4,32,16,1; SCALE_ARG=(scale=cpu_5k) ;;  # the 5k-subset regime of starved_5k/beyond.md
-  full) BASE_K=4; LARGE_K=64; LADDER=1,2,8,16,32,128,256; SCALE_ARG=() ;;  # n=32: kn 128 / 2048
+  cpu)  BASE_K=2; LARGE_K=8; SCALE_ARG=(scale=cpu_5k) ;;  # the 5k-subset regime of starved_5k/beyond.md
+  full) BASE_K=4; LARGE_K=64; SCALE_ARG=() ;;  # n=32: kn 128 / 2048
   *) echo "SCALE must be cpu or full" >&2; exit 2 ;;
 esac
 LBSGD=(lbsgd train -m data=imagefolder data.root="$DATA" "${SCALE_ARG[@]}")

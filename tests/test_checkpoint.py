@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,15 @@ def test_a_hostile_checkpoint_runs_no_code_in_train_eval_or_quantize(trained, tm
     proc = lbsgd("train", *FAST, f"hydra.run.dir={run}")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "holds code" in proc.stderr
     assert not target.exists()
+
+
+def test_eval_and_quantize_refuse_a_data_root_for_a_digits_checkpoint_rather_than_ignore_it(trained, tmp_path):
+    last = trained / "checkpoints" / "last.pt"
+    for command, key in (("eval", "data.root"), ("quantize", "data_root")):
+        proc = lbsgd(command, f"checkpoint={last}", f"{key}=/nonexistent", f"hydra.run.dir={tmp_path / command}")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith(f"lbsgd: error: {key}: has no meaning for data=digits")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_checkpoint_written_before_the_rule_still_loads(trained, tmp_path):
@@ -151,6 +162,17 @@ def test_read_checkpoint_refuses_globals_with_one_line(tmp_path):
     with pytest.raises(UserError, match="refused without running any of it") as info:
         checkpoint.read_checkpoint(evil)
     assert "\n" not in str(info.value) and not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_raw_pickle_checkpoint_is_refused_in_one_line_with_no_warning_before_it(tmp_path, protocol):
+    raw = tmp_path / "raw.pkl"  # pickle.dump of what a checkpoint holds, not torch.save
+    raw.write_bytes(pickle.dumps({"format": checkpoint.FORMAT, "model": {"w": [1.0]}}, protocol=protocol))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match="is not a readable checkpoint") as info:
+            checkpoint.read_checkpoint(raw)
+    assert [str(w.message) for w in caught] == [] and "\n" not in str(info.value)
 
 
 def test_a_real_full_file_system_keeps_the_previous_checkpoint(tmp_path):

@@ -10,6 +10,7 @@ import platform
 import pytest
 from omegaconf import OmegaConf
 
+from lbsgd_cli import cli, sweep
 from lbsgd_cli.rundir import RunLock
 
 from .conftest import SHORT, lbsgd
@@ -47,9 +48,14 @@ def _one_line_exit_2(proc, needle: str) -> None:
     (["batch.k=3,nan"], "batch.k"),  # a sweep: every value is checked before anything runs
     (["-m", "optim.base_lr=0.1,nan"], "optim.base_lr: must be a finite number"),
     (["checkpoint.preempt_signals=[SIGNOPE]"], "checkpoint.preempt_signals: unknown signal 'SIGNOPE'"),
+    (["data.root=/nonexistent"], "data.root: has no meaning for data=digits"),  # digits read no folder
+    (["data.root=/nonexistent"], "data=imagefolder, cifar10, cifar100 read it"),
+    (["model.arch=foo"], "model.arch: unknown network 'foo'"),  # the name first, not "foo expects RGB images"
+    (["model.arch=resnet18"], "model.arch: resnet18 expects RGB images, the data has 1 channel(s)"),
 ])
-def test_bad_train_input_is_one_line_exit_2(args, needle, tmp_path):
+def test_bad_train_input_is_one_line_exit_2_and_leaves_nothing_behind(args, needle, tmp_path):
     _one_line_exit_2(lbsgd("train", "threads=1", f"hydra.run.dir={tmp_path / 'run'}", *args), needle)
+    assert list(tmp_path.iterdir()) == []  # no run directory, no .lock: the refusal wrote nothing
 
 
 @pytest.mark.parametrize("command,args,needle", [
@@ -62,8 +68,44 @@ def test_bad_train_input_is_one_line_exit_2(args, needle, tmp_path):
     ("quantize", ["checkpoint=x.pt", "quant.bits=1"], "quant.bits"),
     ("quantize", ["checkpoint=/no/such.pt"], "checkpoint: /no/such.pt does not exist"),
 ])
-def test_bad_eval_and_quantize_input_is_one_line_exit_2(command, args, needle, tmp_path):
+def test_bad_eval_and_quantize_input_is_one_line_exit_2_and_leaves_nothing_behind(command, args, needle, tmp_path):
     _one_line_exit_2(lbsgd(command, f"hydra.run.dir={tmp_path / 'run'}", *args), needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refusal_removes_the_folders_it_made_and_keeps_what_was_there_before(tmp_path):
+    new = tmp_path / "a" / "b" / "run"  # three folders Hydra makes for the call: all go
+    _one_line_exit_2(lbsgd("eval", f"hydra.run.dir={new}", "checkpoint=/no/such.pt"), "does not exist")
+    assert list(tmp_path.iterdir()) == []
+    empty = tmp_path / "empty"  # a folder that was there, empty: it stays
+    empty.mkdir()
+    _one_line_exit_2(lbsgd("quantize", f"hydra.run.dir={empty}", "checkpoint=/no/such.pt"), "does not exist")
+    assert empty.is_dir() and list(empty.iterdir()) == []
+    run = tmp_path / "run"  # a run directory with a log but no checkpoint: train refuses it, no .lock left
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    _one_line_exit_2(lbsgd("train", f"hydra.run.dir={run}", *SHORT), "has metrics.jsonl but no checkpoint")
+    assert [p.name for p in run.iterdir()] == ["metrics.jsonl"]
+
+
+def test_a_sweep_with_a_point_that_cannot_run_is_refused_whole_naming_it_before_any_point_runs(tmp_path):
+    proc = lbsgd("train", "-m", "batch.k=1000,2", "threads=1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _one_line_exit_2(proc, "sweep point batch.k=1000: batch: k*n = 32000 is larger than the training set "
+                           "(1437 images); no point of the sweep ran")
+    assert list(tmp_path.iterdir()) == []  # not even the valid point batch.k=2 ran
+    proc = lbsgd("train", "-m", "model.arch=small_cnn,resnet18", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _one_line_exit_2(proc, "sweep point model.arch=resnet18: model.arch: resnet18 expects RGB images")
+    proc = lbsgd("train", "-m", "batch.k=2,4", "optim.base_lr=0.1,nan", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _one_line_exit_2(proc, "sweep point batch.k=2,optim.base_lr=nan: optim.base_lr: must be a finite number")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_points_are_hydras_jobs_the_command_line_replacing_a_presets_values():
+    jobs = sweep.points(["batch.k=2,4", "seed=0,1", "threads=1"], {"batch.k": "8,16,32", "optim.base_lr": "0.1,0.2"})
+    assert len(jobs) == 2 * 2 * 2
+    assert jobs[0].overrides == ["batch.k=2", "optim.base_lr=0.1", "seed=0", "threads=1"]
+    assert jobs[0].label == "batch.k=2,optim.base_lr=0.1,seed=0"
+    assert jobs[-1].label == "batch.k=4,optim.base_lr=0.2,seed=1"
 
 
 def test_unknown_command_and_usage():
@@ -72,6 +114,17 @@ def test_unknown_command_and_usage():
     assert proc.stderr.strip() == "lbsgd: error: unknown command 'fly' (commands: train, quantize, eval, plan, plot)"
     usage = lbsgd()
     assert usage.returncode == 2 and "train" in usage.stdout and "quantize" in usage.stdout
+
+
+def test_every_command_is_one_line_of_one_table_that_the_usage_lists():
+    assert list(cli.COMMANDS) == ["train", "quantize", "eval", "plot"]
+    usage = lbsgd("--help")
+    assert usage.returncode == 0
+    for name, command in cli.COMMANDS.items():
+        assert f"\n  {name} " in usage.stdout and command.help in usage.stdout
+        assert (command.task is None) != (command.main is None), f"{name}: a Hydra task or a plain main, not both"
+    plot = lbsgd("plot", "--help")  # plot, a plain command, runs through the table too
+    assert plot.returncode == 0 and "RUN_OR_SWEEP_DIR" not in plot.stderr and "--no-figures" in plot.stdout
 
 
 def test_cfg_job_and_help():

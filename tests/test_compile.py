@@ -66,6 +66,7 @@ def _explain(model_kw: dict, classes: int, shape: tuple[int, ...], kernel: str, 
     return out.graph_count, out.graph_break_count, [r.reason.splitlines()[0] for r in out.break_reasons]
 
 
+@pytest.mark.slow  # dynamo traces the network (fused: inductor compiles it too)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("kernel", ["native", "fused"])
 def test_cifar_resnet20_with_ghost_bn_is_one_graph(kernel, mode):
@@ -74,6 +75,7 @@ def test_cifar_resnet20_with_ghost_bn_is_one_graph(kernel, mode):
     assert (graphs, breaks) == (1, 0), reasons
 
 
+@pytest.mark.slow  # dynamo traces ResNet-50 (the CIFAR ResNet-20 cases stay fast)
 @pytest.mark.parametrize("kernel,mode", [("native", "train"), ("fused", "train"), ("native", "eval")])
 def test_resnet50_with_ghost_bn_is_one_graph(kernel, mode):
     """torchvision ResNet-50, batch 64, ghost BN over n = 32; 64x64 images trace the same graph as 224x224

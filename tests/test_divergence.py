@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
 
 from lbsgd_cli.divergence import DivergenceWatch
@@ -58,6 +59,7 @@ def test_a_diverging_run_stops_keeps_its_checkpoint_and_says_so(tmp_path):
     assert written == {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
 
 
+@pytest.mark.slow  # a sweep of two training runs
 def test_a_sweep_runs_on_after_a_diverged_job_and_exits_5(tmp_path):
     rest = [a for a in BLOW_UP if not a.startswith("optim.base_lr")]
     res = lbsgd("train", "-m", "optim.base_lr=1e8,0.1", *rest, "schedule.epochs=1", "schedule.milestones=[5]",

@@ -119,6 +119,7 @@ def test_auto_passes_give_the_weights_of_one_pass_within_float_roundoff():
     assert 0 < worst < 1e-6  # float32 roundoff of gradient sums; the step itself moves weights by ~1e-2
 
 
+@pytest.mark.slow  # the fused kernel compiles for every pass split
 def test_fused_bn_kernel_gives_the_native_step_and_any_pass_split():
     """model.bn_kernel=fused: two steps over 1 and 4 passes give the native kernel's weights and running
     statistics within float32 roundoff, and the pass split does not change the fused result beyond it."""
@@ -138,7 +139,7 @@ def test_fused_bn_kernel_gives_the_native_step_and_any_pass_split():
     assert not torch.equal(_net().state_dict()["fc.weight"], states["fused", 4]["fc.weight"])
 
 
-@pytest.mark.parametrize("bn_kernel", ["native", "fused"])
+@pytest.mark.parametrize("bn_kernel", ["native", pytest.param("fused", marks=pytest.mark.slow)])  # fused compiles
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_step_reads_nothing_back_from_the_device(monkeypatch, precision, bn_kernel):
     """A proxy on CPU for "no host sync per step": train_step and the loop's per-step bookkeeping (the

@@ -174,13 +174,11 @@ def _new_and_reference(c, n, dtype=torch.float64, kernel="native", **kw):
 
 
 _FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-MAX_DIFF: dict[str, float] = {}  # largest float64 difference seen per quantity (printed by -s runs)
 
 
 def _close(name, a, b, tol=1e-12):
     """Equal within float64 roundoff: ``tol`` relative to the quantity's scale."""
     diff = float((a - b).detach().abs().max()) if a.numel() else 0.0
-    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
     assert diff <= tol * max(1.0, float(b.detach().abs().max())), f"{name}: {diff}"
 
 
@@ -199,7 +197,9 @@ def _run_both(new, ref, x, dy, mode="train"):
 
 # model.bn_kernel: one native call per worker's slice | one compiled kernel; "traced": the plain-op formula
 # that torch.compile traces (compile=true, either key value), run eagerly here (the autouse fixture below)
-KERNELS = ["native", "fused", "traced"]
+# the fused kernel compiles with inductor (tens of seconds of CPU per test): slow tier; native and traced stay fast
+FUSED = pytest.param("fused", marks=pytest.mark.slow)
+KERNELS = ["native", FUSED, "traced"]
 
 
 def _k(kernel: str) -> str:
@@ -220,7 +220,7 @@ def _traced_kernel(request, monkeypatch):
 # the fused kernel at g = 1 and 4 in training (g = 32 is g = 4's code at another size, one more compile;
 # evaluation runs PyTorch's BN with either kernel)
 _CASES = [(g, fmt, mode, "native") for g in (1, 4, 32) for fmt in _FORMATS for mode in ("train", "eval")] + \
-         [(g, fmt, "train", "fused") for g in (1, 4) for fmt in _FORMATS] + \
+         [pytest.param(g, fmt, "train", "fused", marks=pytest.mark.slow) for g in (1, 4) for fmt in _FORMATS] + \
          [(g, fmt, "train", "traced") for g in (1, 4, 32) for fmt in _FORMATS]
 
 
@@ -334,6 +334,7 @@ def test_bf16_autocast_keeps_fp32_statistics(fmt, kernel):
     torch.testing.assert_close(ghost.running_var, fp32.running_var, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the fused kernel compiles
 @pytest.mark.parametrize("fmt", list(_FORMATS))
 def test_fused_bf16_is_as_close_to_float64_as_native(fmt):
     """bf16 input: the fused kernel's output and gradients are within the native kernel's distance of a
@@ -359,6 +360,7 @@ def test_fused_bf16_is_as_close_to_float64_as_native(fmt):
         assert err_fused <= 1.5 * err_native + 1e-5, f"{name}: fused {err_fused:.2e}, native {err_native:.2e}"
 
 
+@pytest.mark.slow  # the fused kernel compiles
 def test_fused_groups_are_bit_exact_across_pass_sizes():
     """What 1-vs-W bit-exactness needs of a BN kernel: a worker's output and input gradient do not depend
     on how many other workers share its pass (README "Guarantee"). The fused kernel reduces each group in
@@ -410,9 +412,3 @@ def test_fused_compile_failure_is_one_user_error(monkeypatch):
 def test_unknown_kernel_is_an_error():
     with pytest.raises(ValueError, match="native or fused"):
         GhostBatchNorm2d(4, 2, "cudnn")
-
-
-def test_print_max_float64_differences():
-    """Run last (-s shows it): the largest differences measured above."""
-    print("\nmax abs difference, copy-free (native and fused) vs former ghost BN (float64):",
-          ", ".join(f"{k} {v:.1e}" for k, v in sorted(MAX_DIFF.items())))

@@ -101,6 +101,13 @@ def test_any_torchvision_classifier_by_name():
         build_model(mcfg("resnet51"), 10, 3, bn_group=None)
 
 
+def test_an_unknown_network_is_named_so_before_its_input_channels_are_looked_at():
+    with pytest.raises(UserError, match=r"^model.arch: unknown network 'foo' \(small_cnn, cifar_resnet or a"):
+        build_model(mcfg("foo"), 10, 1, bn_group=None)  # digits: one channel
+    with pytest.raises(UserError, match="resnet18 expects RGB images, the data has 1 channel"):
+        build_model(mcfg("resnet18"), 10, 1, bn_group=None)
+
+
 def test_cifar_stem_makes_torchvision_resnet18_a_32x32_network():
     """model.stem=cifar: one 3x3/1 conv, no max pool (the CIFAR-100 replication's ResNet-18); He init and zero-gamma
     still reach it, and the imagenet stem stays torchvision's."""

@@ -76,6 +76,7 @@ def _regression_steps(probe_on: bool, steps: int, seed: int = 0, decay: float = 
     return probe, grads, true
 
 
+@pytest.mark.slow  # many probe steps of a regression
 def test_probe_recovers_known_noise_scale_of_linear_regression_and_is_read_only():
     probe, grads, true = _regression_steps(True, steps=2000)  # seeds 0-5: within 12%
     r = probe.result()

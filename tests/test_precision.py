@@ -80,6 +80,7 @@ def test_scaler_state_resumes_the_same_steps():
     assert all(torch.equal(v, net3.state_dict()[k]) for k, v in net.state_dict().items())
 
 
+@pytest.mark.slow  # training runs, one resumed
 def test_fp16_run_trains_counts_skipped_steps_and_checkpoints_the_scaler(tmp_path, monkeypatch):
     """An fp16 digits run: the loss falls, one injected inf gradient is one skipped step (in metrics and
     the epoch line) and not a divergence, and the checkpoint holds the scaler's state."""

@@ -84,7 +84,8 @@ def test_remarks_formulas():
     assert momentum_correction(0.2, 0.1) == pytest.approx(2.0)  # Remark 2
 
 
-@pytest.mark.parametrize("warmup", ["gradual", "constant", "none"])
+@pytest.mark.parametrize("warmup", ["gradual", pytest.param("constant", marks=pytest.mark.slow),  # a run each: the
+                                    pytest.param("none", marks=pytest.mark.slow)])  # paper's stays fast
 def test_run_uses_formula_rate_at_every_iteration(tmp_path, warmup):
     run = tmp_path / "run"
     proc = lbsgd("train", f"hydra.run.dir={run}", "threads=1", "log.progress=none", "log.every=1",
@@ -136,6 +137,7 @@ def test_decay_needs_iterations_after_warmup():
               milestones=[], decay=Decay.cosine, total_iters=50)
 
 
+@pytest.mark.slow  # a training run
 def test_run_uses_poly_decay_at_every_iteration(tmp_path):
     run = tmp_path / "run"
     proc = lbsgd("train", f"hydra.run.dir={run}", "threads=1", "log.progress=none", "log.every=1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ def _recorded_runs(tmp_path: Path, script: str, parts: list[str], **env: str) ->
     return [json.loads(line) for line in calls.read_text().splitlines()]
 
 
+@pytest.mark.slow  # composes and validates every run of the script
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_exp_cifar_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -> None:
     parts = ["ladder", "table1", "seeds", "rules", "nozg", "fp32", "probe"]
@@ -41,6 +43,7 @@ def test_exp_cifar_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -
         validate(compose("train", overrides))  # every key the script sets exists and every value is valid
 
 
+@pytest.mark.slow  # runs the script twice
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_exp_cifar_with_jobs_starts_the_same_runs_at_once_each_logging_to_its_own_file(tmp_path: Path) -> None:
     """JOBS=3 (several runs sharing a GPU): the same command lines as one at a time, each output in logs/NAME.log."""
@@ -66,6 +69,7 @@ def test_exp_cifar_with_jobs_starts_the_same_runs_at_once_each_logging_to_its_ow
     assert normal(calls(3), 3) == normal(calls(1), 1)
 
 
+@pytest.mark.slow  # composes and validates every run of the script
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_exp_beyond_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -> None:
     runs = _recorded_runs(tmp_path, "exp_beyond.sh", ["noise", "lars-probe", "lars", "warmup"])
@@ -91,6 +95,19 @@ def test_exp_beyond_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) 
     assert all("log.noise_scale=true" in r for r in runs if any(a.startswith("schedule.warmup_epochs=") for a in r))
 
 
+def test_every_variable_exp_env_sets_is_read_by_exp_env_or_a_script_that_sources_it() -> None:
+    scripts = ROOT / "scripts"
+    env_text = (scripts / "exp_env.sh").read_text()
+    code = [line.split("#", 1)[0] for line in env_text.splitlines()]
+    assigned = {m.group(1) for line in code for m in re.finditer(r"(?:^|[;(]|\s)([A-Z][A-Z0-9_]*)=", line)}
+    readers = [env_text] + [p.read_text() for p in scripts.glob("*.sh")
+                            if re.search(r"^\s*(source|\.)\s.*exp_env\.sh", p.read_text(), re.M)]
+    assert assigned >= {"DATA", "RUNS", "SCALE", "LBSGD"} and len(readers) >= 2
+    unread = sorted(name for name in assigned if not any(
+        re.search(rf"\$\{{?{name}\b", re.sub(rf"\b{name}=\$\{{{name}\b", "", text)) for text in readers))
+    assert unread == [], f"scripts/exp_env.sh sets {unread}, which nothing reads"
+
+
 def _bench_gpu():
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
     mod = importlib.util.module_from_spec(spec)
@@ -99,6 +116,7 @@ def _bench_gpu():
     return mod
 
 
+@pytest.mark.slow  # runs every section of the benchmark
 def test_bench_gpu_smoke_measures_every_section_through_lbsgds_own_path(tmp_path: Path) -> None:
     """scripts/bench_gpu.py --smoke: tiny generated ImageNet-like files (the odd kinds included), the step
     per precision and memory format with ghost and plain BN, the loader per decode mode, end to end, the
@@ -141,6 +159,7 @@ def test_bench_gpu_generates_imagenet_like_sizes(tmp_path: Path) -> None:
     assert 0.7 < (sizes[:, 0] >= sizes[:, 1]).mean() < 0.85 and sizes.max() < 1000 and sizes.min() >= 16
 
 
+@pytest.mark.slow  # every row is a lbsgd run in a subprocess
 def test_bench_memory_smoke_runs_every_train_and_eval_row_through_the_cli(tmp_path: Path) -> None:
     """scripts/bench_memory.py --smoke: lbsgd train with and without memory.checkpointing, then lbsgd eval of
     its checkpoint per offload mode and precision; every command exits 0 and no memory is claimed off CUDA."""

@@ -162,6 +162,7 @@ def test_config_tree_ships_in_the_wheel(tmp_path):
     assert where.stdout.strip().startswith(str(site))
 
 
+@pytest.mark.slow  # three trainings, one with the compiled fused kernel
 def test_channels_last_and_fused_bn_kernel_train_the_same_network(tmp_path):
     """model.channels_last=true (NHWC model and inputs) and model.bn_kernel=fused (one compiled ghost-BN
     kernel per layer): each the same run as the default up to summation order (not bit-identical)."""
@@ -184,6 +185,7 @@ def test_channels_last_and_fused_bn_kernel_train_the_same_network(tmp_path):
     assert "compile: the first step took" in out["fused"] and "compile:" not in out["default"]
 
 
+@pytest.mark.slow  # three trainings
 def test_stop_after_epoch_is_a_probe_that_the_same_command_continues(tmp_path):
     """checkpoint.stop_after_epoch: the run's first epochs (a probe), exit 0 and no summary; the command without
     it continues the same run to the weights of a run never stopped (it changes nothing in the result)."""

@@ -45,6 +45,25 @@ def _pyplot() -> Any:
     return plt
 
 
+def label_clipped(ax: Any, labels: list[tuple[float, float, str, str]], fontsize: float = 8) -> list[Any]:
+    """Write the value of each point drawn at the edge of a figure (``(x, y drawn, text, colour)``) beside
+    its marker: to its left, about at the marker's height (inside the axes), in its line's colour. A line
+    reaching the edge rises to it from below, so that side is clear of every line (below the marker, where
+    the labels used to be, are the line itself and the other methods' markers). Several labels at one point
+    sit side by side, right to left, each clear of the last. Returns the annotations."""
+    at: dict[tuple[float, float], list[tuple[str, str]]] = {}
+    for x, y, text, color in labels:
+        at.setdefault((x, y), []).append((text, color))
+    written = []
+    for (x, y), texts in at.items():
+        dx = -12.0  # points left of the marker's centre: past it, and past where a shallow line meets it
+        for text, color in texts:
+            written.append(ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, 1.5), ha="right",
+                                       va="center", fontsize=fontsize, color=color))
+            dx -= 0.62 * fontsize * len(text) + 4  # a digit is about 0.6 em wide; 4 points between labels
+    return written
+
+
 def comparison_figure(studies: dict[str, Study], out: Path) -> list[Path]:
     """Figure 1 with one line per study (``fig1_err_vs_kn_studies.png``), where two or more have a ladder."""
     ladders = comparable_ladders(studies)
@@ -53,6 +72,7 @@ def comparison_figure(studies: dict[str, Study], out: Path) -> list[Path]:
     plt = _pyplot()
     top = 15.0  # points above the baseline; a run beyond is drawn at the edge with its value written
     fig, ax = plt.subplots(figsize=(6, 4))
+    clipped: list[tuple[float, float, str, str]] = []
     for name, lad in ladders.items():
         kns, means, stds, _ = ladder_points(lad)
         ref = means[0] if kns and kns[0] == studies[name].base_kn else None
@@ -61,10 +81,8 @@ def comparison_figure(studies: dict[str, Study], out: Path) -> list[Path]:
         gaps = [m - ref for m in means]
         line = ax.errorbar(kns, [min(g, top) for g in gaps], yerr=stds, fmt="o-", capsize=3,
                            label=f"{name} (baseline {ref:.2f} %)")
-        for kn, g in zip(kns, gaps):
-            if g > top:
-                ax.annotate(f"+{g:.1f}", (kn, top), textcoords="offset points", xytext=(0, -12), ha="center",
-                            fontsize=8, color=line[0].get_color())
+        clipped += [(kn, top, f"+{g:.1f}", line[0].get_color()) for kn, g in zip(kns, gaps) if g > top]
+    label_clipped(ax, clipped)
     ax.axhline(1.0, color="grey", ls="--", lw=0.8, label="1 point above the baseline")
     ax.set_xscale("log", base=2)
     ax.set_ylim(top=top + 0.5)
@@ -88,20 +106,19 @@ def methods_figure(methods: Methods, out: Path) -> list[Path]:
     ref_err = statistics.mean(base) if base else None
     top = (ref_err or 0) + 25.0  # a point beyond is drawn at the edge with its value written
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    clipped: list[tuple[float, float, str, str]] = []
 
     def draw(ladder: dict[int, list[Run]], name: str, fmt: str) -> None:
         kns, means, stds, div = ladder_points(ladder)
         line = ax.errorbar(kns, [min(m, top) for m in means], yerr=stds, fmt=fmt, capsize=3, label=name)
-        for kn, m in zip(kns, means):
-            if m > top:
-                ax.annotate(f"{m:.1f}", (kn, top), textcoords="offset points", xytext=(0, -12), ha="center",
-                            fontsize=8, color=line[0].get_color())
+        clipped.extend((kn, top, f"{m:.1f}", line[0].get_color()) for kn, m in zip(kns, means) if m > top)
         for kn in div:
             ax.annotate("diverged", (kn, top), rotation=90, ha="center", va="top", fontsize=8)
 
     draw(ref.ladder(), f"recipe: SGD, step decay, warmup {methods.paper_warmup:g} ep", "o-")
     for method, by_kn in best.items():
         draw(by_kn, f"{method} (best setting per kn)", "s--")
+    label_clipped(ax, clipped)
     if ref_err is not None:
         ax.axhline(ref_err + 1.0, color="grey", ls="--", lw=0.8, label="1 point above the baseline")
     ax.set_xscale("log", base=2)

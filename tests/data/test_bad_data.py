@@ -155,7 +155,7 @@ def test_a_bad_file_in_memory_is_one_line_naming_it_and_the_way_out(tmp_path, ki
         assert "decompression-bomb limit" in msg
 
 
-@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+@pytest.mark.parametrize("decode", ["cpu", pytest.param("gpu", marks=pytest.mark.slow)])  # gpu: a second loader
 @pytest.mark.parametrize("kind", BAD_KINDS)
 def test_a_bad_file_met_mid_epoch_by_a_loader_worker_is_one_line_naming_it(tmp_path, kind, decode):
     """data.decode=gpu too: a JPEG cut short never reaches the device decoder (which would fail the whole
@@ -171,6 +171,7 @@ def test_a_bad_file_met_mid_epoch_by_a_loader_worker_is_one_line_naming_it(tmp_p
     assert "\n" not in msg and msg.startswith(f"data: cannot decode image {bad}: ") and "data.skip_bad=true" in msg
 
 
+@pytest.mark.slow  # loader worker processes
 def test_an_unreadable_file_is_one_line_in_memory_and_in_a_worker(tmp_path, monkeypatch):
     root = make_image_tree(tmp_path / "d", size=BIG, per_class=2, val_per_class=1)
     locked = root / "train" / "a" / "0001.jpg"
@@ -267,6 +268,7 @@ def test_skip_bad_streaming_replaces_the_same_way_on_every_rank_and_counts(tmp_p
     assert torch.equal(x, nxt) and y == data.train.labels[i + 1]  # the next file, with the sample's own seed
 
 
+@pytest.mark.slow  # a streaming training run with loader workers
 def test_skip_bad_run_reports_bad_files_in_the_header_and_metrics(tmp_path):
     root = make_image_tree(tmp_path / "d", size=BIG, per_class=4, val_per_class=2)
     make_bad(root / "train" / "b" / "0002.jpg", "truncated")

@@ -276,10 +276,12 @@ def test_download_goes_through_torchvision_once_the_files_are_missing(tmp_path, 
 
 
 @pytest.mark.parametrize("name, preset", [
-    ("cifar10", ["experiment=cifar_baseline", "model.depth=8", "schedule.milestones=[1]"]),
+    pytest.param("cifar10", ["experiment=cifar_baseline", "model.depth=8", "schedule.milestones=[1]"],
+                 marks=pytest.mark.slow),  # training and eval runs (the fast tier reads the batches in-process)
     # the CIFAR-100 preset on its 20 coarse labels, with a ResNet-8 in place of its ResNet-18 (CPU-sized)
-    ("cifar100", ["experiment=cifar100_gradual", "data.labels=coarse", "model=cifar_resnet", "model.depth=8",
-                  "schedule.warmup_epochs=1", "schedule.milestones=[1]"]),
+    pytest.param("cifar100", ["experiment=cifar100_gradual", "data.labels=coarse", "model=cifar_resnet",
+                              "model.depth=8", "schedule.warmup_epochs=1", "schedule.milestones=[1]"],
+                 marks=pytest.mark.slow),
 ])
 def test_train_and_eval_end_to_end_on_generated_batches(tmp_path, tables, name, preset):
     tables.append(write_cifar(tmp_path / "data", name, train=320, test=80))

@@ -75,6 +75,7 @@ def test_a_sweep_that_changes_a_setting_for_every_run_gets_its_own_recipe(tmp_pa
     assert "| False (the recipe) | 0.8 | 21.00 | +1.00 | 0 |" in text and "| True | 0.8 | 25.00 | +5.00 | 0 |" in text
 
 
+@pytest.mark.slow  # draws every figure of three studies
 def test_a_setting_rerun_as_a_ladder_gets_its_own_table_1_and_figure_1(study_dir: Path, tmp_path: Path) -> None:
     make_run(study_dir, "base-nozg", 4, "none", zero_gamma=False, errs=(0.9, 0.19, 0.18))
     make_run(study_dir, "ladder-16-nozg", 16, zero_gamma=False, errs=(0.9, 0.2, 0.185))

@@ -30,6 +30,7 @@ def test_tables_show_divergence_as_diverged_and_means_over_seeds(study_dir: Path
     assert "| True (the recipe) | 1.6 | 30.00 |" in text
 
 
+@pytest.mark.slow  # draws every figure of two studies
 def test_studies_of_two_lengths_get_figure_1_side_by_side(study_dir: Path, tmp_path: Path) -> None:
     longer = tmp_path / "longer"
     make_run(longer, "base", 4, "none", errs=(0.9, 0.2, 0.19), epochs=6)
