@@ -43,6 +43,9 @@ Modules, one concern each, with the paper's sections they implement in brackets:
                   studies, tables, figures, command)                      [§5.2-5.3, Tables 1-2, Figs. 1-4]
   plan            lbsgd plan: time per iteration (compute, exposed allreduce, loader wait) and time to train
                   on 8..N GPUs from an alpha-beta model, checked against published runs        [§4, §5.5, Figs. 7-8]
+  sweep           every point of `lbsgd train -m` composed, validated and checked against its data set before
+                  any runs: a bad point refuses the whole sweep in one line
+  output_dir      a refused command leaves nothing behind: the folders on the way to its output that it made
   errors          one-line user errors and exit statuses
   cli             the `lbsgd` command
 """

@@ -111,13 +111,13 @@ def test_sweep_points_are_hydras_jobs_the_command_line_replacing_a_presets_value
 def test_unknown_command_and_usage():
     proc = lbsgd("fly")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "lbsgd: error: unknown command 'fly' (commands: train, quantize, eval, plan, plot)"
+    assert proc.stderr.strip() == "lbsgd: error: unknown command 'fly' (commands: train, quantize, eval, plot, plan)"
     usage = lbsgd()
     assert usage.returncode == 2 and "train" in usage.stdout and "quantize" in usage.stdout
 
 
 def test_every_command_is_one_line_of_one_table_that_the_usage_lists():
-    assert list(cli.COMMANDS) == ["train", "quantize", "eval", "plot"]
+    assert list(cli.COMMANDS) == ["train", "quantize", "eval", "plot", "plan"]
     usage = lbsgd("--help")
     assert usage.returncode == 0
     for name, command in cli.COMMANDS.items():
