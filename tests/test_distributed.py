@@ -372,7 +372,7 @@ def test_slurm_launcher_config_composes_and_renders_sbatch(tmp_path, monkeypatch
 
 
 def test_sbatch_script_is_valid_bash_and_forwards_overrides():
-    script = ROOT / "scripts" / "slurm_train.sbatch"
+    script = ROOT / "scripts" / "slurm" / "slurm_train.sbatch"
     text = script.read_text()
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert "#SBATCH --signal=USR2@120" in text and "#SBATCH --requeue" in text

@@ -20,7 +20,7 @@ The machine is shared and noisy: one thread, every variant runs one step per rou
 order of the variants reverses every round, and each ratio is the median over rounds of the
 ratio within a round. Usage::
 
-    PYTHONPATH=. python scripts/bench_ghost_bn.py [--rounds 9] [--batch 128 | --n 32] [--r50-rounds 3] [--no-r50]
+    PYTHONPATH=. python scripts/bench/bench_ghost_bn.py [--rounds 9] [--batch 128 | --n 32] [--r50-rounds 3] [--no-r50]
 """
 
 from __future__ import annotations

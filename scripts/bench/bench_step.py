@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The whole lbsgd step against a bare hand-written loop, in each precision, as paired ratios in one run.
 
-    PYTHONPATH=. python scripts/bench_step.py [--rounds 7] [--iters 3] [--threads 1] [--depth 20] [--per-pass K]
+    PYTHONPATH=. python scripts/bench/bench_step.py [--rounds 7] [--iters 3] [--threads 1] [--depth 20] [--per-pass K]
 
 Sides, all CIFAR ResNet-20 (``--depth``) on one batch of 128 (``--batch``) random 32x32 images:
 

@@ -10,7 +10,7 @@ reverses every round); the ratio is the median over rounds of old/new within a r
 both models are compiled (``nn.Module.compile``, as ``compile=true``; NCHW, native kernel only): the old
 module's ghost BN breaks the graph at every BN layer, the new one is traced into one graph. Usage::
 
-    PYTHONPATH=. python scripts/bench_ghost_bn_eager.py [--rounds 9] [--old REV] [--fused] [--compile]
+    PYTHONPATH=. python scripts/bench/bench_ghost_bn_eager.py [--rounds 9] [--old REV] [--fused] [--compile]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 # Every run resumes where it stopped and a finished run does nothing: run it again after an
 # interruption. A diverged run is reported and the next one starts.
 #
-#   DATA=/path/to/cifar10 scripts/exp_cifar.sh [PART...] [-- overrides...]
+#   DATA=/path/to/cifar10 scripts/experiments/exp_cifar.sh [PART...] [-- overrides...]
 #
 #   PART   ladder | table1 | seeds | rules | nozg | fp32 | shortcut | deep | probe (default: ladder ... fp32)
 #          shortcut: Table 2b with projection shortcuts (model.shortcut=B, issue 36): zero-gamma on and off at

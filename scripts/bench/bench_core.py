@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of the core training step, ghost BN and the loaders, as ratios taken in one run.
 
-    python scripts/bench_core.py [--data-root /path/to/cifar10] [--rounds 5] [--iters 8]
+    python scripts/bench/bench_core.py [--data-root /path/to/cifar10] [--rounds 5] [--iters 8]
 
 1. lbsgd's training step (``engine.train_step``: lr set, ghost-BN bookkeeping, loss
    normalised by kn) over a plain hand-written PyTorch loop, same model and batch

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """BN layers alone: forward + in-place ReLU + backward of ResNet-20's three BN shapes, per kernel.
 
-    PYTHONPATH=. python scripts/bench_bn_layer.py [--rounds 7] [--reps 10] [--batch 128] [--n 32]
+    PYTHONPATH=. python scripts/bench/bench_bn_layer.py [--rounds 7] [--reps 10] [--batch 128] [--n 32]
 
 For each precision (fp32, bf16 inputs) and memory format, times ``--reps`` forward/backward calls of
 :class:`lbsgd_cli.ghost_bn.GhostBatchNorm2d` on a ``(batch, C, H, W)`` input per side:
