@@ -36,6 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from timing import alternate_rounds, paired_ratio
 from torch import nn
 
 from lbsgd_cli.config import ModelConfig
@@ -48,15 +49,13 @@ class Variant:
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.times: list[float] = []
 
-    def step(self) -> float:
-        t = time.perf_counter()
+    def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
         with ctx:
             loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
         self.opt.step()
-        return time.perf_counter() - t
 
 
 def resnet20_variants(batches: dict[int, int]) -> list[Variant]:
@@ -101,17 +100,15 @@ def resnet50_variants(batch: int) -> list[Variant]:
 
 
 def run_rounds(variants: list[Variant], rounds: int, warmup: int = 2) -> None:
-    for v in variants:
-        for _ in range(warmup):
-            v.step()
-    for r in range(rounds):
-        for v in variants if r % 2 == 0 else variants[::-1]:
-            v.times.append(v.step())
+    """One step of every variant per round, the order reversed every round, into each ``Variant.times``."""
+    times = alternate_rounds({str(i): v.step for i, v in enumerate(variants)}, rounds, warmup=warmup)
+    for i, v in enumerate(variants):
+        v.times = times[str(i)]
 
 
-def paired_ratio(a: Variant, b: Variant) -> float:
+def speedup(a: Variant, b: Variant) -> float:
     """Median over rounds of speed(a)/speed(b) = time(b)/time(a), both measured in the same round."""
-    return statistics.median(tb / ta for ta, tb in zip(a.times, b.times))
+    return paired_ratio(b.times, a.times)
 
 
 def main() -> None:
@@ -149,16 +146,16 @@ def main() -> None:
                 plain = by[(fmt, precision, "plain", batch)]
                 new, fused = by[(fmt, precision, "copy-free", g)], by[(fmt, precision, "fused", g)]
                 print(f"| {fmt} | {precision} | {g} | {batch // g} | {batch} | {ips(plain):.0f} | "
-                      f"{ips(new):.0f} | {ips(fused):.0f} | {paired_ratio(new, plain):.2f} | "
-                      f"{paired_ratio(fused, plain):.2f} |")
+                      f"{ips(new):.0f} | {ips(fused):.0f} | {speedup(new, plain):.2f} | "
+                      f"{speedup(fused, plain):.2f} |")
     print("\nbf16 autocast against fp32, same format and BN (copy-free ghost BN):\n")
     print("| format | g | fp32 img/s | bf16 img/s | bf16 / fp32 | channels_last / NCHW (bf16) |")
     print("|---|---:|---:|---:|---:|---:|")
     for fmt in ("nchw", "channels_last"):
         for g in (1, 4, 32):
             a, b = by[(fmt, "fp32", "copy-free", g)], by[(fmt, "bf16", "copy-free", g)]
-            cl = paired_ratio(by[("channels_last", "bf16", "copy-free", g)], by[("nchw", "bf16", "copy-free", g)])
-            print(f"| {fmt} | {g} | {ips(a):.0f} | {ips(b):.0f} | {paired_ratio(b, a):.2f} | {cl:.2f} |")
+            cl = speedup(by[("channels_last", "bf16", "copy-free", g)], by[("nchw", "bf16", "copy-free", g)])
+            print(f"| {fmt} | {g} | {ips(a):.0f} | {ips(b):.0f} | {speedup(b, a):.2f} | {cl:.2f} |")
     print(f"\n(ResNet-20 part: {time.monotonic() - t0:.0f} s)")
 
     if not args.no_r50:
@@ -173,7 +170,7 @@ def main() -> None:
         print("|---|---|---:|---:|")
         for v in vs50:
             print(f"| {v.key[0]} | {v.key[1]} | {args.r50_batch / statistics.median(v.times):.1f} | "
-                  f"{paired_ratio(v, base):.2f} |")
+                  f"{speedup(v, base):.2f} |")
         print(f"\n(ResNet-50 part: {time.monotonic() - t1:.0f} s)")
 
 
