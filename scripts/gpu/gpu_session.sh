@@ -18,8 +18,8 @@
 #                  (SIGTERM: a checkpoint) 35 s before DEADLINE, so a call cut short still brings back their
 #                  last checkpoints: unpack into results/inprogress/ and run again (item 4)
 #     deep         the paper's recipe (zero-gamma on) on CIFAR ResNet-20, 45 epochs, 12 runs at once (item 5):
-#                  baseline kn 128, the ladder 256-8192, Table 1 (none, constant) and Table 2b (zero-gamma
-#                  off) at kn 1024 and the baseline; resumes results/inprogress/cifar-r20/*, packs its run
+#                  scripts/experiments/exp_cifar.sh deep-gpu: baseline kn 128 (seeds 0, 1), the ladder 256-8192,
+#                  Table 1 (none, constant) and Table 2b (zero-gamma off) at kn 1024 and the baseline; resumes results/inprogress/cifar-r20/*, packs its run
 #                  directories into $OUT/deep-{1,2}.tar.gz every 15 s and stops the runs (SIGTERM: a checkpoint)
 #                  35 s before DEADLINE; unpack into results/inprogress/cifar-r20/ and run again
 # Each part starts only while DEADLINE (default: 570 s after the start) leaves it its expected time.
@@ -97,20 +97,10 @@ part_deep() {
   cifar_tree || return 1
   mkdir -p "$runs"
   [[ -d results/inprogress/cifar-r20 ]] && cp -rn results/inprogress/cifar-r20/. "$runs/"
-  (
-    export DATA=/dev/shm/lbsgd_cifar10 RUNS=$runs LBSGD="$PY -m lbsgd_cli" JOBS=$jobs
-    scale_arg=(scale=cpu model.depth=20)
-    extra=(device=$device threads=1 log.progress=plain log.tensorboard=false "${stop[@]}")
-    source scripts/experiments/exp_run.sh
-    z=model.zero_init_residual=false
-    run kn128-s0 experiment=cifar_baseline batch.k=4 seed=0                                     # the baseline
-    for k in 8 16 32 64 128 256; do run "kn$((32 * k))-gradual-s0" experiment=cifar_large_gradual batch.k=$k seed=0; done
-    for w in none constant; do run "kn1024-$w-s0" experiment=cifar_large_$w batch.k=32 seed=0; done  # Table 1
-    run kn128-nozg-s0 experiment=cifar_baseline batch.k=4 seed=0 $z                            # Table 2b
-    run kn1024-gradual-nozg-s0 experiment=cifar_large_gradual batch.k=32 seed=0 $z
-    run kn128-s1 experiment=cifar_baseline batch.k=4 seed=1
-    wait
-  ) &
+  # the runs are exp_cifar.sh's part deep-gpu (ResNet-20: the ladder, Table 1 at kn 1024, Table 2b, a second seed)
+  DATA=/dev/shm/lbsgd_cifar10 RUNS=$runs LBSGD="$PY -m lbsgd_cli" JOBS=$jobs SCALE=cpu DEPTH=20 LARGE_K=32 TABLE1_K=32 \
+    bash scripts/experiments/exp_cifar.sh deep-gpu -- \
+    device=$device threads=1 log.progress=plain log.tensorboard=false "${stop[@]}" &
   local study=$!
   while kill -0 "$study" 2>/dev/null; do
     if (($(left) < 35)); then  # before the call's end: no further starts, and the runs stop with a checkpoint
