@@ -14,7 +14,7 @@
 #          kn 128 and the large kn, SEEDS (default "0 1"); with DEPTH=20, kn 128 on seed 0
 #          deep: the recipe on ResNet-20 (model.depth=20): kn 128 and the large kn, zero-gamma on and off, seed 0
 #          deep-gpu: the ladder, table1 and deep, and a second baseline seed (12 runs with DEPTH=20 TABLE1_K=32:
-#          scripts/gpu/gpu_session.sh's part deep, issue 28 item 5); a run two of them share starts once
+#          scripts/gpu/gpu_session.sh's part deep, issue 28 item 5); a run two of them share starts once (once)
 #   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked), read as
 #          data=imagefolder (the presets' data=cifar10 reads torchvision's batches; the results/ runs, made
 #          when data=cifar10 meant this tree, keep their directory names and config.yaml as written)
@@ -49,16 +49,20 @@ scale_arg=(scale="$SCALE"); [[ $SCALE == full ]] && scale_arg=()
 [[ $DEPTH == 8 ]] || scale_arg+=(model.depth="$DEPTH")
 
 source "$(dirname "$0")/exp_run.sh"  # run NAME OVERRIDES...
-base() { run "kn128-s$1" experiment=cifar_baseline batch.k=4 seed="$1" "${@:2}"; }              # lr 0.1
-large() { run "kn$((32 * $1))-$2-s$3" experiment="cifar_large_$2" batch.k="$1" seed="$3" "${@:4}"; }
+# once NAME OVERRIDES...: run, unless this script started NAME already (deep-gpu's parts share kn128-s0 and the
+# large kn's run: with JOBS > 1 a second start would write to the same directory at once)
+declare -A started=()
+once() { [[ -z ${started[$RUNS/$1]:-} ]] || { echo "=== $1: started already" >&2; return 0; }; started[$RUNS/$1]=1; run "$@"; }
+base() { once "kn128-s$1" experiment=cifar_baseline batch.k=4 seed="$1" "${@:2}"; }              # lr 0.1
+large() { once "kn$((32 * $1))-$2-s$3" experiment="cifar_large_$2" batch.k="$1" seed="$3" "${@:4}"; }
 ladder() { base 0; for k in 32 64 128 256 16 8; do large "$k" gradual 0; done; }   # kn 1024, 2048, ... 256
 table1() { for k in "${TABLE1_K[@]}"; do large "$k" none 0; large "$k" constant 0; done; }
 deep() {  # RUNS=runs/results/cifar-r20-cpu DEPTH=20: the ResNet-20 runs of results/runs/cifar-r20-cpu
   local z=model.zero_init_residual=false L=$((32 * LARGE_K))
-  run kn128-s0 experiment=cifar_baseline batch.k=4 seed=0
-  run kn128-nozg-s0 experiment=cifar_baseline batch.k=4 seed=0 $z
-  run "kn$L-gradual-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0
-  run "kn$L-gradual-nozg-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0 $z
+  once kn128-s0 experiment=cifar_baseline batch.k=4 seed=0
+  once kn128-nozg-s0 experiment=cifar_baseline batch.k=4 seed=0 $z
+  once "kn$L-gradual-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0
+  once "kn$L-gradual-nozg-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0 $z
 }
 
 for part in "${parts[@]}"; do

@@ -1,13 +1,9 @@
 # Shared by scripts/experiments/exp_cifar.sh and scripts/experiments/exp_beyond.sh: `run NAME OVERRIDES...` trains one run in
 # $RUNS/NAME with `$LBSGD train data=imagefolder data.root=$DATA ${scale_arg[@]} OVERRIDES ${extra[@]}` (the
 # JPEG tree; data=cifar10 is torchvision's batches); JOBS > 1 runs up to JOBS at once, each logging to
-# $RUNS/logs/NAME.log. A run that fails is reported and the next one starts. A run directory that this script
-# already started (two parts sharing a run) is not started again: with JOBS > 1 both would write to it at once.
-declare -A STARTED=()
+# $RUNS/logs/NAME.log. A run that fails is reported and the next one starts.
 run() {
   local name=$1; shift
-  [[ -z ${STARTED[$RUNS/$name]:-} ]] || { echo "=== $name: started already" >&2; return 0; }
-  STARTED[$RUNS/$name]=1
   local cmd=($LBSGD train data=imagefolder data.root="$DATA" "${scale_arg[@]}" "$@" hydra.run.dir="$RUNS/$name" "${extra[@]}")
   echo "=== $name: $*" >&2
   if ((JOBS > 1)); then
