@@ -315,7 +315,7 @@ class PlanOptions:
     gpus: int = 256  # the GPU count to plan for; the table runs 8, 16, ... up to it
     gpus_per_node: int = 8
     n: int = 32  # images per GPU per step (batch.n); plan.run_dir sets it from the run
-    # the GPU's images/s at n per GPU, first of: images_per_s (a number) | gpu_bench (scripts/bench_gpu.py's JSON,
+    # the GPU's images/s at n per GPU, first of: images_per_s (a number) | gpu_bench (scripts/bench/bench_gpu.py's JSON,
     # its fastest step row or gpu_bench_row) | gpu (a row of lbsgd_cli.plan.GPU_TABLE, each with its source)
     images_per_s: Optional[float] = None
     gpu_bench: Optional[str] = None
@@ -335,7 +335,7 @@ class PlanOptions:
     overlap: bool = True  # allreduce buckets while backward runs (DDP, Goyal et al. §4)
     backward_fraction: float = 0.6667  # share of a step's compute that is the backward pass
     loader_cores_per_node: float = 0.0  # CPU cores decoding per node; 0 = the loader is not modelled
-    decode_ms_per_image: float = 0.0  # CPU ms to decode and augment one image (scripts/bench_gpu.py --per-core-only)
+    decode_ms_per_image: float = 0.0  # CPU ms to decode and augment one image (scripts/bench/bench_gpu.py --per-core-only)
     epochs: float = 90.0
     dataset_size: int = 1281167  # ImageNet-1k's training images
     noise_run: Optional[str] = None  # a run of lbsgd train log.noise_scale=true: is each kn past its edge?

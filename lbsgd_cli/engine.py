@@ -28,7 +28,7 @@ from .parallel import Parallel
 
 # batch.workers_per_pass=auto on a CPU: passes of at most this many samples. Small passes keep a layer's
 # activations in cache; on this project's CPU (ResNet-8/20, n = 32) two workers per pass train 1.2-1.9x
-# faster than all 32 of kn = 1024 in one pass (scripts/bench_passes.py, results/performance.md).
+# faster than all 32 of kn = 1024 in one pass (scripts/bench/bench_passes.py, results/performance.md).
 CPU_PASS_SAMPLES = 64
 
 

@@ -3,7 +3,7 @@
 Pure functions (no torch, no Hydra); the command's wiring is :func:`plan_command` at the end. The model and
 its sources are written down in ``results/plan.md``; in short, per iteration of ``n`` images per GPU:
 
-* **compute** ``t_c = n / r``: ``r`` the GPU's images/s on one GPU (``scripts/bench_gpu.py`` or
+* **compute** ``t_c = n / r``: ``r`` the GPU's images/s on one GPU (``scripts/bench/bench_gpu.py`` or
   :data:`GPU_TABLE`); a share ``backward_fraction`` of it is the backward pass (2/3: backward costs about twice
   the forward's FLOPs).
 * **allreduce** of the gradient, ``b`` bytes (``lbsgd_cli.distributed.allreduce_bytes``: 4 bytes per element,
@@ -226,7 +226,7 @@ def predict_step(compute_s: float, grad_bytes: float, world: int, ranks_per_node
                  bandwidth_gbit: float, latency_ms: float, algorithm: str = "ring", comm_hook: str = "none",
                  bytes_are_sent: bool = True, overlap: bool = True, bucket_bytes: float = 25 * 2**20,
                  first_bucket_bytes: float = 2**20, backward_fraction: float = 2 / 3) -> StepCost:
-    """A step's time on a cluster of one link kind (the local cluster of ``scripts/check_plan_local.py``: gloo's
+    """A step's time on a cluster of one link kind (the local cluster of ``scripts/experiments/check_plan_local.py``: gloo's
     ring over veth links): ``compute_s`` the one-process step, ``grad_bytes`` the bytes allreduced per step,
     as :func:`lbsgd_cli.distributed.allreduce_bytes` gives them for ``comm_hook`` (``bytes_are_sent=False``:
     fp32 bytes, scaled here by the hook), ``bandwidth_gbit`` and ``latency_ms`` the link's (one-way). The
@@ -263,7 +263,7 @@ def gpu_counts(gpus: int, start: int = 8) -> list[int]:
 
 def noise_edge(b_simple: float) -> int | None:
     """The largest useful ``kn`` for a measured ``B_simple``: the power of two nearest to it on a log scale
-    (``scripts/recommend_kn.py``; results/beyond.md: one doubling from the measured edge); None if infinite."""
+    (``scripts/experiments/recommend_kn.py``; results/beyond.md: one doubling from the measured edge); None if infinite."""
     if not math.isfinite(b_simple) or b_simple <= 0:
         return None
     return 2 ** max(0, round(math.log2(b_simple)))
@@ -420,11 +420,11 @@ def check_anchor(anchor: dict) -> dict[str, Any]:
 
 
 def images_per_s_from_bench(path: Path, row: str | None = None) -> tuple[float, str]:
-    """A GPU's images/s from ``scripts/bench_gpu.py``'s JSON: the named ``step`` row, else the fastest one."""
+    """A GPU's images/s from ``scripts/bench/bench_gpu.py``'s JSON: the named ``step`` row, else the fastest one."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise UserError(f"plan.gpu_bench: {path} does not exist (scripts/bench_gpu.py writes bench_gpu.json)") from None
+        raise UserError(f"plan.gpu_bench: {path} does not exist (scripts/bench/bench_gpu.py writes bench_gpu.json)") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"plan.gpu_bench: cannot read {path}: {exc}") from None
     steps = {k: v for k, v in (data.get("step") or {}).items() if isinstance(v, dict) and v.get("img_per_s")}
@@ -440,7 +440,7 @@ def images_per_s_from_bench(path: Path, row: str | None = None) -> tuple[float, 
 
 
 def b_simple_from_run(run_dir: Path) -> tuple[float, str]:
-    """The median ``B_simple`` of a ``log.noise_scale=true`` run, as ``scripts/recommend_kn.py`` computes it."""
+    """The median ``B_simple`` of a ``log.noise_scale=true`` run, as ``scripts/experiments/recommend_kn.py`` computes it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"plan.noise_run: {run_dir} is not a directory")
@@ -448,9 +448,9 @@ def b_simple_from_run(run_dir: Path) -> tuple[float, str]:
         raise UserError(f"plan.noise_run: {run_dir} has no metrics.jsonl (a run of lbsgd train log.noise_scale=true)")
     import importlib.util
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "recommend_kn.py"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "experiments" / "recommend_kn.py"
     if not script.is_file():
-        raise UserError(f"plan.noise_run needs scripts/recommend_kn.py beside the package ({script} is missing)")
+        raise UserError(f"plan.noise_run needs scripts/experiments/recommend_kn.py beside the package ({script} is missing)")
     spec = importlib.util.spec_from_file_location("_lbsgd_recommend_kn", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]

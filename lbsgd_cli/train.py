@@ -357,7 +357,7 @@ def _mean_over_ranks(parallel: Parallel, values: list[float]) -> list[float]:
     return [summed[str(i)] / parallel.world_size for i in range(len(values))]
 
 
-# scripts/bench_fp16_cpu.py on this project's 2-core CPU: one epoch of the digits preset on one thread, 3 rounds
+# scripts/bench/bench_fp16_cpu.py on this project's 2-core CPU: one epoch of the digits preset on one thread, 3 rounds
 # alternated in one process, medians fp32 864, bf16 687, fp16 92 img/s (README, "Bad inputs and what happens")
 FP16_CPU_WARNING = ("warning: precision=fp16 on a CPU is about 9x slower than fp32 (92 against 864 img/s measured "
                     "on the digits preset; CPUs have few fp16 kernels); use precision=bf16 (687 img/s) or fp32")

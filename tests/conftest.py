@@ -1,10 +1,12 @@
-"""Shared fixtures: tiny JPEG trees made on the fly, and a runner for the ``lbsgd`` CLI."""
+"""Shared fixtures: tiny JPEG trees made on the fly, a runner for the ``lbsgd`` CLI, free ports and a clean
+environment for multi-process runs, a run's weights, and a tiny network with a batch for the step tests."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -97,3 +99,59 @@ def compose(command: str = "train", overrides: tuple[str, ...] | list[str] = (),
         cfg = hydra_compose(config_name=command, overrides=list(overrides), return_hydra_config=return_hydra)
     GlobalHydra.instance().clear()
     return cfg
+
+
+_NEXT_PORT = [21000 + os.getpid() % 15000]
+
+
+def free_port() -> int:
+    """A free TCP port in [20000, 40000) (SLURM's is 20000 + job id mod 20000), never the same one twice."""
+    while _NEXT_PORT[0] < 40000:
+        port = _NEXT_PORT[0]
+        _NEXT_PORT[0] += 7
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without SLURM's, torchrun's and the fault-injection variables, one thread."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "LBSGD_FAULT_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                          "MASTER_ADDR", "MASTER_PORT")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a run directory's last checkpoint."""
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    """The largest absolute difference between the last checkpoints' weights of two run directories."""
+    wa, wb = run_weights(a), run_weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+
+
+def small_net(n: int = 4, bn_kernel: str = "native") -> torch.nn.Module:
+    """A seeded ``small_cnn`` (width 8, 1 channel in) with ghost BN over ``n``, in training mode."""
+    from omegaconf import OmegaConf
+
+    from lbsgd_cli.config import ModelConfig
+    from lbsgd_cli.models import build_model
+
+    torch.manual_seed(0)
+    cfg = OmegaConf.structured(ModelConfig(arch="small_cnn", width=8, bn_kernel=bn_kernel))
+    return build_model(cfg, 10, 1, bn_group=n).train()
+
+
+def small_batch(count: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded batch of ``count`` random 1x8x8 images and labels of 10 classes, for ``small_net``."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(count, 1, 8, 8, generator=g), torch.randint(0, 10, (count,), generator=g)

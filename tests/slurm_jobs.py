@@ -1,5 +1,5 @@
 """Shared by the SLURM tiers (tests/test_slurm.py: one node; tests/test_multinode.py: nodes in network namespaces):
-a cluster started by one of scripts/slurm_*.sh, its jobs, and what a run directory holds at the end."""
+a cluster started by one of scripts/slurm/slurm_*.sh, its jobs, and what a run directory holds at the end."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class Cluster:
 
 
 def start_cluster(script: str, *up_args: str) -> Iterator[Cluster]:
-    """``scripts/<script> up DIR ...`` for a test session, and ``down DIR`` after it, even when a test fails;
+    """``scripts/slurm/<script> up DIR ...`` for a test session, and ``down DIR`` after it, even when a test fails;
     skip without SLURM (or root), fail instead when LBSGD_SLURM_REQUIRED=1."""
     why = missing()
     if why:
@@ -71,7 +71,7 @@ def start_cluster(script: str, *up_args: str) -> Iterator[Cluster]:
             pytest.fail(f"LBSGD_SLURM_REQUIRED=1 but {why}")
         pytest.skip(why)
     top = Path(tempfile.mkdtemp(prefix="lbsgd-slurm-"))
-    up = subprocess.run(["bash", str(ROOT / "scripts" / script), "up", str(top), *up_args], capture_output=True,
+    up = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script), "up", str(top), *up_args], capture_output=True,
                         text=True, timeout=120)
     if up.returncode != 0:
         shutil.rmtree(top, ignore_errors=True)
@@ -83,7 +83,7 @@ def start_cluster(script: str, *up_args: str) -> Iterator[Cluster]:
     try:
         yield Cluster(top, env)
     finally:
-        subprocess.run(["bash", str(ROOT / "scripts" / script), "down", str(top)], timeout=120)
+        subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script), "down", str(top)], timeout=120)
         shutil.rmtree(top, ignore_errors=True)
 
 

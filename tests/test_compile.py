@@ -48,7 +48,7 @@ def test_compiled_model_steps_like_eager(bn_kernel):
 #
 # torch._dynamo.explain traces without inductor (no compile): graph and graph-break counts in seconds.
 # Before issue 23 ghost BN's training forward was torch.compiler.disable'd: ResNet-20 gave 15 graphs and
-# 14 breaks, ResNet-50 26 and 25 (scripts/explain_ghost_bn.py, results/performance.md).
+# 14 breaks, ResNet-50 26 and 25 (scripts/bench/explain_ghost_bn.py, results/performance.md).
 
 
 def _explain(model_kw: dict, classes: int, shape: tuple[int, ...], kernel: str, mode: str):
@@ -79,7 +79,7 @@ def test_cifar_resnet20_with_ghost_bn_is_one_graph(kernel, mode):
 @pytest.mark.parametrize("kernel,mode", [("native", "train"), ("fused", "train"), ("native", "eval")])
 def test_resnet50_with_ghost_bn_is_one_graph(kernel, mode):
     """torchvision ResNet-50, batch 64, ghost BN over n = 32; 64x64 images trace the same graph as 224x224
-    (graph breaks do not depend on the image size; scripts/explain_ghost_bn.py runs 224) in less time.
+    (graph breaks do not depend on the image size; scripts/bench/explain_ghost_bn.py runs 224) in less time.
     Eval mode is PyTorch's BN with either kernel (the CIFAR test runs both)."""
     graphs, breaks, reasons = _explain(dict(arch="resnet50"), 1000, (64, 3, 64, 64), kernel, mode)
     assert (graphs, breaks) == (1, 0), reasons

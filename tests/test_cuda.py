@@ -32,8 +32,7 @@ from lbsgd_cli.engine import StepPlan, train_step
 from lbsgd_cli.metrics import read_metrics
 from lbsgd_cli.optim import build_optimizer
 
-from .conftest import SHORT, run_cli
-from .test_engine import _batch, _net
+from .conftest import SHORT, run_cli, small_batch, small_net
 
 DEVICE = os.environ.get("LBSGD_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
 pytestmark = pytest.mark.skipif(not DEVICE, reason="needs a CUDA device (LBSGD_TEST_DEVICE=cpu rehearses it)")
@@ -78,8 +77,8 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path: P
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_training_step_makes_no_host_sync(precision: str) -> None:
     device = torch.device(DEVICE)
-    x, y = (t.to(device) for t in _batch())
-    net = _net().to(device)
+    x, y = (t.to(device) for t in small_batch())
+    net = small_net().to(device)
     opt = build_optimizer(net, OmegaConf.structured(OptimConfig()), lr=0.1)
     plan = StepPlan(per_process=4, per_pass=2, n=4, loss_scale=1 / 16, precision=precision)
     train_step(net, opt, (x, y), plan)  # the first step: lazy initialisation (cuDNN, the optimizer's state)
@@ -97,8 +96,8 @@ def test_a_training_step_makes_no_host_sync(precision: str) -> None:
 
 def test_passes_of_workers_make_the_step_of_one_pass() -> None:
     device = torch.device(DEVICE)
-    x, y = (t.to(device) for t in _batch())
-    base = _net().to(device)
+    x, y = (t.to(device) for t in small_batch())
+    base = small_net().to(device)
     states = []
     for per_pass in (4, 2, 1):
         net = copy.deepcopy(base)

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from lbsgd_cli.config import DistConfig
 from lbsgd_cli.errors import PeerFailure
 from lbsgd_cli.preemption import PreemptionFlag
 
-from .conftest import ROOT, lbsgd
+from .conftest import ROOT, clean_env, free_port, lbsgd, max_abs_diff, run_weights
 
 # 768 digits, k=4 workers of n=32: 6 iterations per epoch, warmup over epoch 1, rate drop after epoch 2.
 # Every run takes its workers 2 per forward pass, as each of 2 processes does (see test_w_invariance).
@@ -35,34 +34,9 @@ CFG = ["threads=1", "log.progress=plain", "log.tensorboard=false", "schedule.epo
 ITERS = 3 * 6
 
 
-_NEXT_PORT = [21000 + os.getpid() % 15000]
-
-
-def _free_port() -> int:
-    """A free TCP port in [20000, 40000) (SLURM's is 20000 + job id mod 20000), never the same one twice."""
-    while _NEXT_PORT[0] < 40000:
-        port = _NEXT_PORT[0]
-        _NEXT_PORT[0] += 7
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port")
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "LBSGD_FAULT_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                          "MASTER_ADDR", "MASTER_PORT")}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
-
 def srun_like(args: list[str], logs: Path, env: dict[str, str] | None = None, world: int = 2) -> list[subprocess.Popen]:
     """Start ``world`` ranks of ``lbsgd train`` as ``srun`` would: SLURM_PROCID/NTASKS/LOCALID, node list, job id."""
-    job = _free_port() - 20000
+    job = free_port() - 20000
     (logs / "job").write_text(str(job))
     procs = []
     for rank in range(world):
@@ -71,26 +45,16 @@ def srun_like(args: list[str], logs: Path, env: dict[str, str] | None = None, wo
         out = open(logs / f"rank{rank}.out", "w")
         err = open(logs / f"rank{rank}.err", "w")
         procs.append(subprocess.Popen([sys.executable, "-m", "lbsgd_cli", "train", *args], cwd=ROOT,
-                                      env=_clean_env(**slurm, **(env or {})), stdout=out, stderr=err))
+                                      env=clean_env(**slurm, **(env or {})), stdout=out, stderr=err))
     return procs
 
 
 def train(run: Path, args: list[str], processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     """``lbsgd train`` in ``run``: one plain process, or ``processes`` gloo processes under torchrun."""
-    launch = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
+    launch = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
     return subprocess.run([sys.executable, *(launch if processes > 1 else []), "-m", "lbsgd_cli", "train",
-                           f"hydra.run.dir={run}", *args], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                           f"hydra.run.dir={run}", *args], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
                           timeout=timeout)
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
-
-
-def max_abs_diff(a: Path, b: Path) -> float:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
 
 
 def _wait_for_checkpoint(path: Path, at_least: int, procs, timeout: float = 120) -> None:
@@ -120,7 +84,7 @@ def test_w2_equals_w1_resumes_across_w_and_survives_preemption(tmp_path):
 
     ref, run = tmp_path / "ref", tmp_path / "w2"
     ref_proc = subprocess.Popen([sys.executable, "-m", "lbsgd_cli", "train", f"hydra.run.dir={ref}", *CFG],
-                                cwd=ROOT, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     args = [f"hydra.run.dir={run}", *CFG, "dist.requeue=true"]
     procs = srun_like(args, tmp_path, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     _wait_for_checkpoint(run / "checkpoints" / "last.pt", 4, procs)
@@ -145,10 +109,10 @@ def test_w2_equals_w1_resumes_across_w_and_survives_preemption(tmp_path):
     on_w1 = tmp_path / "w2_then_w1"
     shutil.copytree(run, on_w1)
     w1_proc = subprocess.Popen([sys.executable, "-m", "lbsgd_cli", "train", f"hydra.run.dir={on_w1}", *CFG],
-                               cwd=ROOT, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            f"--master_port={_free_port()}", "-m", "lbsgd_cli", "train", *args],
-                           cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=180)
+                            f"--master_port={free_port()}", "-m", "lbsgd_cli", "train", *args],
+                           cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stderr
     w1_out, w1_err = w1_proc.communicate(timeout=180)
     assert w1_proc.returncode == 0, w1_err
@@ -162,7 +126,7 @@ def test_w2_equals_w1_resumes_across_w_and_survives_preemption(tmp_path):
 
     assert max_abs_diff(ref, run) <= 1e-5  # W=2 (preempted, resumed) == W=1 uninterrupted
     assert max_abs_diff(ref, on_w1) <= 1e-5  # W=2 then W=1 == W=1
-    w_ref, w_run = _weights(ref), _weights(run)
+    w_ref, w_run = run_weights(ref), run_weights(run)
     assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)  # in fact bit for bit (same passes, see README)
     epochs = [[json.loads(x)["val/err"] for x in (d / "metrics.jsonl").read_text().splitlines() if "val/err" in x]
               for d in (ref, run, on_w1)]
@@ -372,7 +336,7 @@ def test_slurm_launcher_config_composes_and_renders_sbatch(tmp_path, monkeypatch
 
 
 def test_sbatch_script_is_valid_bash_and_forwards_overrides():
-    script = ROOT / "scripts" / "slurm_train.sbatch"
+    script = ROOT / "scripts" / "slurm" / "slurm_train.sbatch"
     text = script.read_text()
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert "#SBATCH --signal=USR2@120" in text and "#SBATCH --requeue" in text
@@ -417,7 +381,7 @@ def test_w2_equals_w1_in_bf16(tmp_path):
     assert ref_proc.returncode == 0, ref_proc.stderr
     w2 = train(run, args, processes=2)
     assert w2.returncode == 0, w2.stderr
-    w_ref, w_run = _weights(ref), _weights(run)
+    w_ref, w_run = run_weights(ref), run_weights(run)
     assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
     epochs = [[json.loads(x)["val/err"] for x in (d / "metrics.jsonl").read_text().splitlines() if "val/err" in x]
               for d in (ref, run)]

@@ -14,16 +14,7 @@ from lbsgd_cli.engine import StepPlan, StepResult, evaluate, train_step
 from lbsgd_cli.models import build_model
 from lbsgd_cli.optim import build_optimizer
 
-
-def _net(n: int = 4, bn_kernel: str = "native") -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = OmegaConf.structured(ModelConfig(arch="small_cnn", width=8, bn_kernel=bn_kernel))
-    return build_model(cfg, 10, 1, bn_group=n).train()
-
-
-def _batch(count: int = 16):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(count, 1, 8, 8, generator=g), torch.randint(0, 10, (count,), generator=g)
+from .conftest import small_batch, small_net
 
 
 def test_step_plan_is_frozen_and_counts_passes():
@@ -36,10 +27,10 @@ def test_step_plan_is_frozen_and_counts_passes():
 def test_passes_of_workers_give_the_step_of_one_pass():
     """Ghost BN normalises each worker's n on its own, so running the 4 workers 1, 2 or 4 at a time is the
     same step: same summed loss and hits, the same weights and BN running statistics up to rounding."""
-    x, y = _batch()
+    x, y = small_batch()
     results, states = [], []
     for per_pass in (4, 2, 1):
-        net = _net()
+        net = small_net()
         opt = build_optimizer(net, OmegaConf.structured(OptimConfig()), lr=0.1)
         res = train_step(net, opt, (x, y), StepPlan(per_process=4, per_pass=per_pass, n=4, loss_scale=1 / 16))
         results.append(res)
@@ -49,13 +40,13 @@ def test_passes_of_workers_give_the_step_of_one_pass():
     for s in states[1:]:
         for k, v in s.items():
             torch.testing.assert_close(v, states[0][k], rtol=1e-5, atol=1e-6)
-    before = _net().state_dict()
+    before = small_net().state_dict()
     assert not torch.equal(before["fc.weight"], states[0]["fc.weight"])  # the step did change the weights
 
 
 def test_bf16_step_keeps_weights_and_gradients_fp32():
-    x, y = _batch()
-    net = _net()
+    x, y = small_batch()
+    net = small_net()
     opt = build_optimizer(net, OmegaConf.structured(OptimConfig()), lr=0.1)
     res = train_step(net, opt, (x, y), StepPlan(per_process=4, per_pass=4, n=4, loss_scale=1 / 16,
                                                  precision="bf16"))
@@ -64,8 +55,8 @@ def test_bf16_step_keeps_weights_and_gradients_fp32():
 
 
 def test_evaluate_counts_labelled_batches_and_reduces_once():
-    net = _net().eval()
-    x, y = _batch(12)
+    net = small_net().eval()
+    x, y = small_batch(12)
     calls = []
 
     def reduce(sums):
@@ -123,11 +114,11 @@ def test_auto_passes_give_the_weights_of_one_pass_within_float_roundoff():
 def test_fused_bn_kernel_gives_the_native_step_and_any_pass_split():
     """model.bn_kernel=fused: two steps over 1 and 4 passes give the native kernel's weights and running
     statistics within float32 roundoff, and the pass split does not change the fused result beyond it."""
-    x, y = _batch()
+    x, y = small_batch()
     states = {}
     for kernel in ("native", "fused"):
         for per_pass in (4, 1):
-            net = _net(bn_kernel=kernel)
+            net = small_net(bn_kernel=kernel)
             opt = build_optimizer(net, OmegaConf.structured(OptimConfig()), lr=0.1)
             for _ in range(2):
                 train_step(net, opt, (x, y), StepPlan(per_process=4, per_pass=per_pass, n=4, loss_scale=1 / 16))
@@ -136,7 +127,7 @@ def test_fused_bn_kernel_gives_the_native_step_and_any_pass_split():
     for key, state in states.items():
         for k, v in state.items():
             torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key} {k}: {m}")
-    assert not torch.equal(_net().state_dict()["fc.weight"], states["fused", 4]["fc.weight"])
+    assert not torch.equal(small_net().state_dict()["fc.weight"], states["fused", 4]["fc.weight"])
 
 
 @pytest.mark.parametrize("bn_kernel", ["native", pytest.param("fused", marks=pytest.mark.slow)])  # fused compiles
@@ -147,8 +138,8 @@ def test_step_reads_nothing_back_from_the_device(monkeypatch, precision, bn_kern
     reads its inf flag once per step: torch's own sync.)"""
     from lbsgd_cli.divergence import DivergenceWatch
 
-    x, y = _batch()
-    net = _net(bn_kernel=bn_kernel)
+    x, y = small_batch()
+    net = small_net(bn_kernel=bn_kernel)
     opt = build_optimizer(net, OmegaConf.structured(OptimConfig()), lr=0.1)
     plan = StepPlan(per_process=4, per_pass=2, n=4, loss_scale=1 / 16, precision=precision)
     watch = DivergenceWatch(torch.device("cpu"))

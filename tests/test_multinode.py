@@ -1,4 +1,4 @@
-"""``lbsgd train`` across nodes: a 3-node SLURM cluster in network namespaces (scripts/slurm_cluster.sh), gloo
+"""``lbsgd train`` across nodes: a 3-node SLURM cluster in network namespaces (scripts/slurm/slurm_cluster.sh), gloo
 over veth links, the ranks on different hosts.
 
 Jobs across nodes (srun per rank, torchrun per node, 3 nodes and a world size of 3) against one process;
@@ -25,8 +25,8 @@ from .slurm_jobs import Cluster, start_cluster, val_errs, wait_for_checkpoint, w
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
-SCRIPT = ROOT / "scripts" / "slurm_train.sbatch"
-CLUSTER = ROOT / "scripts" / "slurm_cluster.sh"
+SCRIPT = ROOT / "scripts" / "slurm" / "slurm_train.sbatch"
+CLUSTER = ROOT / "scripts" / "slurm" / "slurm_cluster.sh"
 NODES = 3
 # one task per node, no GPUs; the #SBATCH lines (2 nodes x 8 GPUs) are overridden as a CPU user would
 PER_NODE = ["--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]

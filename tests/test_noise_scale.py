@@ -108,7 +108,7 @@ def test_noise_scale_key_needs_two_passes_and_logs_records(tmp_path):
 
 
 def _recommend_module():
-    spec = importlib.util.spec_from_file_location("recommend_kn", ROOT / "scripts" / "recommend_kn.py")
+    spec = importlib.util.spec_from_file_location("recommend_kn", ROOT / "scripts" / "experiments" / "recommend_kn.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

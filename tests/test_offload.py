@@ -22,20 +22,21 @@ from lbsgd_cli.offload import place, remove
 from lbsgd_cli.restore import model_from_checkpoint
 from lbsgd_cli.validation import validate
 
-from .conftest import ROOT, lbsgd
-from .test_distributed import _clean_env, _free_port, _weights, max_abs_diff
+from .conftest import ROOT, clean_env, free_port, lbsgd, max_abs_diff, run_weights
 
 CPU = Dist(0, 0, 1, torch.device("cpu"), "single")
 
 
-def _cfg(arch: str = "cifar_resnet", k: int = 2, n: int = 8):
+def tiny_cfg(arch: str = "cifar_resnet", k: int = 2, n: int = 8):
+    """A train config of ``k`` workers of ``n`` on digits, ResNet-8 without zero-gamma (or ``arch``)."""
     cfg = OmegaConf.structured(TrainConfig)
     cfg.model.arch, cfg.model.depth, cfg.model.zero_init_residual = arch, 8, False
     cfg.data.name, cfg.batch.k, cfg.batch.n = "digits", k, n
     return cfg
 
 
-def _model(cfg, seed: int = 0) -> torch.nn.Module:
+def tiny_model(cfg, seed: int = 0) -> torch.nn.Module:
+    """``cfg``'s network, seeded, its BN running statistics moved off their start, in eval mode."""
     torch.manual_seed(seed)
     model = build_model(cfg.model, 10, 3, bn_group=cfg.batch.n)
     model.train()
@@ -45,7 +46,8 @@ def _model(cfg, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def _data(count: int = 64) -> InMemoryData:
+def tiny_data(count: int = 64) -> InMemoryData:
+    """``count`` random 3x12x12 training images and 16 validation images of 10 classes, in memory."""
     g = torch.Generator().manual_seed(1)
     split = lambda m: TensorSplit(torch.randint(0, 256, (m, 3, 12, 12), generator=g, dtype=torch.uint8),  # noqa: E731
                                   torch.randint(0, 10, (m,), generator=g))
@@ -54,7 +56,7 @@ def _data(count: int = 64) -> InMemoryData:
 
 @pytest.mark.parametrize("mode", ["sequential", "model"])
 def test_offload_modes_give_identical_logits(mode):
-    ref = _model(_cfg())
+    ref = tiny_model(tiny_cfg())
     x = torch.randn(5, 3, 12, 12)
     expected = ref(x)
     m = copy.deepcopy(ref)
@@ -68,10 +70,10 @@ def test_offload_modes_give_identical_logits(mode):
 
 
 def test_bn_recompute_is_the_average_over_workers_batches_and_the_same_in_every_mode():
-    cfg, data = _cfg("small_cnn"), _data()
+    cfg, data = tiny_cfg("small_cnn"), tiny_data()
     results = []
     for mode in ("none", "sequential", "model"):
-        placed = place(_model(cfg), mode, "cpu")
+        placed = place(tiny_model(cfg), mode, "cpu")
         seen = recompute_bn_stats(placed.model, data, cfg, CPU, batches=3, chunk=8)
         placed.release()
         remove(placed.model)
@@ -80,7 +82,7 @@ def test_bn_recompute_is_the_average_over_workers_batches_and_the_same_in_every_
     assert all(torch.equal(results[0][k], r[k]) for r in results[1:] for k in results[0])
 
     # first BN by hand: mean over the 3*2 worker batches of n=8 of each batch's channel mean
-    model = _model(cfg)
+    model = tiny_model(cfg)
     loader = TrainLoader(data, 2, 8, seed=cfg.seed)
     means = []
     for it, (x, _) in zip(range(3), loader.epoch(0)):
@@ -91,19 +93,19 @@ def test_bn_recompute_is_the_average_over_workers_batches_and_the_same_in_every_
 
 @pytest.mark.parametrize("mode", ["sequential", "model"])
 def test_training_rejects_offload_modes_and_checkpointing_without_stages(mode):
-    cfg = _cfg()
+    cfg = tiny_cfg()
     cfg.offload.mode = mode
     with pytest.raises(UserError, match=f"offload.mode: {mode} cannot be used in training"):
         validate(cfg)
-    cfg = _cfg("small_cnn")
+    cfg = tiny_cfg("small_cnn")
     cfg.memory.checkpointing = True
     with pytest.raises(UserError, match="memory.checkpointing: .* small_cnn has none"):
         validate(cfg)
 
 
 def test_foreign_and_broken_checkpoints_name_the_file(tmp_path):
-    cfg = _cfg()
-    model = _model(cfg)
+    cfg = tiny_cfg()
+    model = tiny_model(cfg)
     good = {"format": FORMAT, "model": model.state_dict(), "iteration": 7, "epoch": 1,
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)}
     torch.save(good, tmp_path / "good.pt")
@@ -112,7 +114,7 @@ def test_foreign_and_broken_checkpoints_name_the_file(tmp_path):
     assert torch.equal(loaded(x), model(x)) and tcfg.model.arch == "cifar_resnet"
     assert loaded.checkpoint_info["iteration"] == 7
 
-    other = dict(good, config=OmegaConf.to_container(_cfg("small_cnn"), resolve=True, enum_to_str=True))
+    other = dict(good, config=OmegaConf.to_container(tiny_cfg("small_cnn"), resolve=True, enum_to_str=True))
     torch.save(other, tmp_path / "other_model.pt")  # a checkpoint whose weights are another network's
     torch.save(model.state_dict(), tmp_path / "state_dict.pt")  # a bare state dict
     torch.save(torch.randn(3), tmp_path / "tensor.pt")
@@ -143,10 +145,10 @@ FSDP_OFFLOAD = ["memory.fsdp=true", "memory.fsdp_cpu_offload=true", "memory.chec
 def _lbsgd(run, extra=(), world: int = 1, crash_at: int | None = None):
     """Start ``lbsgd train`` on 1 process or ``world`` under torchrun; ``crash_at``: the last rank dies there."""
     launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-               f"--master_port={_free_port()}"] if world > 1 else [sys.executable])
+               f"--master_port={free_port()}"] if world > 1 else [sys.executable])
     fault = {"LBSGD_FAULT_RANK": str(world - 1), "LBSGD_FAULT_ITER": str(crash_at)} if crash_at is not None else {}
     return subprocess.Popen([*launch, "-m", "lbsgd_cli", "train", f"hydra.run.dir={run}", *FSDP_CFG, *extra],
-                            cwd=ROOT, env=_clean_env(**fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=clean_env(**fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
@@ -179,11 +181,11 @@ def test_fsdp_with_and_without_cpu_offload_trains_like_ddp_and_checkpoints_move_
     assert max_abs_diff(ref, b) <= 1e-5
     loaded, _ = model_from_checkpoint(b / "checkpoints" / "last.pt")  # lbsgd eval reads what FSDP2 wrote
     assert loaded.checkpoint_info["iteration"] == 8
-    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in _weights(b).items())
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in run_weights(b).items())
 
 
 def test_fsdp_keys_are_checked_and_one_process_is_refused(tmp_path):
-    cfg = _cfg()
+    cfg = tiny_cfg()
     cfg.memory.fsdp_cpu_offload = True
     with pytest.raises(UserError, match=r"^memory.fsdp_cpu_offload: .* needs memory.fsdp=true$"):
         validate(cfg)
@@ -205,9 +207,9 @@ from lbsgd_cli import distributed as D
 from lbsgd_cli.data import val_batches
 from lbsgd_cli.engine import evaluate
 from lbsgd_cli.parallel import FSDP2
-from tests.test_offload import _cfg, _data, _model
+from tests.test_offload import tiny_cfg, tiny_data, tiny_model
 d = D.init_distributed("cpu", 30.0, "gloo")
-data, model = _data(), _model(_cfg())
+data, model = tiny_data(), tiny_model(tiny_cfg())
 data = dataclasses.replace(data, val=type(data.val)(data.val.x[:13], data.val.y[:13]))
 ref = evaluate(model, val_batches(data, 0, 1, 4, d.device))
 fsdp = FSDP2(d)
@@ -225,7 +227,7 @@ def test_fsdp_evaluation_with_unequal_shares_of_the_val_set(tmp_path):
     """Every FSDP2 forward all-gathers: a rank with fewer val batches must still run as many forwards."""
     (tmp_path / "uneven.py").write_text(_UNEVEN_EVAL)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", str(tmp_path / "uneven.py")], cwd=ROOT,
-                          env=_clean_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+                           f"--master_port={free_port()}", str(tmp_path / "uneven.py")], cwd=ROOT,
+                          env=clean_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("same as one process") == 2

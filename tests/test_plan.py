@@ -1,6 +1,6 @@
 """``lbsgd plan`` (issue 35): each allreduce algorithm's cost on cases computed by hand, the overlap, the loader,
 the bottleneck, the noise-scale edge, published runs within the stated tolerance, the command and
-``scripts/check_plan_local.py``. In-process and fast: nothing trains."""
+``scripts/experiments/check_plan_local.py``. In-process and fast: nothing trains."""
 
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def test_bad_plan_input_is_one_line_exit_2(args, needle, tmp_path):
 def _check_script():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("check_plan_local", ROOT / "scripts" / "check_plan_local.py")
+    spec = importlib.util.spec_from_file_location("check_plan_local", ROOT / "scripts" / "experiments" / "check_plan_local.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -23,7 +23,7 @@ from .conftest import ROOT, compose, lbsgd, make_image_tree
 
 # how a code line starts lbsgd: the command itself, python -m / torchrun -m lbsgd_cli, $(which lbsgd), the sbatch
 # script (it runs `lbsgd train` with its arguments)
-LAUNCHERS = {"lbsgd": None, "lbsgd)": None, "lbsgd_cli": None, "scripts/slurm_train.sbatch": "train"}
+LAUNCHERS = {"lbsgd": None, "lbsgd)": None, "lbsgd_cli": None, "scripts/slurm/slurm_train.sbatch": "train"}
 # the pages whose command lines are tests: the front page and the reference
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # a table row whose first cell is one `lbsgd ...` command (the front page's table of commands)

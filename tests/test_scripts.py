@@ -19,14 +19,14 @@ from .conftest import ROOT, compose
 
 
 def _recorded_runs(tmp_path: Path, script: str, parts: list[str], **env: str) -> list[list[str]]:
-    """The `lbsgd` command lines ``scripts/SCRIPT PARTS`` starts, recorded by a fake lbsgd instead of training."""
+    """The `lbsgd` command lines ``scripts/experiments/SCRIPT PARTS`` starts, recorded by a fake lbsgd instead of training."""
     calls = tmp_path / "calls.jsonl"
     fake = tmp_path / "lbsgd"
     fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
                     f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
     fake.chmod(0o755)
     env = {**os.environ, "DATA": str(tmp_path), "RUNS": str(tmp_path / "runs"), "LBSGD": str(fake), **env}
-    subprocess.run(["bash", str(ROOT / "scripts" / script), *parts], env=env, check=True, capture_output=True)
+    subprocess.run(["bash", str(ROOT / "scripts" / "experiments" / script), *parts], env=env, check=True, capture_output=True)
     return [json.loads(line) for line in calls.read_text().splitlines()]
 
 
@@ -55,7 +55,7 @@ def test_exp_cifar_with_jobs_starts_the_same_runs_at_once_each_logging_to_its_ow
         runs = tmp_path / f"runs{jobs}"
         env = {**os.environ, "DATA": str(tmp_path), "SCALE": "cpu", "RUNS": str(runs), "LBSGD": str(fake),
                "JOBS": str(jobs)}
-        out = subprocess.run(["bash", str(ROOT / "scripts" / "exp_cifar.sh"), "nozg"], env=env, check=True,
+        out = subprocess.run(["bash", str(ROOT / "scripts" / "experiments" / "exp_cifar.sh"), "nozg"], env=env, check=True,
                              capture_output=True, text=True).stdout
         if jobs == 1:
             return [json.loads(line) for line in out.splitlines()]
@@ -96,7 +96,7 @@ def test_exp_beyond_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) 
 
 
 def test_every_variable_exp_env_sets_is_read_by_exp_env_or_a_script_that_sources_it() -> None:
-    scripts = ROOT / "scripts"
+    scripts = ROOT / "scripts" / "experiments"
     env_text = (scripts / "exp_env.sh").read_text()
     code = [line.split("#", 1)[0] for line in env_text.splitlines()]
     assigned = {m.group(1) for line in code for m in re.finditer(r"(?:^|[;(]|\s)([A-Z][A-Z0-9_]*)=", line)}
@@ -105,11 +105,11 @@ def test_every_variable_exp_env_sets_is_read_by_exp_env_or_a_script_that_sources
     assert assigned >= {"DATA", "RUNS", "SCALE", "LBSGD"} and len(readers) >= 2
     unread = sorted(name for name in assigned if not any(
         re.search(rf"\$\{{?{name}\b", re.sub(rf"\b{name}=\$\{{{name}\b", "", text)) for text in readers))
-    assert unread == [], f"scripts/exp_env.sh sets {unread}, which nothing reads"
+    assert unread == [], f"scripts/experiments/exp_env.sh sets {unread}, which nothing reads"
 
 
 def _bench_gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench" / "bench_gpu.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["bench_gpu"] = mod  # its generator's pool pickles functions by module name
     spec.loader.exec_module(mod)
@@ -118,7 +118,7 @@ def _bench_gpu():
 
 @pytest.mark.slow  # runs every section of the benchmark
 def test_bench_gpu_smoke_measures_every_section_through_lbsgds_own_path(tmp_path: Path) -> None:
-    """scripts/bench_gpu.py --smoke: tiny generated ImageNet-like files (the odd kinds included), the step
+    """scripts/bench/bench_gpu.py --smoke: tiny generated ImageNet-like files (the odd kinds included), the step
     per precision and memory format with ghost and plain BN, the loader per decode mode, end to end, the
     per-core comparison; JSON and markdown written, no row failed."""
     import torch
@@ -161,9 +161,9 @@ def test_bench_gpu_generates_imagenet_like_sizes(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # every row is a lbsgd run in a subprocess
 def test_bench_memory_smoke_runs_every_train_and_eval_row_through_the_cli(tmp_path: Path) -> None:
-    """scripts/bench_memory.py --smoke: lbsgd train with and without memory.checkpointing, then lbsgd eval of
+    """scripts/bench/bench_memory.py --smoke: lbsgd train with and without memory.checkpointing, then lbsgd eval of
     its checkpoint per offload mode and precision; every command exits 0 and no memory is claimed off CUDA."""
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_memory.py"), "--smoke", "--out",
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "bench_memory.py"), "--smoke", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "bench_memory.json").read_text())["rows"]
@@ -176,7 +176,7 @@ def test_bench_memory_smoke_runs_every_train_and_eval_row_through_the_cli(tmp_pa
 
 
 def test_gpu_report_checks_issue_28s_goals_against_the_figures_and_fills_in_nothing(tmp_path: Path) -> None:
-    """scripts/gpu_report.py: the goals are decided on the bench's rows; an absent file is 'Not measured yet'."""
+    """scripts/gpu/gpu_report.py: the goals are decided on the bench's rows; an absent file is 'Not measured yet'."""
     bench = {"step": {"bf16 channels_last eager ghost BN n=32": {"ms_per_step": 66.0, "img_per_s": 3878.8},
                       "bf16 channels_last eager plain BN": {"ms_per_step": 62.0, "img_per_s": 4129.0},
                       "fp32 NCHW eager ghost BN n=32": {"ms_per_step": 200.0, "img_per_s": 1280.0},
@@ -186,7 +186,7 @@ def test_gpu_report_checks_issue_28s_goals_against_the_figures_and_fills_in_noth
     (tmp_path / "bench_gpu.json").write_text(json.dumps(bench))
     (tmp_path / "cuda_report.jsonl").write_text(json.dumps({"device": "cuda", "test": "pytest", "rc": 0,
                                                             "summary": "7 passed in 80s"}) + "\n")
-    spec = importlib.util.spec_from_file_location("gpu_report", ROOT / "scripts" / "gpu_report.py")
+    spec = importlib.util.spec_from_file_location("gpu_report", ROOT / "scripts" / "gpu" / "gpu_report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     text = report.main([str(tmp_path), "--out", str(tmp_path / "gpu.md")])

@@ -1,6 +1,6 @@
-"""``lbsgd train`` as real SLURM jobs on a one-node cluster started for this session (scripts/slurm_local.sh).
+"""``lbsgd train`` as real SLURM jobs on a one-node cluster started for this session (scripts/slurm/slurm_local.sh).
 
-sbatch of scripts/slurm_train.sbatch with 2 tasks over gloo (srun starts the ranks, no torchrun), a preemption
+sbatch of scripts/slurm/slurm_train.sbatch with 2 tasks over gloo (srun starts the ranks, no torchrun), a preemption
 signal and the job's own requeue, a Hydra sweep through hydra-submitit-launcher as an array, a killed rank,
 and two jobs on one run directory. Needs Debian's slurmctld, slurmd, slurm-client and munge, and root; without
 them these tests skip with the reason, or fail when LBSGD_SLURM_REQUIRED=1 (CI installs the packages).
@@ -25,7 +25,7 @@ from .slurm_jobs import pid_of_rank, start_cluster, val_errs, wait_for_checkpoin
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-SCRIPT = ROOT / "scripts" / "slurm_train.sbatch"
+SCRIPT = ROOT / "scripts" / "slurm" / "slurm_train.sbatch"
 # The sbatch script asks for 2 nodes of 8 GPUs; a user on a CPU node overrides that on the command line.
 ON_THIS_NODE = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 # The digits default (small CNN, k=4 workers of n=32, 2 warmup epochs) cut to 8 epochs with one rate drop.

@@ -106,7 +106,7 @@ class StreamingData:
         for split in ("train", "val"):
             self.bad.new_marks(split, len(getattr(self, split).paths))
         # §5.1's training augmentation per file; its transform may be changed until the first epoch starts
-        # the workers (scripts/bench_gpu.py turns libjpeg-turbo off so)
+        # the workers (scripts/bench/bench_gpu.py turns libjpeg-turbo off so)
         self.train_dataset = StreamingImages(self.train, train_transform(self.dcfg), self.bad.marks.get("train"))
 
     @property

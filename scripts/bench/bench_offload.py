@@ -7,8 +7,8 @@ transfer once. Training: plain vs ``memory.checkpointing`` (one checkpoint per R
 Ratios to ``none`` are taken in this one run. The PCIe lines bound what offloading must cost:
 every forward under ``sequential`` copies all weights host -> device.
 
-    python scripts/bench_offload.py                                   # GPU: the full table
-    python scripts/bench_offload.py --device cpu --reps 1 --out results/offload.md   # mechanics only
+    python scripts/bench/bench_offload.py                                   # GPU: the full table
+    python scripts/bench/bench_offload.py --device cpu --reps 1 --out results/offload.md   # mechanics only
 
 On CPU the "accelerator" is the CPU itself: times show the hooks' overhead, not transfers,
 and there is no accelerator memory to measure.
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lbsgd_cli.config import ModelConfig  # noqa: E402
 from lbsgd_cli.ghost_bn import deferred_running_stats, flush_running_stats  # noqa: E402
@@ -170,7 +170,7 @@ def main() -> None:
             *pcie_lines(resnet50(batches[0]), batches, eval_ms, gpu)]
     print("\n".join(text[len(rows) + 5 :]))
     if args.out:
-        cmd = "python " + " ".join(["scripts/bench_offload.py", *sys.argv[1:]])
+        cmd = "python " + " ".join(["scripts/bench/bench_offload.py", *sys.argv[1:]])
         note = ("" if gpu else "\n**Memory figures need a GPU.** This run used the CPU as both the offload and "
                 "the execution device: the times show the mechanics (accelerate's hooks, activation "
                 "recomputation), not PCIe transfers, and there is no accelerator memory to measure.\n")

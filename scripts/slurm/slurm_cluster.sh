@@ -2,14 +2,14 @@
 # A multi-node SLURM cluster on this machine: N nodes in network namespaces, for the `multinode` test tier,
 # the "Across nodes" measurements (results/performance.md) and for trying the many-node path by hand.
 #
-#   scripts/slurm_cluster.sh up DIR [--nodes N]   # prints `export SLURM_CONF=DIR/slurm.conf`
+#   scripts/slurm/slurm_cluster.sh up DIR [--nodes N]   # prints `export SLURM_CONF=DIR/slurm.conf`
 #   export SLURM_CONF=DIR/slurm.conf              # then sbatch / srun / squeue / scontrol talk to this cluster
-#   scripts/slurm_cluster.sh shape DIR RATE       # every node's link limited to RATE (tc tbf: 1gbit, 100mbit)
-#   scripts/slurm_cluster.sh shape DIR none       #   ... and unshaped again
-#   scripts/slurm_cluster.sh link DIR NODE down   # cut node NODE's link (its cable pulled); `up` restores it
-#   scripts/slurm_cluster.sh exec DIR NODE CMD... # run CMD on node NODE (its network, hostname, /etc/hosts)
-#   scripts/slurm_cluster.sh kill DIR NODE PATTERN  # SIGKILL the processes on node NODE whose command matches
-#   scripts/slurm_cluster.sh down DIR             # ends the jobs, stops the daemons (by PID), removes the links
+#   scripts/slurm/slurm_cluster.sh shape DIR RATE       # every node's link limited to RATE (tc tbf: 1gbit, 100mbit)
+#   scripts/slurm/slurm_cluster.sh shape DIR none       #   ... and unshaped again
+#   scripts/slurm/slurm_cluster.sh link DIR NODE down   # cut node NODE's link (its cable pulled); `up` restores it
+#   scripts/slurm/slurm_cluster.sh exec DIR NODE CMD... # run CMD on node NODE (its network, hostname, /etc/hosts)
+#   scripts/slurm/slurm_cluster.sh kill DIR NODE PATTERN  # SIGKILL the processes on node NODE whose command matches
+#   scripts/slurm/slurm_cluster.sh down DIR             # ends the jobs, stops the daemons (by PID), removes the links
 #
 # The cluster: node1..nodeN, each a network namespace with its own hostname (a UTS namespace) and its own
 # /etc/hosts (a mount namespace: the cluster's names, bind-mounted), joined by veth pairs to a bridge; the
@@ -172,7 +172,7 @@ up() {
   done
 
   cat >"$dir/slurm.conf" <<EOF
-# written by scripts/slurm_cluster.sh: a $nodes-node cluster in network namespaces, for tests
+# written by scripts/slurm/slurm_cluster.sh: a $nodes-node cluster in network namespaces, for tests
 ClusterName=lbsgd-nodes
 SlurmctldHost=ctl($NET.1)
 SlurmctldPort=$port

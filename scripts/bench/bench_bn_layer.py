@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """BN layers alone: forward + in-place ReLU + backward of ResNet-20's three BN shapes, per kernel.
 
-    PYTHONPATH=. python scripts/bench_bn_layer.py [--rounds 7] [--reps 10] [--batch 128] [--n 32]
+    PYTHONPATH=. python scripts/bench/bench_bn_layer.py [--rounds 7] [--reps 10] [--batch 128] [--n 32]
 
 For each precision (fp32, bf16 inputs) and memory format, times ``--reps`` forward/backward calls of
 :class:`lbsgd_cli.ghost_bn.GhostBatchNorm2d` on a ``(batch, C, H, W)`` input per side:
@@ -20,23 +20,22 @@ ratio within a round (this machine is shared and noisy).
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import time
 
 import torch
 import torch.nn.functional as F
+from timing import alternate_rounds, median_ms, paired_ratio
 
 from lbsgd_cli.ghost_bn import GhostBatchNorm2d
 
 SHAPES = ((16, 32, 7), (32, 16, 6), (64, 8, 6))  # (channels, side, layers in ResNet-20)
 
 
-def step_time(m: GhostBatchNorm2d, x0: torch.Tensor, dy: torch.Tensor, reps: int) -> float:
-    t = time.perf_counter()
-    for _ in range(reps):
-        x = x0.detach().requires_grad_(True)
-        F.relu(m(x), inplace=True).backward(dy)
-    return (time.perf_counter() - t) / reps
+def layer_step(m: GhostBatchNorm2d, x0: torch.Tensor, dy: torch.Tensor) -> None:
+    """One forward + ReLU + backward of the BN layer ``m``."""
+    x = x0.detach().requires_grad_(True)
+    F.relu(m(x), inplace=True).backward(dy)
 
 
 def main() -> None:
@@ -63,16 +62,17 @@ def main() -> None:
                 x0 = torch.randn(args.batch, c, side, side, generator=gen).to(dtype).contiguous(memory_format=fmt)
                 dy = torch.randn(args.batch, c, side, side, generator=gen).to(dtype).contiguous(memory_format=fmt)
                 mods = {s: GhostBatchNorm2d(c, size, kernel) for s, (kernel, size) in sides.items()}
-                for m in mods.values():  # warm-up: allocator, compilation of the fused kernels
-                    step_time(m, x0, dy, 2)
-                for r in range(args.rounds):
-                    for s in (names if r % 2 == 0 else names[::-1]):
-                        step[s][r] += layers * step_time(mods[s], x0, dy, args.reps)
+                fns = {s: functools.partial(layer_step, m, x0, dy) for s, m in mods.items()}
+                # 2 warm-up calls each: allocator, compilation of the fused kernels
+                times = alternate_rounds(fns, args.rounds, iters=args.reps, warmup=2)
+                for s in names:
+                    for r, t in enumerate(times[s]):
+                        step[s][r] += layers * t
 
             def ratio(a: str, b: str) -> float:
-                return statistics.median(tb / ta for ta, tb in zip(step[a], step[b]))
+                return paired_ratio(step[b], step[a])
 
-            ms = " | ".join(f"{statistics.median(step[s]) * 1e3:.1f}" for s in names)
+            ms = " | ".join(f"{median_ms(step[s]):.1f}" for s in names)
             print(f"| {'bf16' if dtype == torch.bfloat16 else 'fp32'} | "
                   f"{'channels_last' if fmt == torch.channels_last else 'nchw'} | {ms} | "
                   f"{ratio(names[3], names[1]):.2f} | {ratio(names[3], names[0]):.2f} | "

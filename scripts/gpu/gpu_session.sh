@@ -2,33 +2,33 @@
 # Issue 28's work on a lent GPU, as one prepared command per device call (the device tool's `run`).
 #
 # Here, once per session, before the first call (downloads; both folders are git-ignored):
-#   bash scripts/gpu_session.sh prepare
+#   bash scripts/gpu/gpu_session.sh prepare
 #     .whl/  the wheels the device's image lacks, for its Python 3.12: hydra-core, omegaconf, antlr4, simplejpeg
 #     .gpu/  the CIFAR-10 JPEG tree's archive (../shared/data/cifar10-jpeg.tar.gz, 20 MB)
 # On the device (run: carry [".whl", ".gpu"], timeout_s 590):
-#   bash scripts/gpu_session.sh device [PART...]
+#   bash scripts/gpu/gpu_session.sh device [PART...]
 #     PART (default: correctness bench baselines; each in the order given):
 #     correctness  pytest tests/test_cuda.py (resume, no host sync, passes, peak memory), what it measured in
 #                  cuda_report.jsonl (item 3)
-#     bench        scripts/bench_gpu.py: ResNet-50 step, loader and end to end (item 1, about 5 minutes)
-#     memory       scripts/bench_memory.py: peak memory of lbsgd train (memory.checkpointing off/on, fp32/bf16)
+#     bench        scripts/bench/bench_gpu.py: ResNet-50 step, loader and end to end (item 1, about 5 minutes)
+#     memory       scripts/bench/bench_memory.py: peak memory of lbsgd train (memory.checkpointing off/on, fp32/bf16)
 #                  and lbsgd eval (offload.mode x eval.precision), ResNet-50 at 256 (item 2, about 5 minutes)
 #     baselines    resumes results/inprogress/cifar-h200/* (3 runs at once on the GPU, device=cuda); their
 #                  run directories are packed into $OUT/baselines.tar.gz every 20 s and the runs stopped
 #                  (SIGTERM: a checkpoint) 35 s before DEADLINE, so a call cut short still brings back their
 #                  last checkpoints: unpack into results/inprogress/ and run again (item 4)
 #     deep         the paper's recipe (zero-gamma on) on CIFAR ResNet-20, 45 epochs, 12 runs at once (item 5):
-#                  baseline kn 128, the ladder 256-8192, Table 1 (none, constant) and Table 2b (zero-gamma
-#                  off) at kn 1024 and the baseline; resumes results/inprogress/cifar-r20/*, packs its run
+#                  scripts/experiments/exp_cifar.sh deep-gpu: baseline kn 128 (seeds 0, 1), the ladder 256-8192,
+#                  Table 1 (none, constant) and Table 2b (zero-gamma off) at kn 1024 and the baseline; resumes results/inprogress/cifar-r20/*, packs its run
 #                  directories into $OUT/deep-{1,2}.tar.gz every 15 s and stops the runs (SIGTERM: a checkpoint)
 #                  35 s before DEADLINE; unpack into results/inprogress/cifar-r20/ and run again
 # Each part starts only while DEADLINE (default: 570 s after the start) leaves it its expected time.
 # A rehearsal on this CPU at tiny size (no GPU; the same steps, small):
-#   OUT=/tmp/out REHEARSE=1 PY=.venv/bin/python bash scripts/gpu_session.sh device correctness bench memory baselines deep
+#   OUT=/tmp/out REHEARSE=1 PY=.venv/bin/python bash scripts/gpu/gpu_session.sh device correctness bench memory baselines deep
 # What comes back ($OUT, at most 8 files): device.txt, cuda_report.jsonl, bench_gpu.{json,md}, bench_memory.json,
 # baselines.tar.gz, deep-{1,2}.tar.gz (each under 16 MiB); the rest is in the call's output.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PY=${PY:-python3}  # the device's python3 holds torch; here a venv's, for the rehearsal
 
@@ -58,13 +58,13 @@ part_correctness() {  # the tests' figures, then pytest's verdict, into cuda_rep
 part_bench() {
   local args=()
   [[ -n ${REHEARSE:-} ]] && args=(--smoke)
-  $PY scripts/bench_gpu.py "${args[@]}" --out "$OUT/bench_gpu"
+  $PY scripts/bench/bench_gpu.py "${args[@]}" --out "$OUT/bench_gpu"
 }
 
 part_memory() {
   local args=()
   [[ -n ${REHEARSE:-} ]] && args=(--smoke)
-  $PY scripts/bench_memory.py "${args[@]}" --out /tmp/bench_memory --work /tmp/bench_memory  # the table: in the output
+  $PY scripts/bench/bench_memory.py "${args[@]}" --out /tmp/bench_memory --work /tmp/bench_memory  # the table: in the output
   cp /tmp/bench_memory/bench_memory.json "$OUT/"
 }
 
@@ -97,20 +97,10 @@ part_deep() {
   cifar_tree || return 1
   mkdir -p "$runs"
   [[ -d results/inprogress/cifar-r20 ]] && cp -rn results/inprogress/cifar-r20/. "$runs/"
-  (
-    export DATA=/dev/shm/lbsgd_cifar10 RUNS=$runs LBSGD="$PY -m lbsgd_cli" JOBS=$jobs
-    scale_arg=(scale=cpu model.depth=20)
-    extra=(device=$device threads=1 log.progress=plain log.tensorboard=false "${stop[@]}")
-    source scripts/exp_run.sh
-    z=model.zero_init_residual=false
-    run kn128-s0 experiment=cifar_baseline batch.k=4 seed=0                                     # the baseline
-    for k in 8 16 32 64 128 256; do run "kn$((32 * k))-gradual-s0" experiment=cifar_large_gradual batch.k=$k seed=0; done
-    for w in none constant; do run "kn1024-$w-s0" experiment=cifar_large_$w batch.k=32 seed=0; done  # Table 1
-    run kn128-nozg-s0 experiment=cifar_baseline batch.k=4 seed=0 $z                            # Table 2b
-    run kn1024-gradual-nozg-s0 experiment=cifar_large_gradual batch.k=32 seed=0 $z
-    run kn128-s1 experiment=cifar_baseline batch.k=4 seed=1
-    wait
-  ) &
+  # the runs are exp_cifar.sh's part deep-gpu (ResNet-20: the ladder, Table 1 at kn 1024, Table 2b, a second seed)
+  DATA=/dev/shm/lbsgd_cifar10 RUNS=$runs LBSGD="$PY -m lbsgd_cli" JOBS=$jobs SCALE=cpu DEPTH=20 LARGE_K=32 TABLE1_K=32 \
+    bash scripts/experiments/exp_cifar.sh deep-gpu -- \
+    device=$device threads=1 log.progress=plain log.tensorboard=false "${stop[@]}" &
   local study=$!
   while kill -0 "$study" 2>/dev/null; do
     if (($(left) < 35)); then  # before the call's end: no further starts, and the runs stop with a checkpoint

@@ -4,13 +4,13 @@
 # past its break at kn 2048-8192, and does the gradient noise scale of the baseline's first epochs predict it?
 # Every run resumes where it stopped and a finished run does nothing: run it again after an interruption.
 #
-#   DATA=/path/to/cifar10 scripts/exp_beyond.sh [PART...] [-- overrides...]
+#   DATA=/path/to/cifar10 scripts/experiments/exp_beyond.sh [PART...] [-- overrides...]
 #
 #   PART  warmup | lars-probe | lars | noise | poly | starved   (default: noise lars-probe warmup)
 #     noise       the baseline (kn 128) with log.noise_scale=true, 4 passes of one worker (B_small 32, B_big 128),
 #                 in NOISE_RUNS (default $RUNS/../noise: its arithmetic is the baseline's seed 0, bit for bit, so
 #                 it stays out of the plots' seeds); then:
-#                 python scripts/recommend_kn.py $NOISE_RUNS/kn128-noise-s0 --before-epoch 5 --by-epoch
+#                 python scripts/experiments/recommend_kn.py $NOISE_RUNS/kn128-noise-s0 --before-epoch 5 --by-epoch
 #     lars-probe  LARS (eta 0.001, the poly decay of You et al. 2017, power 2, after the 5-epoch gradual warmup)
 #                 at kn 4096: the first PROBE_EPOCHS epochs (checkpoint.stop_after_epoch) at peak rates
 #                 LARS_PROBE (default "10 5 20"); the chosen rate's run goes on with part lars
@@ -21,8 +21,8 @@
 #     poly        the poly schedule against its own baseline (issue 36): kn 128 with poly decay (power 2) and no
 #                 warmup, then the ladder kn POLY_KN (default "1024 2048 8192") with the 15-epoch gradual warmup and
 #                 poly decay, for each seed of SEEDS (the ladder's 4096 and 8192 s0 are in results/runs/beyond)
-#     starved     the earlier 5k-subset runs of results/starved_5k/beyond.md (scripts/exp_env.sh)
-#   RUNS  where the run directories go (default runs/results/beyond); LBSGD, JOBS: as in scripts/exp_cifar.sh
+#     starved     the earlier 5k-subset runs of results/starved_5k/beyond.md (scripts/experiments/exp_env.sh)
+#   RUNS  where the run directories go (default runs/results/beyond); LBSGD, JOBS: as in scripts/experiments/exp_cifar.sh
 #   SEEDS seeds of the runs that carry a claim (default "0 1")
 # Then: lbsgd plot runs/results/cifar "$RUNS" --out results (the recipe's ladder beside the methods: fig1_methods.png)
 set -uo pipefail

@@ -1,4 +1,4 @@
-# Shared settings of scripts/exp_beyond_starved.sh (the paper's experiments are scripts/exp_cifar.sh).
+# Shared settings of scripts/experiments/exp_beyond_starved.sh (the paper's experiments are scripts/experiments/exp_cifar.sh).
 #   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked), read as data=imagefolder
 #          (which names the sweeps' run directories: results/starved_5k/beyond.md's runs predate it and keep their names)
 #   RUNS   where the run directories go: $RUNS/<experiment>/<overrides>/

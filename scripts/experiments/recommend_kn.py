@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Recommend the largest useful minibatch ``kn`` from a run's measured gradient noise scale.
 
-    python scripts/recommend_kn.py RUN_DIR [--after-epoch E] [--before-epoch B] [--by-epoch]
+    python scripts/experiments/recommend_kn.py RUN_DIR [--after-epoch E] [--before-epoch B] [--by-epoch]
 
 RUN_DIR is a directory of ``lbsgd train ... log.noise_scale=true`` (its ``metrics.jsonl`` and
 ``config.yaml``). The script takes the median ``train/noise_scale`` (``B_simple``) of the

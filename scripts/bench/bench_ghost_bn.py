@@ -4,8 +4,6 @@ ResNet-20 (CIFAR, ``model.arch=cifar_resnet``, depth 20) at batch 128, one train
 (forward, cross-entropy, backward, SGD step) with
 
 - ``plain``: ``nn.BatchNorm2d`` over the whole batch (no ghost BN),
-- ``former``: the ghost BN before issue 13 (the batch transposed ``(g*n, C) -> (n, g*C)``,
-  one ``batch_norm`` call, transposed back), kept here for this comparison only,
 - ``copy-free``: :class:`lbsgd_cli.ghost_bn.GhostBatchNorm2d` with ``model.bn_kernel=native`` (one
   native BN call per worker's slice, a view),
 - ``fused``: the same with ``model.bn_kernel=fused`` (one torch.compile-generated kernel per layer for
@@ -16,11 +14,15 @@ fixed batch (``--batch 128``: n = 128/g, down to n = 4) or at the paper's fixed 
 (``--n 32``: batch g*32, up to 1,024, plain BN over the same batch). Optionally torchvision's
 ResNet-50 at 224x224, fp32 against bf16.
 
+The former ghost BN of issue 13 (the batch transposed ``(g*n, C) -> (n, g*C)``) was a side here until
+issue 37; its columns in results/performance.md came from commit 6871f08 of this script
+(``git show 6871f08:scripts/bench_ghost_bn.py``).
+
 The machine is shared and noisy: one thread, every variant runs one step per round, the
 order of the variants reverses every round, and each ratio is the median over rounds of the
 ratio within a round. Usage::
 
-    PYTHONPATH=. python scripts/bench_ghost_bn.py [--rounds 9] [--batch 128 | --n 32] [--r50-rounds 3] [--no-r50]
+    PYTHONPATH=. python scripts/bench/bench_ghost_bn.py [--rounds 9] [--batch 128 | --n 32] [--r50-rounds 3] [--no-r50]
 """
 
 from __future__ import annotations
@@ -34,49 +36,11 @@ import time
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from timing import alternate_rounds, paired_ratio
 from torch import nn
 
 from lbsgd_cli.config import ModelConfig
-from lbsgd_cli.ghost_bn import GhostBatchNorm2d
 from lbsgd_cli.models import build_model
-
-
-class FormerGhostBatchNorm2d(nn.BatchNorm2d):
-    """The ghost BN before issue 13 (training statistics over groups of ``group_size``), for comparison."""
-
-    def __init__(self, num_features: int, group_size: int, **kwargs) -> None:
-        super().__init__(num_features, **kwargs)
-        self.group_size = group_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        b, c = x.shape[0], x.shape[1]
-        n = self.group_size
-        g = b // n
-        xt = x.reshape(g, n, c, *x.shape[2:]).transpose(0, 1).reshape(n, g * c, *x.shape[2:])
-        weight = self.weight.repeat(g) if self.weight is not None else None
-        bias = self.bias.repeat(g) if self.bias is not None else None
-        dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        mean_buf = torch.zeros(g * c, device=x.device, dtype=dt)
-        var_buf = torch.ones_like(mean_buf)
-        y = F.batch_norm(xt, mean_buf, var_buf, weight, bias, True, 1.0, self.eps)
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            self.running_mean.lerp_(mean_buf.view(g, c).mean(0), self.momentum)
-            self.running_var.lerp_(var_buf.view(g, c).mean(0), self.momentum)
-        return y.reshape(n, g, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
-
-
-def to_former(module: nn.Module) -> nn.Module:
-    for name, child in module.named_children():
-        if isinstance(child, GhostBatchNorm2d):
-            new = FormerGhostBatchNorm2d(child.num_features, child.group_size, eps=child.eps, momentum=child.momentum)
-            new.load_state_dict(child.state_dict())
-            setattr(module, name, new)
-        else:
-            to_former(child)
-    return module
 
 
 class Variant:
@@ -85,15 +49,13 @@ class Variant:
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.times: list[float] = []
 
-    def step(self) -> float:
-        t = time.perf_counter()
+    def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
         with ctx:
             loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
         self.opt.step()
-        return time.perf_counter() - t
 
 
 def resnet20_variants(batches: dict[int, int]) -> list[Variant]:
@@ -118,8 +80,7 @@ def resnet20_variants(batches: dict[int, int]) -> list[Variant]:
                                    precision))
             for g, batch in batches.items():
                 x, y = x0[:batch].contiguous(memory_format=mf), y0[:batch]
-                sides = {"former": to_former(model(batch // g)), "copy-free": model(batch // g),
-                         "fused": model(batch // g, "fused")}
+                sides = {"copy-free": model(batch // g), "fused": model(batch // g, "fused")}
                 out += [Variant((fmt, precision, side, g), m.to(memory_format=mf), x, y, precision)
                         for side, m in sides.items()]
     return out
@@ -139,17 +100,15 @@ def resnet50_variants(batch: int) -> list[Variant]:
 
 
 def run_rounds(variants: list[Variant], rounds: int, warmup: int = 2) -> None:
-    for v in variants:
-        for _ in range(warmup):
-            v.step()
-    for r in range(rounds):
-        for v in variants if r % 2 == 0 else variants[::-1]:
-            v.times.append(v.step())
+    """One step of every variant per round, the order reversed every round, into each ``Variant.times``."""
+    times = alternate_rounds({str(i): v.step for i, v in enumerate(variants)}, rounds, warmup=warmup)
+    for i, v in enumerate(variants):
+        v.times = times[str(i)]
 
 
-def paired_ratio(a: Variant, b: Variant) -> float:
+def speedup(a: Variant, b: Variant) -> float:
     """Median over rounds of speed(a)/speed(b) = time(b)/time(a), both measured in the same round."""
-    return statistics.median(tb / ta for ta, tb in zip(a.times, b.times))
+    return paired_ratio(b.times, a.times)
 
 
 def main() -> None:
@@ -178,27 +137,25 @@ def main() -> None:
     size = f"n = {args.n} per worker, batch g*{args.n}" if args.n else f"batch {args.batch}"
     print(f"\nResNet-20 (CIFAR), {size}, training step (forward, loss, backward, SGD); "
           f"img/s = batch / median step time over {args.rounds} rounds; ratios: median of per-round ratios\n")
-    print("| format | precision | workers/pass g | n | batch | plain BN img/s | former ghost BN img/s "
-          "| copy-free img/s | fused img/s | copy-free / former | copy-free / plain | fused / former | fused / plain |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| format | precision | workers/pass g | n | batch | plain BN img/s "
+          "| copy-free img/s | fused img/s | copy-free / plain | fused / plain |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for fmt in ("nchw", "channels_last"):
         for precision in ("fp32", "bf16"):
             for g, batch in batches.items():
                 plain = by[(fmt, precision, "plain", batch)]
-                old, new = by[(fmt, precision, "former", g)], by[(fmt, precision, "copy-free", g)]
-                fused = by[(fmt, precision, "fused", g)]
-                print(f"| {fmt} | {precision} | {g} | {batch // g} | {batch} | {ips(plain):.0f} | {ips(old):.0f} | "
-                      f"{ips(new):.0f} | {ips(fused):.0f} | {paired_ratio(new, old):.2f} | "
-                      f"{paired_ratio(new, plain):.2f} | {paired_ratio(fused, old):.2f} | "
-                      f"{paired_ratio(fused, plain):.2f} |")
+                new, fused = by[(fmt, precision, "copy-free", g)], by[(fmt, precision, "fused", g)]
+                print(f"| {fmt} | {precision} | {g} | {batch // g} | {batch} | {ips(plain):.0f} | "
+                      f"{ips(new):.0f} | {ips(fused):.0f} | {speedup(new, plain):.2f} | "
+                      f"{speedup(fused, plain):.2f} |")
     print("\nbf16 autocast against fp32, same format and BN (copy-free ghost BN):\n")
     print("| format | g | fp32 img/s | bf16 img/s | bf16 / fp32 | channels_last / NCHW (bf16) |")
     print("|---|---:|---:|---:|---:|---:|")
     for fmt in ("nchw", "channels_last"):
         for g in (1, 4, 32):
             a, b = by[(fmt, "fp32", "copy-free", g)], by[(fmt, "bf16", "copy-free", g)]
-            cl = paired_ratio(by[("channels_last", "bf16", "copy-free", g)], by[("nchw", "bf16", "copy-free", g)])
-            print(f"| {fmt} | {g} | {ips(a):.0f} | {ips(b):.0f} | {paired_ratio(b, a):.2f} | {cl:.2f} |")
+            cl = speedup(by[("channels_last", "bf16", "copy-free", g)], by[("nchw", "bf16", "copy-free", g)])
+            print(f"| {fmt} | {g} | {ips(a):.0f} | {ips(b):.0f} | {speedup(b, a):.2f} | {cl:.2f} |")
     print(f"\n(ResNet-20 part: {time.monotonic() - t0:.0f} s)")
 
     if not args.no_r50:
@@ -213,7 +170,7 @@ def main() -> None:
         print("|---|---|---:|---:|")
         for v in vs50:
             print(f"| {v.key[0]} | {v.key[1]} | {args.r50_batch / statistics.median(v.times):.1f} | "
-                  f"{paired_ratio(v, base):.2f} |")
+                  f"{speedup(v, base):.2f} |")
         print(f"\n(ResNet-50 part: {time.monotonic() - t1:.0f} s)")
 
 

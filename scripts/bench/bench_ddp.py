@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Data-parallel throughput on this machine: W=1 vs W=2 processes for one global minibatch (§3, §4).
 
-    python scripts/bench_ddp.py [--arch cifar_resnet --depth 20] [--k 4 --n 32] [--iters 12]
+    python scripts/bench/bench_ddp.py [--arch cifar_resnet --depth 20] [--k 4 --n 32] [--iters 12]
 
 The paper's minibatch is ``k*n`` whatever the number of processes W. This script runs
 lbsgd's own training step (``engine.train_step``: ghost BN over n, no_sync passes, one

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Streaming loader benchmark: images per second per core, the new loader against the former one.
 
-    python scripts/bench_loader.py [--root /tmp/lbsgd_bench_photos] [--rounds 7] [--train 480]
+    python scripts/bench/bench_loader.py [--root /tmp/lbsgd_bench_photos] [--rounds 7] [--train 480]
 
 The data: real photographs that scikit-image and scikit-learn ship (``skimage.data`` and
 ``sklearn.datasets.load_sample_images``), cut by random crops, resized so that each side is 350-500

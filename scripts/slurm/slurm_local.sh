@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this machine, for the `slurm` test tier and for trying the SLURM path by hand.
 #
-#   scripts/slurm_local.sh up DIR      # config, state and logs under DIR; prints `export SLURM_CONF=DIR/slurm.conf`
+#   scripts/slurm/slurm_local.sh up DIR      # config, state and logs under DIR; prints `export SLURM_CONF=DIR/slurm.conf`
 #   export SLURM_CONF=DIR/slurm.conf   # then sbatch / srun / squeue / scontrol talk to this cluster
-#   scripts/slurm_local.sh down DIR    # cancels its jobs, stops the daemons it started (by their PID files)
+#   scripts/slurm/slurm_local.sh down DIR    # cancels its jobs, stops the daemons it started (by their PID files)
 #
 # Needs Debian's `slurmctld slurmd slurm-client munge` (it installs nothing) and root: slurmd runs jobs as
 # their submitter. No systemd: munged runs as the munge user, then slurmctld, then `slurmd -N localhost`.
@@ -80,7 +80,7 @@ up() {
   port=${SLURM_LOCAL_PORT:-$(free_port)}
   cpus=${SLURM_LOCAL_CPUS:-8}
   cat >"$dir/slurm.conf" <<EOF
-# written by scripts/slurm_local.sh: a one-node cluster for tests
+# written by scripts/slurm/slurm_local.sh: a one-node cluster for tests
 ClusterName=lbsgd-local
 SlurmctldHost=localhost
 SlurmctldPort=$port

@@ -5,7 +5,7 @@ dynamo made and how many graph breaks split them. Rows: torchvision ResNet-50 (b
 CIFAR ResNet-20 (batch 128, 32x32), both with ghost BN over n = 32, in train and eval mode, with
 ``model.bn_kernel=native`` and ``fused``. Usage::
 
-    PYTHONPATH=. python scripts/explain_ghost_bn.py [--no-r50]
+    PYTHONPATH=. python scripts/bench/explain_ghost_bn.py [--no-r50]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The plan's cost model against the local multi-node cluster (issue 35 item 4).
 
-    python scripts/check_plan_local.py [--csv results/multinode/steps.csv] [--out results/multinode/plan_check.csv]
+    python scripts/experiments/check_plan_local.py [--csv results/multinode/steps.csv] [--out results/multinode/plan_check.csv]
 
 Reads the measured steps (columns ``arch,depth,world,rate_gbit,delay_ms,comm_hook,step_s,step_s_w1,grad_bytes,
 allreduce_s,exposed_s``: gloo over veth links shaped with ``tc``, one rank per namespace) and predicts each

@@ -5,8 +5,8 @@ lbsgd_cli/int8.py), compiled by inductor; fp32 is timed eagerly and compiled the
 Repetitions alternate between the networks (fp32 eager, fp32 compiled, int8 compiled, ...)
 so that load from other processes slows all of them alike; the medians are reported.
 
-    python scripts/bench_quantize.py                                   # ResNet-20 (CIFAR), random weights
-    python scripts/bench_quantize.py --checkpoint runs/train/.../last.pt --data-root /tmp/cifar10
+    python scripts/bench/bench_quantize.py                                   # ResNet-20 (CIFAR), random weights
+    python scripts/bench/bench_quantize.py --checkpoint runs/train/.../last.pt --data-root /tmp/cifar10
 
 With a checkpoint, calibration uses training images and the int8 val error is reported too.
 torch.compile takes minutes on a small CPU; nothing here runs in the tests.

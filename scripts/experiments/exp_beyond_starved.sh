@@ -2,7 +2,7 @@
 # The earlier beyond-the-paper runs at the step-starved 5k-subset scale (results/starved_5k/beyond.md):
 # LARS beside plain SGD past the break-down point, the gradient noise scale of the baseline, and compressed
 # allreduce (fp16, PowerSGD) on 2 processes at the large kn.
-#   DATA=/path/to/cifar10 scripts/exp_beyond.sh starved [-- overrides...]
+#   DATA=/path/to/cifar10 scripts/experiments/exp_beyond.sh starved [-- overrides...]
 source "$(dirname "$0")/exp_env.sh"
 LARS_LR=${LARS_LR:-10}  # conf/optim/lars.yaml's base rate (eta = 0.001); the presets' 0.1 is SGD's
 # linear rule from lr 10 at kn 64 diverges at kn 256 (lr 40: a step moves each weight by lr*eta = 4 %

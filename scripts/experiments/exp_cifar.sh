@@ -7,12 +7,14 @@
 # Every run resumes where it stopped and a finished run does nothing: run it again after an
 # interruption. A diverged run is reported and the next one starts.
 #
-#   DATA=/path/to/cifar10 scripts/exp_cifar.sh [PART...] [-- overrides...]
+#   DATA=/path/to/cifar10 scripts/experiments/exp_cifar.sh [PART...] [-- overrides...]
 #
 #   PART   ladder | table1 | seeds | rules | nozg | fp32 | shortcut | deep | probe (default: ladder ... fp32)
 #          shortcut: Table 2b with projection shortcuts (model.shortcut=B, issue 36): zero-gamma on and off at
 #          kn 128 and the large kn, SEEDS (default "0 1"); with DEPTH=20, kn 128 on seed 0
 #          deep: the recipe on ResNet-20 (model.depth=20): kn 128 and the large kn, zero-gamma on and off, seed 0
+#          deep-gpu: the ladder, table1 and deep, and a second baseline seed (12 runs with DEPTH=20 TABLE1_K=32:
+#          scripts/gpu/gpu_session.sh's part deep, issue 28 item 5); a run two of them share starts once (once)
 #   DATA   CIFAR-10 in the ImageFolder layout (../shared/data/cifar10-jpeg.tar.gz unpacked), read as
 #          data=imagefolder (the presets' data=cifar10 reads torchvision's batches; the results/ runs, made
 #          when data=cifar10 meant this tree, keep their directory names and config.yaml as written)
@@ -47,13 +49,26 @@ scale_arg=(scale="$SCALE"); [[ $SCALE == full ]] && scale_arg=()
 [[ $DEPTH == 8 ]] || scale_arg+=(model.depth="$DEPTH")
 
 source "$(dirname "$0")/exp_run.sh"  # run NAME OVERRIDES...
-base() { run "kn128-s$1" experiment=cifar_baseline batch.k=4 seed="$1" "${@:2}"; }              # lr 0.1
-large() { run "kn$((32 * $1))-$2-s$3" experiment="cifar_large_$2" batch.k="$1" seed="$3" "${@:4}"; }
+# once NAME OVERRIDES...: run, unless this script started NAME already (deep-gpu's parts share kn128-s0 and the
+# large kn's run: with JOBS > 1 a second start would write to the same directory at once)
+declare -A started=()
+once() { [[ -z ${started[$RUNS/$1]:-} ]] || { echo "=== $1: started already" >&2; return 0; }; started[$RUNS/$1]=1; run "$@"; }
+base() { once "kn128-s$1" experiment=cifar_baseline batch.k=4 seed="$1" "${@:2}"; }              # lr 0.1
+large() { once "kn$((32 * $1))-$2-s$3" experiment="cifar_large_$2" batch.k="$1" seed="$3" "${@:4}"; }
+ladder() { base 0; for k in 32 64 128 256 16 8; do large "$k" gradual 0; done; }   # kn 1024, 2048, ... 256
+table1() { for k in "${TABLE1_K[@]}"; do large "$k" none 0; large "$k" constant 0; done; }
+deep() {  # RUNS=runs/results/cifar-r20-cpu DEPTH=20: the ResNet-20 runs of results/runs/cifar-r20-cpu
+  local z=model.zero_init_residual=false L=$((32 * LARGE_K))
+  once kn128-s0 experiment=cifar_baseline batch.k=4 seed=0
+  once kn128-nozg-s0 experiment=cifar_baseline batch.k=4 seed=0 $z
+  once "kn$L-gradual-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0
+  once "kn$L-gradual-nozg-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0 $z
+}
 
 for part in "${parts[@]}"; do
   case $part in
-    ladder) base 0; for k in 32 64 128 256 16 8; do large "$k" gradual 0; done ;;   # kn 1024, 2048, ... 256
-    table1) for k in "${TABLE1_K[@]}"; do large "$k" none 0; large "$k" constant 0; done ;;
+    ladder) ladder ;;
+    table1) table1 ;;
     seeds)  base 1; for k in "${TABLE1_K[@]}"; do for w in gradual none constant; do large "$k" "$w" 1; done; done ;;
     rules)  for r in sqrt none; do run "kn$((32 * LARGE_K))-gradual-$r-s0" experiment=cifar_large_gradual \
               batch.k="$LARGE_K" optim.lr_rule="$r" seed=0; done
@@ -88,19 +103,15 @@ for part in "${parts[@]}"; do
               run "kn$L-gradual-sB-s$seed" experiment=cifar_large_gradual batch.k="$LARGE_K" seed="$seed" $b
               run "kn$L-gradual-sB-nozg-s$seed" experiment=cifar_large_gradual batch.k="$LARGE_K" seed="$seed" $b $z
             done ;;
-    deep)   # RUNS=runs/results/cifar-r20-cpu DEPTH=20: the ResNet-20 runs of results/runs/cifar-r20-cpu
-            z=model.zero_init_residual=false L=$((32 * LARGE_K))
-            run kn128-s0 experiment=cifar_baseline batch.k=4 seed=0
-            run kn128-nozg-s0 experiment=cifar_baseline batch.k=4 seed=0 $z
-            run "kn$L-gradual-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0
-            run "kn$L-gradual-nozg-s0" experiment=cifar_large_gradual batch.k="$LARGE_K" seed=0 $z ;;
+    deep)   deep ;;
+    deep-gpu) ladder; table1; deep; base 1 ;;
     probe)  # the first 5 epochs of the regime at rates 0.8, 1.6, 3.2 (kn 1024, 2048, 4096), no vs gradual warmup
             for k in 4 32 64 128; do for w in none gradual; do
               [[ $k == 4 && $w == gradual ]] && continue                        # kn 128: warmup is flat
               RUNS="$RUNS/../probe" run "resnet8-kn$((32 * k))-$w" experiment=cifar_large_$w batch.k=$k \
                 schedule.epochs=5 'schedule.milestones=[100]' seed=0
             done; done ;;
-    *) echo "unknown part $part (ladder, table1, seeds, rules, nozg, fp32, shortcut, deep, probe)" >&2; exit 2 ;;
+    *) echo "unknown part $part (ladder, table1, seeds, rules, nozg, fp32, shortcut, deep, deep-gpu, probe)" >&2; exit 2 ;;
   esac
 done
 wait  # JOBS > 1: the last runs

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Figures and table of results/starved_5k/beyond.md, from the run directories of scripts/exp_beyond.sh starved.
+"""Figures and table of results/starved_5k/beyond.md, from the run directories of scripts/experiments/exp_beyond.sh starved.
 
-    python scripts/plot_beyond.py runs/results --out results/starved_5k
+    python scripts/experiments/plot_beyond.py runs/results --out results/starved_5k
 
 Reads ``<runs>/kn_sweep`` and ``<runs>/warmup`` (plain SGD, seed 0), ``<runs>/lars`` (LARS),
 ``<runs>/noise_scale`` (the baseline with ``log.noise_scale=true``) and ``<runs>/comm_hook/<hook>``
@@ -61,7 +61,7 @@ def main() -> None:
                 lars[rule][row["kn"]] = (row["val_err"], peak_lr(r.cfg))
     noise_runs = runs_under(args.runs / "noise_scale")
     iters, bs = noise_scale_curve(noise_runs[0]) if noise_runs else ([], [])
-    rec = recommend(noise_runs[0].path) if noise_runs else None  # the same median as scripts/recommend_kn.py
+    rec = recommend(noise_runs[0].path) if noise_runs else None  # the same median as scripts/experiments/recommend_kn.py
     b_simple = rec["b_simple"] if rec else None
     hooks = {}
     for hook_dir in sorted((args.runs / "comm_hook").glob("*")):

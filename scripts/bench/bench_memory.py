@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """The seminar's memory table, measured through the CLI itself (issue 28, item 2).
 
-    python scripts/bench_memory.py --out runs/bench/memory        # one GPU: ResNet-50 at 256, a few minutes
-    python scripts/bench_memory.py --smoke --out /tmp/mem         # CPU, tiny sizes (the test suite runs it)
+    python scripts/bench/bench_memory.py --out runs/bench/memory        # one GPU: ResNet-50 at 256, a few minutes
+    python scripts/bench/bench_memory.py --smoke --out /tmp/mem         # CPU, tiny sizes (the test suite runs it)
 
-1. **Data**: ImageNet-like JPEGs in the ImageNet folder layout (``scripts/bench_gpu.py``'s generator, 1000
+1. **Data**: ImageNet-like JPEGs in the ImageNet folder layout (``scripts/bench/bench_gpu.py``'s generator, 1000
    classes; ``--root`` takes a tree of your own), kept in ``--work`` for the next run.
 2. **``lbsgd train``**: ResNet-50 (``experiment=imagenet_baseline``: ghost BN over n = 32) at ``--batch``
    images per step, one short epoch, per training precision, with and without ``memory.checkpointing``.
@@ -30,8 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_gpu, beside this file
 sys.path.insert(0, str(ROOT))
 
 from lbsgd_cli.metrics import read_metrics  # noqa: E402

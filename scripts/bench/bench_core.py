@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of the core training step, ghost BN and the loaders, as ratios taken in one run.
 
-    python scripts/bench_core.py [--data-root /path/to/cifar10] [--rounds 5] [--iters 8]
+    python scripts/bench/bench_core.py [--data-root /path/to/cifar10] [--rounds 5] [--iters 8]
 
 1. lbsgd's training step (``engine.train_step``: lr set, ghost-BN bookkeeping, loss
    normalised by kn) over a plain hand-written PyTorch loop, same model and batch
@@ -13,8 +13,8 @@
 4. the streaming loader (ImageNet-sized JPEGs, the paper's augmentation, DataLoader
    workers) over ResNet-50's training consumption on this device.      goal >= 2
 
-Measurements alternate A, B, A, B... for ``--rounds`` rounds and report medians,
-so a noisy shared machine hurts both sides alike.
+Measurements alternate A, B, then B, A (the order reversed every round) for ``--rounds`` rounds, each
+side after one untimed step, and report medians, so a noisy shared machine hurts both sides alike.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from lbsgd_cli.data import TrainLoader, load_data
 from lbsgd_cli.models import build_model
 from lbsgd_cli.optim import build_optimizer, set_lr
 from lbsgd_cli.engine import StepPlan, train_step
+from timing import alternate_rounds, time_per_call
 
 
 def model_cfg(arch: str, depth: int = 20):
@@ -41,11 +42,9 @@ def model_cfg(arch: str, depth: int = 20):
 
 
 def timed(fn, iters: int) -> float:
+    """Seconds per call over ``iters`` calls, after one untimed call."""
     fn()  # warm-up
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t) / iters
+    return time_per_call(fn, iters)
 
 
 def plain_loop_step(model, opt, x, y):
@@ -76,11 +75,9 @@ def make_plain_step(arch, depth, x, y, device):
 
 
 def alternate(a, b, rounds: int, iters: int) -> tuple[float, float]:
-    ta, tb = [], []
-    for _ in range(rounds):
-        ta.append(timed(a, iters))
-        tb.append(timed(b, iters))
-    return statistics.median(ta), statistics.median(tb)
+    """Median seconds per call of ``a`` and of ``b`` over alternating rounds."""
+    t = alternate_rounds({"a": a, "b": b}, rounds, iters=iters, warmup_each_round=True)
+    return statistics.median(t["a"]), statistics.median(t["b"])
 
 
 def loader_rate(loader: TrainLoader, batches: int) -> float:

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Steps across nodes on shaped links: time per step, the allreduce, and the part of it backward does not hide.
 
-    scripts/slurm_cluster.sh up /tmp/nodes --nodes 3          # as root: 3 nodes in network namespaces
-    python scripts/bench_multinode.py drive /tmp/nodes [--rates none,1gbit,100mbit] [--out results/multinode]
+    scripts/slurm/slurm_cluster.sh up /tmp/nodes --nodes 3          # as root: 3 nodes in network namespaces
+    python scripts/bench/bench_multinode.py drive /tmp/nodes [--rates none,1gbit,100mbit] [--out results/multinode]
 
 ``drive`` shapes every node's link with tc (``slurm_cluster.sh shape``), and for each rate, world size W = 1, 2, 3
 (one rank per node, gloo over the veth links), CIFAR ResNet-8 and ResNet-20, and ``dist.comm_hook`` none / fp16
-runs ``srun -N W -n W python scripts/bench_multinode.py rank ...``. Each rank runs lbsgd's own step
+runs ``srun -N W -n W python scripts/bench/bench_multinode.py rank ...``. Each rank runs lbsgd's own step
 (``engine.train_step``: k = 2 workers of n = 32 per rank, ghost BN, DDP with the hook) on synthetic 32x32 images,
 then, in rotation so that a noisy machine hurts each alike (medians):
 
@@ -15,7 +15,7 @@ then, in rotation so that a noisy machine hurts each alike (medians):
 - ``t_comm``: the same allreduce alone (the gradient, or its fp16 copy, in DDP's bucket sizes).
 
 exposed = median(t_ddp - t_local): the allreduce time backward did not hide. The figures go to
-``OUT/steps.csv`` (the columns ``scripts/check_plan_local.py`` reads) and a table on stdout. The machine has
+``OUT/steps.csv`` (the columns ``scripts/experiments/check_plan_local.py`` reads) and a table on stdout. The machine has
 2 cores: 3 ranks share them, so the compute at W = 3 is slower than at W = 1 (``compute_s`` is measured at
 each W and is what the planner's check takes as compute).
 """
@@ -33,7 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ["arch", "depth", "world", "rate_gbit", "delay_ms", "comm_hook", "step_s", "step_s_w1", "compute_s",
            "grad_bytes", "allreduce_s", "exposed_s", "rtt_ms"]
 
@@ -121,7 +121,7 @@ def drive(args) -> None:
     rows: list[dict] = []
 
     def shape(rate: str) -> None:
-        subprocess.run(["bash", str(ROOT / "scripts" / "slurm_cluster.sh"), "shape", str(cluster), rate],
+        subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "slurm_cluster.sh"), "shape", str(cluster), rate],
                        check=True, env=env, timeout=60)
 
     def run(world: int, depth: int, hook: str) -> dict:
@@ -178,7 +178,7 @@ def drive(args) -> None:
 
 def report(args) -> None:
     """The markdown table of results/performance.md, "Across nodes", from OUT/steps.csv (and OUT/plan_check.csv,
-    `scripts/check_plan_local.py`'s predictions, where present): rebuilt from the committed files alone."""
+    `scripts/experiments/check_plan_local.py`'s predictions, where present): rebuilt from the committed files alone."""
     out = Path(args.out)
     rows = list(csv.DictReader(open(out / "steps.csv", newline="")))
     pred = {}
@@ -204,8 +204,8 @@ def main() -> None:
     r = sub.add_parser("rank", help="one rank of a measurement (started by srun)")
     r.add_argument("--depth", type=int, default=8)
     r.add_argument("--hook", default="none", choices=["none", "fp16"])
-    d = sub.add_parser("drive", help="every measurement on a cluster of scripts/slurm_cluster.sh")
-    d.add_argument("cluster", help="the DIR of `scripts/slurm_cluster.sh up DIR --nodes 3`")
+    d = sub.add_parser("drive", help="every measurement on a cluster of scripts/slurm/slurm_cluster.sh")
+    d.add_argument("cluster", help="the DIR of `scripts/slurm/slurm_cluster.sh up DIR --nodes 3`")
     d.add_argument("--rates", default="none,1gbit,100mbit", help="tc rates of every link, comma-separated")
     d.add_argument("--depths", type=int, nargs="+", default=[8, 20])
     d.add_argument("--out", default=str(ROOT / "results" / "multinode"))

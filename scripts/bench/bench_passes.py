@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How many workers per forward pass: the measure behind ``batch.workers_per_pass=auto`` on a CPU.
 
-    python scripts/bench_passes.py [--rounds 3] [--steps 2] [--threads 1]
+    python scripts/bench/bench_passes.py [--rounds 3] [--steps 2] [--threads 1]
 
 One process holding k = 32 workers of n = 32 (kn = 1024, the CIFAR ladder's flat-region edge) takes
 ``engine.train_step`` steps with 1, 2, 4, 8 and 32 workers per pass, for CIFAR ResNet-8 and ResNet-20

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The whole lbsgd step against a bare hand-written loop, in each precision, as paired ratios in one run.
 
-    PYTHONPATH=. python scripts/bench_step.py [--rounds 7] [--iters 3] [--threads 1] [--depth 20] [--per-pass K]
+    PYTHONPATH=. python scripts/bench/bench_step.py [--rounds 7] [--iters 3] [--threads 1] [--depth 20] [--per-pass K]
 
 Sides, all CIFAR ResNet-20 (``--depth``) on one batch of 128 (``--batch``) random 32x32 images:
 
@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from timing import alternate_rounds, paired_ratio
 
 from lbsgd_cli.config import ModelConfig, OptimConfig
 from lbsgd_cli.divergence import DivergenceWatch
@@ -88,26 +88,6 @@ def lbsgd_step(precision: str, channels_last: bool, n: int, x: torch.Tensor, y: 
     return step
 
 
-def timed(fn, iters: int) -> float:
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t) / iters
-
-
-def measure(sides: dict, rounds: int, iters: int) -> dict[str, list[float]]:
-    """Seconds per step of each side in each round, the order of the sides reversed every round."""
-    for fn in sides.values():  # warm-up: allocator, oneDNN primitives
-        fn()
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    names = list(sides)
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            times[name].append(timed(sides[name], iters))
-    return times
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
@@ -135,10 +115,10 @@ def main() -> None:
                  "whole": lbsgd_step(precision, cl, args.batch, x, y, args.depth),
                  "ghost": lbsgd_step(precision, cl, args.n, x, y, args.depth, per_pass=args.per_pass),
                  "fused": lbsgd_step(precision, cl, args.n, x, y, args.depth, "fused", args.per_pass)}
-        t = measure(sides, args.rounds, args.iters)
+        # seconds per step of each side in each round; 2 warm-up steps each: allocator, oneDNN primitives
+        t = alternate_rounds(sides, args.rounds, iters=args.iters, warmup=2)
         ips = {name: args.batch / statistics.median(v) for name, v in t.items()}
-        ratio = {name: statistics.median(b / s for b, s in zip(t["bare"], t[name]))
-                 for name in ("whole", "ghost", "fused")}
+        ratio = {name: paired_ratio(t["bare"], t[name]) for name in ("whole", "ghost", "fused")}
         print(f"| {precision} | {'channels_last' if cl else 'nchw'} | {ips['bare']:.0f} | {ips['whole']:.0f} | "
               f"{ips['ghost']:.0f} | {ips['fused']:.0f} | {ratio['whole']:.3f} | {ratio['ghost']:.3f} | "
               f"{ratio['fused']:.3f} |", flush=True)

@@ -1,4 +1,4 @@
-# Shared by scripts/exp_cifar.sh and scripts/exp_beyond.sh: `run NAME OVERRIDES...` trains one run in
+# Shared by scripts/experiments/exp_cifar.sh and scripts/experiments/exp_beyond.sh: `run NAME OVERRIDES...` trains one run in
 # $RUNS/NAME with `$LBSGD train data=imagefolder data.root=$DATA ${scale_arg[@]} OVERRIDES ${extra[@]}` (the
 # JPEG tree; data=cifar10 is torchvision's batches); JOBS > 1 runs up to JOBS at once, each logging to
 # $RUNS/logs/NAME.log. A run that fails is reported and the next one starts.

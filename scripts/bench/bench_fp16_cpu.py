@@ -2,7 +2,7 @@
 ``lbsgd train`` per precision in this one process, alternated over rounds so that load from other processes on
 the machine falls on each alike; prints each run's images/s (summary.json) and the medians' ratios.
 
-    python scripts/bench_fp16_cpu.py [ROUNDS] [OUT_DIR]
+    python scripts/bench/bench_fp16_cpu.py [ROUNDS] [OUT_DIR]
 
 The figure behind the fp16-on-CPU warning of ``lbsgd train``'s header (lbsgd_cli/train.py, README)."""
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The ImageNet path on one GPU, measured in one command without ImageNet (issue 23).
 
-    python scripts/bench_gpu.py                       # one GPU, about 5 minutes; writes bench_gpu.{json,md}
-    python scripts/bench_gpu.py --per-core-only       # this CPU: the loader's img/s per core, new vs PIL
-    python scripts/bench_gpu.py --smoke               # CPU, tiny sizes, seconds (the test suite runs it)
+    python scripts/bench/bench_gpu.py                       # one GPU, about 5 minutes; writes bench_gpu.{json,md}
+    python scripts/bench/bench_gpu.py --per-core-only       # this CPU: the loader's img/s per core, new vs PIL
+    python scripts/bench/bench_gpu.py --smoke               # CPU, tiny sizes, seconds (the test suite runs it)
 
 1. **Data**: ``--images`` (20,000) ImageNet-like JPEGs generated into memory-backed storage (``/dev/shm``),
    in parallel: procedural pictures with a natural image's spectrum (1/f noise mixed across channels,

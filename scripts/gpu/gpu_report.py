@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""results/gpu.md from what a device call of ``scripts/gpu_session.sh`` brought back (issue 28).
+"""results/gpu.md from what a device call of ``scripts/gpu/gpu_session.sh`` brought back (issue 28).
 
-    python scripts/gpu_report.py DIR [DIR...] --out results/gpu.md
+    python scripts/gpu/gpu_report.py DIR [DIR...] --out results/gpu.md
 
 Each DIR holds some of: device.txt, cuda_report.jsonl, bench_gpu.json, bench_gpu.md, bench_memory.json (a later
 DIR's file replaces an earlier one's). The report states the device, driver, torch and CUDA versions, the
@@ -22,17 +22,17 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench_memory
 
 ANCHOR = ("NVIDIA DeepLearningExamples, ResNet-50 v1.5 (PyTorch, DALI, AMP), one A100 80GB: 2,470 img/s "
           "training throughput at batch 256")
 E2E_GOAL, GHOST_GOAL, LOADER_GOAL = 3000.0, 1.10, 1.3
 COMMANDS = """```bash
-bash scripts/gpu_session.sh device correctness bench memory   # on the GPU machine; what each part runs:
+bash scripts/gpu/gpu_session.sh device correctness bench memory   # on the GPU machine; what each part runs:
 python -m pytest -q tests/test_cuda.py                        # correctness (LBSGD_CUDA_REPORT=cuda_report.jsonl)
-python scripts/bench_gpu.py --out bench_gpu                   # the ImageNet path
-python scripts/bench_memory.py --out DIR                      # the memory table
-python scripts/gpu_report.py DIR --out results/gpu.md         # this file
+python scripts/bench/bench_gpu.py --out bench_gpu                   # the ImageNet path
+python scripts/bench/bench_memory.py --out DIR                      # the memory table
+python scripts/gpu/gpu_report.py DIR --out results/gpu.md         # this file
 ```"""
 
 
@@ -104,7 +104,7 @@ def report(found: dict[str, Path]) -> str:
     else:
         parts += ["Device: not recorded (no device.txt).", ""]
     parts += ["Commands:", "", COMMANDS, ""]
-    parts += ["## 1. The ImageNet path (`scripts/bench_gpu.py`)", ""]
+    parts += ["## 1. The ImageNet path (`scripts/bench/bench_gpu.py`)", ""]
     if "bench_gpu.json" in found:
         bench = json.loads(found["bench_gpu.json"].read_text())
         if "bench_gpu.md" in found:
@@ -112,7 +112,7 @@ def report(found: dict[str, Path]) -> str:
         parts += [f"Published anchor: {ANCHOR}.", "", *goals(bench), ""]
     else:
         parts += ["Not measured yet.", ""]
-    parts += ["## 2. The seminar's memory table (`scripts/bench_memory.py`)", ""]
+    parts += ["## 2. The seminar's memory table (`scripts/bench/bench_memory.py`)", ""]
     if "bench_memory.json" in found:
         from bench_memory import table
 
