@@ -16,7 +16,7 @@ Why per-slice native kernels by default (measured on the CPU, one thread): run e
 that reduce over a ``(g, n, C, H, W)`` view and normalise by broadcasting were 1.3-9x slower per BN
 layer (forward + backward) than the native kernel; the per-slice native calls make ResNet-20
 training steps 1.2-1.5x faster than the former ``(g*n, C) -> (n, g*C)`` transpose in channels_last
-and about as fast in NCHW (``results/performance.md``; measured by ``scripts/bench_ghost_bn.py`` at
+and about as fast in NCHW (``results/performance.md``; measured by ``scripts/bench/bench_ghost_bn.py`` at
 commit 6871f08, a comparison since retired). Compiled, the
 same formulas beat both (below); they are opt-in because every new shape compiles first and
 needs torch.compile's toolchain.
