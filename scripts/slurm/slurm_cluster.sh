@@ -23,7 +23,8 @@
 # veth's own (tens of microseconds), measured in results/performance.md.
 # Settings (environment): SLURM_CLUSTER_CPUS (CPUs each node declares, default 4).
 set -Eeuo pipefail
-PATH=$PATH:/usr/sbin:/sbin
+# shellcheck source=scripts/slurm/slurm_common.sh
+. "$(dirname "$0")/slurm_common.sh"
 
 usage() {
   echo "usage: $0 up DIR [--nodes N] | down DIR | shape DIR RATE|none | link DIR NODE up|down |" \
@@ -33,20 +34,6 @@ usage() {
 [ $# -ge 2 ] || usage
 action=$1 dir=$2
 shift 2
-
-# kill_pidfile FILE NAME: stop the process whose PID FILE holds, if it is still NAME (never a reused PID)
-kill_pidfile() {
-  local file=$1 name=$2 pid
-  [ -s "$file" ] || return 0
-  pid=$(tr -dc 0-9 <"$file")
-  [ -n "$pid" ] || return 0
-  if [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$name" ]; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do [ -e "/proc/$pid" ] || break; sleep 0.1; done
-    [ -e "/proc/$pid" ] && kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$file"
-}
 
 load() {
   [ -f "$dir/cluster.env" ] || { echo "$0: $dir holds no cluster (no cluster.env)" >&2; exit 2; }
@@ -70,13 +57,7 @@ check_node() {
 
 down() {
   load
-  if [ -s "$dir/run/slurmctld.pid" ]; then  # end the jobs first, so that no slurmstepd outlives its slurmd
-    scancel --quiet --full --user="$(id -un)" 2>/dev/null || true
-    for _ in $(seq 50); do
-      [ -z "$(squeue -h -t R,CG,CF,S -o %i 2>/dev/null)" ] && break
-      sleep 0.2
-    done
-  fi
+  end_jobs
   local i ns
   for i in $(seq "$NODES"); do kill_pidfile "$dir/run/slurmd-node$i.pid" slurmd; done
   kill_pidfile "$dir/run/slurmctld.pid" slurmctld
@@ -91,20 +72,6 @@ down() {
   done
   ip link del "${PREFIX}br" 2>/dev/null || true
   rm -f "$dir/cluster.env"
-}
-
-free_port() {  # a TCP port nobody listens on here (slurmctld's; each slurmd has its node's network to itself)
-  python3 - <<'PY'
-import random, socket
-start = random.randrange(16917, 29000)  # clusters started at once (pytest -n) look in different places
-for port in range(start, 30000):
-    try:
-        with socket.socket() as s:
-            s.bind(("", port))
-        print(port); break
-    except OSError:
-        continue
-PY
 }
 
 free_subnet() {  # 10.249.X: an X no interface here uses
@@ -127,24 +94,13 @@ up() {
     esac
   done
   [[ $nodes =~ ^[0-9]+$ ]] && ((1 <= nodes && nodes <= 16)) || { echo "$0: --nodes must be 1..16" >&2; exit 2; }
-  for exe in munged slurmctld slurmd sbatch sinfo ip tc nsenter unshare; do
-    command -v "$exe" >/dev/null || { echo "$0: $exe not found (apt-get install slurmctld slurmd slurm-client munge iproute2)" >&2; exit 2; }
-  done
-  [ "$(id -u)" = 0 ] || { echo "$0: needs root (namespaces; slurmd starts jobs as their user)" >&2; exit 2; }
-  id munge >/dev/null 2>&1 || { echo "$0: no munge user (install the munge package)" >&2; exit 2; }
-  [ ! -e "$dir/slurm.conf" ] || { echo "$0: $dir already holds a cluster; '$0 down $dir' first" >&2; exit 2; }
-  mkdir -p "$dir"
-  dir=$(cd "$dir" && pwd)
-  chmod 755 "$dir"
-  mkdir -p "$dir/state" "$dir/spool" "$dir/log" "$dir/run" "$dir/munge"
-  chown munge: "$dir/munge"
-  chmod 755 "$dir/munge"
-  runuser -u munge -- sh -c "umask 077; head -c 1024 /dev/urandom > '$dir/munge/munge.key'"
+  check_prerequisites ip tc nsenter unshare
+  make_cluster_dir
 
   local id x port cpus i
   id=$(head -c 2 /dev/urandom | od -An -tx1 | tr -d ' \n')
   x=$(free_subnet)
-  port=$(free_port)
+  port=$(free_ports 1)
   cpus=${SLURM_CLUSTER_CPUS:-4}
   PREFIX="lb$id" NODES=$nodes NET="10.249.$x"
   printf 'PREFIX=%s\nNODES=%s\nNET=%s\n' "$PREFIX" "$NODES" "$NET" >"$dir/cluster.env"
@@ -171,47 +127,24 @@ up() {
     ip link set "${PREFIX}v$i" up
   done
 
-  cat >"$dir/slurm.conf" <<EOF
-# written by scripts/slurm/slurm_cluster.sh: a $nodes-node cluster in network namespaces, for tests
-ClusterName=lbsgd-nodes
-SlurmctldHost=ctl($NET.1)
-SlurmctldPort=$port
-SlurmdPort=6818
-SlurmUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10
-StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool/%n
-SlurmctldPidFile=$dir/run/slurmctld.pid
-SlurmdPidFile=$dir/run/slurmd-%n.pid
-SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SlurmdParameters=config_overrides
-MailProg=/bin/true
-ReturnToService=2
-MinJobAge=600
-KillWait=5
-InactiveLimit=0
-SlurmctldTimeout=30
-SlurmdTimeout=30
-MessageTimeout=10
-EOF
+  {
+    echo "# written by scripts/slurm/slurm_cluster.sh: a $nodes-node cluster in network namespaces, for tests"
+    echo "ClusterName=lbsgd-nodes"
+    echo "SlurmctldHost=ctl($NET.1)"
+    echo "SlurmctldPort=$port"
+    echo "SlurmdPort=6818"
+    common_conf
+    echo "SlurmdPidFile=$dir/run/slurmd-%n.pid"
+    echo "SlurmdLogFile=$dir/log/slurmd-%n.log"
+    echo "MessageTimeout=10"
+  } >"$dir/slurm.conf"
   for i in $(seq "$nodes"); do
     echo "NodeName=node$i NodeAddr=$NET.$((10 + i)) NodeHostname=node$i CPUs=$cpus State=UNKNOWN" >>"$dir/slurm.conf"
   done
   echo "PartitionName=debug Nodes=node[1-$nodes] Default=YES MaxTime=INFINITE State=UP" >>"$dir/slurm.conf"
   export SLURM_CONF="$dir/slurm.conf"
 
-  runuser -u munge -- munged --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
-    --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed"
+  start_munged
   # slurmctld checks that its host is the SlurmctldHost's name: a UTS namespace named ctl
   unshare --uts --mount sh -c "hostname ctl && mount --bind '$dir/hosts' /etc/hosts && exec slurmctld -f '$SLURM_CONF'"
   for i in $(seq "$nodes"); do
