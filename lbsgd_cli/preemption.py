@@ -22,8 +22,9 @@ EARLY_SIGNALS = ("SIGTERM", "SIGUSR2")
 
 
 class _Early:
-    signal: str | None = None  # the first preemption signal caught before the loop started
-    previous: dict[int, Any] = {}  # the handlers catch_early replaced
+    def __init__(self) -> None:
+        self.signal: str | None = None  # the first preemption signal caught before the loop started
+        self.previous: dict[int, Any] = {}  # the handlers catch_early replaced
 
 
 _early = _Early()

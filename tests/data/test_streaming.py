@@ -147,70 +147,16 @@ def test_num_workers_is_auto_or_a_count(value, ok):
             check_num_workers(value)
 
 
-def test_device_batches_prefetch_on_a_side_stream_with_cuda_stubbed(monkeypatch):
-    """The CUDA path's order on the CPU: batch i+1 is issued on the side stream before batch i is handed
-    over; the training stream waits for the side stream and records each batch it takes."""
-    import contextlib
-
-    import lbsgd_cli.data.streaming as S
-
-    events = []
-
-    class FakeStream:
-        def __init__(self, name="side"):
-            self.name = name
-
-        def wait_stream(self, other):
-            events.append(f"{self.name} waits {other.name}")
-
-    main = FakeStream("main")
-    current = [main]
-
-    @contextlib.contextmanager
-    def on(stream):
-        current.append(stream)
-        yield
-        current.pop()
-
-    monkeypatch.setattr(S, "side_stream_prefetch", lambda device: True)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
-    monkeypatch.setattr(torch.cuda, "stream", on)
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: events.append(f"record {stream.name}"),
-                        raising=False)
-    batches = [(torch.full((2, 3, 4, 4), 10 * i, dtype=torch.uint8), torch.tensor([i, i])) for i in range(3)]
-
-    def source():
-        for i, b in enumerate(batches):
-            events.append(f"load {i} on {current[-1].name}")
-            yield b
-
-    mean, std = _mean_std()
-    got = []
-    for x, y in S.device_batches(source(), torch.device("cpu"), mean, std):
-        events.append(f"train {int(y[0])}")
-        got.append((x, y))
-    assert events == ["side waits main", "load 0 on main",
-                      "main waits side", "record main", "record main", "load 1 on main", "train 0",
-                      "main waits side", "record main", "record main", "load 2 on main", "train 1",
-                      "main waits side", "record main", "record main", "train 2"]
-    for (x, y), (xu, yu) in zip(got, batches):
-        torch.testing.assert_close(x, normalise(xu, mean, std), rtol=0, atol=1e-5)
-        assert torch.equal(y, yu)
-
-
-def test_decode_gpu_runs_on_a_helper_thread_and_stream_in_order_with_cuda_stubbed(tmp_path, monkeypatch):
-    """data.decode=gpu: batch i+1 is decoded on the helper thread, on the side stream, while batch i trains;
-    the training stream waits for the side stream and records the batch; the batches equal a plain decode on
-    this thread, in order; a JPEG the decoder refuses is one line on the training thread."""
+def stub_cuda_streams(monkeypatch, events: list[str]):
+    """CUDA's streams stubbed on the CPU, for the prefetch paths of ``lbsgd_cli.data.streaming``: each thread's
+    current stream (``main`` until ``torch.cuda.stream`` enters another), ``wait_stream`` and ``record_stream``
+    written to ``events``. Returns the current-stream function."""
     import contextlib
     import threading
 
-    from PIL import Image
-
     import lbsgd_cli.data.streaming as S
 
-    events, local = [], threading.local()
+    local = threading.local()
 
     class FakeStream:
         def __init__(self, name="side"):
@@ -236,6 +182,49 @@ def test_decode_gpu_runs_on_a_helper_thread_and_stream_in_order_with_cuda_stubbe
     monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: events.append(f"record {stream.name}"),
                         raising=False)
+    return current
+
+
+def test_device_batches_prefetch_on_a_side_stream_with_cuda_stubbed(monkeypatch):
+    """The CUDA path's order on the CPU: batch i+1 is issued on the side stream before batch i is handed
+    over; the training stream waits for the side stream and records each batch it takes."""
+    import lbsgd_cli.data.streaming as S
+
+    events: list[str] = []
+    current = stub_cuda_streams(monkeypatch, events)
+    batches = [(torch.full((2, 3, 4, 4), 10 * i, dtype=torch.uint8), torch.tensor([i, i])) for i in range(3)]
+
+    def source():
+        for i, b in enumerate(batches):
+            events.append(f"load {i} on {current().name}")
+            yield b
+
+    mean, std = _mean_std()
+    got = []
+    for x, y in S.device_batches(source(), torch.device("cpu"), mean, std):
+        events.append(f"train {int(y[0])}")
+        got.append((x, y))
+    assert events == ["side waits main", "load 0 on main",
+                      "main waits side", "record main", "record main", "load 1 on main", "train 0",
+                      "main waits side", "record main", "record main", "load 2 on main", "train 1",
+                      "main waits side", "record main", "record main", "train 2"]
+    for (x, y), (xu, yu) in zip(got, batches):
+        torch.testing.assert_close(x, normalise(xu, mean, std), rtol=0, atol=1e-5)
+        assert torch.equal(y, yu)
+
+
+def test_decode_gpu_runs_on_a_helper_thread_and_stream_in_order_with_cuda_stubbed(tmp_path, monkeypatch):
+    """data.decode=gpu: batch i+1 is decoded on the helper thread, on the side stream, while batch i trains;
+    the training stream waits for the side stream and records the batch; the batches equal a plain decode on
+    this thread, in order; a JPEG the decoder refuses is one line on the training thread."""
+    import threading
+
+    from PIL import Image
+
+    import lbsgd_cli.data.streaming as S
+
+    events: list[str] = []
+    current = stub_cuda_streams(monkeypatch, events)
     real = S.decode_on_device
     started = [threading.Event() for _ in range(3)]
 
