@@ -370,9 +370,12 @@ def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, co
     resumed = f", resuming at iteration {state.iteration}" if state.iteration else ""
     if complete:
         resumed = "; this run is already complete (nothing to do)"
+    # torch's default (threads=0) is every core: two runs on one machine then wait on each other's OpenMP threads
+    threads = (f" of {torch.get_num_threads()} CPU thread(s) (threads={cfg.threads})"
+               if loop.parallel.device.type == "cpu" else "")
     print(
         f"lbsgd train: {cfg.model.arch} on {cfg.data.name} ({data.train_size} train / {data.val_size} val), "
-        f"kn = {k}x{n} = {k * n} on {W} process(es), peak lr {peak:.4g}, {loop.ipe} iters/epoch x "
+        f"kn = {k}x{n} = {k * n} on {W} process(es){threads}, peak lr {peak:.4g}, {loop.ipe} iters/epoch x "
         f"{cfg.schedule.epochs} epochs{resumed}\n{loop.plan.passes} forward pass(es) of {loop.plan.per_pass} "
         f"worker(s) per step and process (batch.workers_per_pass={cfg.batch.workers_per_pass}), "
         f"ghost BN over n = {n} (model.bn_kernel={cfg.model.bn_kernel})\n"

@@ -69,6 +69,20 @@ def test_exp_cifar_with_jobs_starts_the_same_runs_at_once_each_logging_to_its_ow
     assert normal(calls(3), 3) == normal(calls(1), 1)
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_experiment_runs_take_one_core_each_unless_told_otherwise(tmp_path: Path) -> None:
+    """torch's default is every core: two runs side by side would wait on each other's OpenMP threads."""
+    def threads(*parts: str, **env: str) -> set[tuple[str, ...]]:
+        (tmp_path / "calls.jsonl").unlink(missing_ok=True)
+        runs = _recorded_runs(tmp_path, "exp_beyond.sh", ["poly", *parts], **env)
+        assert len(runs) == 8
+        return {tuple(a for a in r if a.startswith("threads=")) for r in runs}
+
+    assert threads() == {("threads=1",)}
+    assert threads(THREADS="2") == {("threads=2",)}
+    assert threads("--", "threads=2") == {("threads=2",)}  # an override naming threads is the only one
+
+
 @pytest.mark.slow  # composes and validates every run of the script
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_exp_beyond_starts_valid_runs_each_in_its_own_directory(tmp_path: Path) -> None:

@@ -259,7 +259,8 @@ def test_fp16_on_a_cpu_warns_in_the_header_naming_bf16_and_the_measured_slowdown
     assert proc.returncode == 0, proc.stderr
     warning = [line for line in proc.stdout.splitlines() if line.startswith("warning: precision=fp16")]
     assert len(warning) == 1 and "use precision=bf16" in warning[0] and "x slower than fp32" in warning[0]
-    proc = lbsgd("train", *args, "precision=bf16", f"hydra.run.dir={tmp_path / 'bf16'}")
+    proc = lbsgd("train", *args, "precision=bf16", "threads=1", f"hydra.run.dir={tmp_path / 'bf16'}")
     assert proc.returncode == 0 and "warning: precision=fp16" not in proc.stdout
+    assert "on 1 process(es) of 1 CPU thread(s) (threads=1)" in proc.stdout  # the header says how many cores it takes
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import UserError
 from .runs import Run
-from .studies import Methods, Study, comparable_ladders
+from .studies import Methods, Study, comparable_ladders, mean_val_err
 
 def curve(ax: Any, run: Run, key: str, **kw: Any) -> None:
     """One run's per-epoch ``key`` (an error) in percent against epochs."""
@@ -108,19 +108,26 @@ def methods_figure(methods: Methods, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     clipped: list[tuple[float, float, str, str]] = []
 
-    def draw(ladder: dict[int, list[Run]], name: str, fmt: str) -> None:
+    def draw(ladder: dict[int, list[Run]], name: str, fmt: str) -> str:
         kns, means, stds, div = ladder_points(ladder)
         line = ax.errorbar(kns, [min(m, top) for m in means], yerr=stds, fmt=fmt, capsize=3, label=name)
         clipped.extend((kn, top, f"{m:.1f}", line[0].get_color()) for kn, m in zip(kns, means) if m > top)
         for kn in div:
             ax.annotate("diverged", (kn, top), rotation=90, ha="center", va="top", fontsize=8)
+        return line[0].get_color()
 
     draw(ref.ladder(), f"recipe: SGD, step decay, warmup {methods.paper_warmup:g} ep", "o-")
+    own = methods.own_baselines()
     for method, by_kn in best.items():
-        draw(by_kn, f"{method} (best setting per kn)", "s--")
+        color = draw(by_kn, f"{method} (best setting per kn)", "s--")
+        own_err = mean_val_err(own.get(method, []))
+        if own_err is not None:  # the schedule's own baseline: its flat region is measured from it
+            ax.axhline(100 * own_err + 1.0, color=color, ls=":", lw=0.9,
+                       label=f"1 point above {method}'s own baseline (kn {ref.base_kn})")
     label_clipped(ax, clipped)
     if ref_err is not None:
-        ax.axhline(ref_err + 1.0, color="grey", ls="--", lw=0.8, label="1 point above the baseline")
+        ax.axhline(ref_err + 1.0, color="grey", ls="--", lw=0.8,
+                   label="1 point above the recipe's baseline" if own else "1 point above the baseline")
     ax.set_xscale("log", base=2)
     ax.set_ylim(top=top + 1)
     ax.set(xlabel="minibatch size kn", ylabel="val error (%)", title="beyond the paper: error vs kn per method")

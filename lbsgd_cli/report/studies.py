@@ -185,6 +185,28 @@ def split_methods(runs: list[Run]) -> tuple[list[Run], list[Run]]:
     return [r for r in runs if r not in beyond], beyond
 
 
+def mean_val_err(runs: list[Run]) -> float | None:
+    """The runs' mean val error over those that did not diverge (``None`` where none has a value)."""
+    vals = [r.row["val_err"] for r in runs if not r.diverged and r.row["val_err"] is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def flat_edge(ladder: dict[int, list[Run]], baseline: list[Run], tolerance: float = 0.01) -> int | None:
+    """Where the flat region of a ladder ends (§5.2, Figure 1): the largest kn whose mean val error is within
+    ``tolerance`` (1 point) of ``baseline``'s, every smaller kn of the ladder within it too; a diverged kn
+    ends it. ``None`` where the baseline has no value."""
+    base = mean_val_err(baseline)
+    if base is None:
+        return None
+    edge = None
+    for kn, runs in sorted(ladder.items()):
+        err = mean_val_err(runs)
+        if err is None or any(r.diverged for r in runs) or err - base > tolerance:
+            break
+        edge = kn
+    return edge
+
+
 def finished(run: Run) -> bool:
     """Whether the run trained all its planned epochs (a probe, ``checkpoint.stop_after_epoch``, did not)."""
     return run.diverged or run.row["epochs"] >= run.row["planned_epochs"]
@@ -231,6 +253,14 @@ class Methods:
         for (method, kn, _), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], score(kv[1]))):
             out[method].setdefault(kn, rs)  # sorted by score: the first is the best
         return {m: dict(sorted(by_kn.items())) for m, by_kn in sorted(out.items())}
+
+    def own_baselines(self) -> dict[str, list[Run]]:
+        """method -> its runs at the recipe's baseline kn (e.g. kn 128 with poly decay, no warmup): the
+        schedule's own baseline, against which its flat region is measured; methods without one are left out."""
+        if self.reference is None:
+            return {}
+        base_kn = self.reference.base_kn
+        return {m: by_kn[base_kn] for m, by_kn in self.best().items() if base_kn in by_kn}
 
     def recipe_at_epoch(self, run: Run, epoch: int) -> float | None:
         """The val error of the recipe's run of ``run``'s kn and seed at ``epoch`` (to set a probe beside)."""

@@ -12,7 +12,7 @@ from collections import defaultdict
 from typing import Any
 
 from .runs import Run
-from .studies import Methods, Study, comparable_ladders, finished
+from .studies import Methods, Study, comparable_ladders, finished, flat_edge, mean_val_err
 
 def cell(runs: list[Run]) -> str:
     """``mean ± std`` in percent over the runs that did not diverge; ``diverged`` where one did."""
@@ -41,9 +41,13 @@ def seeds(runs: list[Run]) -> str:
 
 def gap(study: Study, runs: list[Run]) -> str:
     """The runs' mean val error minus the baseline's, in points (``-`` where either has no value)."""
-    ref = [r.row["val_err"] for r in study.baseline() if not r.diverged]
-    vals = [r.row["val_err"] for r in runs if not r.diverged]
-    return f"{100 * (statistics.mean(vals) - statistics.mean(ref)):+.2f}" if vals and ref else "-"
+    return points(runs, study.baseline())
+
+
+def points(runs: list[Run], ref: list[Run]) -> str:
+    """The runs' mean val error minus ``ref``'s, in points (``-`` where either has no value)."""
+    a, b = mean_val_err(runs), mean_val_err(ref)
+    return f"{100 * (a - b):+.2f}" if a is not None and b is not None else "-"
 
 
 def comparison(studies: dict[str, Study]) -> list[str]:
@@ -212,4 +216,29 @@ def beyond_tables(methods: Methods) -> list[str]:
             rs = by_kn.get(kn)
             cells.append(f"{cell(rs)} ({gap(ref, rs)}; {setting_label(rs)}; seeds {seeds(rs)})" if rs else "-")
         out.append(f"| {kn} | " + " | ".join(cells) + " |")
-    return out
+    return out + flat_regions(methods)
+
+
+def flat_regions(methods: Methods) -> list[str]:
+    """Markdown: each schedule with a baseline of its own at the recipe's baseline kn (e.g. poly decay at kn
+    128, no warmup) against that baseline, the recipe's baseline and the recipe at the same kn; then where
+    each one's flat region ends (:func:`flat_edge`). Empty where no method has its own baseline."""
+    ref, best, own = methods.reference, methods.best(), methods.own_baselines()
+    if ref is None or not own:
+        return []
+    ladder, base = ref.ladder(), ref.baseline()
+    schedules = {f"recipe (SGD, step decay, warmup {methods.paper_warmup:g} ep)": (ladder, base),
+                 **{method: (best[method], runs) for method, runs in own.items()}}
+    out = ["", f"Flat region per schedule: each schedule's best finished setting per kn against its own baseline "
+           f"(kn {ref.base_kn}), the recipe's baseline and the recipe at the same kn; val error %, gaps in points", "",
+           "| schedule | kn | val error % | vs its own baseline | vs the recipe's baseline | vs the recipe at this kn "
+           "| seeds |", "|---|---|---|---|---|---|---|"]
+    edges = []
+    for name, (lad, own_base) in schedules.items():
+        for kn, rs in lad.items():
+            out.append(f"| {name} | {kn} | {cell(rs)} | {points(rs, own_base)} | {points(rs, base)} "
+                       f"| {points(rs, ladder.get(kn, []))} | {seeds(rs)} |")
+        edge = flat_edge(lad, own_base)
+        edges.append(f"{name}: kn {edge if edge is not None else '-'}")
+    return out + ["", "Flat region (the largest kn within 1 point of its own schedule's baseline, every smaller kn "
+                  "too): " + "; ".join(edges) + "."]

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from lbsgd_cli.cli import main
-from lbsgd_cli.report.runs import find_runs
-from lbsgd_cli.report.studies import Study, split_studies
+from lbsgd_cli.report.runs import find_runs, load_run
+from lbsgd_cli.report.studies import Study, flat_edge, split_studies
 from lbsgd_cli.report.tables import tables
 
 from .conftest import make_run
@@ -169,3 +169,12 @@ def test_other_networks_keep_their_arch_as_their_name(tmp_path: Path) -> None:
     cfg["model"] = {"arch": "small_cnn", "zero_init_residual": True}  # no depth, no shortcut
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert [r.row["arch"] for r in find_runs([tmp_path / "sweep"])] == ["small_cnn"]
+
+
+def test_the_flat_region_ends_at_the_first_kn_more_than_1_point_above_the_baseline(tmp_path: Path) -> None:
+    runs = {kn: [load_run(make_run(tmp_path, f"kn{kn}", kn // 32, errs=(e, e)))] for kn, e in
+            ((128, 0.20), (256, 0.205), (512, 0.211), (1024, 0.209), (2048, 0.25))}
+    assert flat_edge(runs, runs[128]) == 256  # 512 is 1.1 points above: 1024 back within 1 does not count
+    assert flat_edge(runs, runs[128], tolerance=0.02) == 1024
+    diverged = {**runs, 256: [load_run(make_run(tmp_path, "div", 8, diverged=True))]}
+    assert flat_edge(diverged, runs[128]) == 128

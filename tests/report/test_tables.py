@@ -87,3 +87,26 @@ def test_methods_beyond_the_paper_get_their_own_table_and_figure_1(study_dir: Pa
     pytest.importorskip("matplotlib")
     assert main(["plot", str(study_dir), str(beyond), "--out", str(out)]) == 0
     assert (out / "fig1_methods.png").exists() and (out / "fig1_err_vs_kn.png").exists()
+
+
+def test_a_schedule_with_its_own_baseline_gets_its_flat_region_measured_from_it(study_dir: Path, tmp_path: Path) -> None:
+    """Poly decay run at the baseline's kn too (issue 36): its ladder is compared with that baseline, with the
+    recipe's and with the recipe at the same kn, and its flat region ends where it leaves its own 1 point."""
+    beyond = tmp_path / "beyond"
+    make_run(beyond, "poly-base", 4, "none", decay="poly", errs=(0.9, 0.19, 0.19))
+    make_run(beyond, "poly-512", 16, decay="poly", warmup_epochs=15.0, errs=(0.9, 0.195, 0.195))
+    make_run(beyond, "poly-2048", 64, decay="poly", warmup_epochs=15.0, errs=(0.9, 0.205, 0.205))
+    out = tmp_path / "out"
+    assert main(["plot", str(study_dir), str(beyond), "--out", str(out), "--no-figures"]) == 0
+    text = (out / "tables.md").read_text()
+    flat = text[text.index("Flat region per schedule"):]
+    assert "| recipe (SGD, step decay, warmup 5 ep) | 128 | 22.00 ± 1.41 | +0.00 | +0.00 | +0.00 | 0,1 |" in flat
+    assert "| SGD, poly decay | 128 | 19.00 | +0.00 | -3.00 | -3.00 | 0 |" in flat
+    assert "| SGD, poly decay | 512 | 19.50 | +0.50 | -2.50 | -10.50 | 0 |" in flat
+    assert "| SGD, poly decay | 2048 | 20.50 | +1.50 | -1.50 | -9.50 | 0 |" in flat  # within the recipe's 1 point, not its own
+    assert "recipe (SGD, step decay, warmup 5 ep): kn 128; SGD, poly decay: kn 512." in flat
+    assert main(["plot", str(study_dir), "--out", str(tmp_path / "alone"), "--no-figures"]) == 0
+    assert "Flat region per schedule" not in (tmp_path / "alone" / "tables.md").read_text()  # no method, no table
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(study_dir), str(beyond), "--out", str(out)]) == 0
+    assert (out / "fig1_methods.png").exists()
