@@ -22,7 +22,7 @@
 #                 warmup, then the ladder kn POLY_KN (default "1024 2048 8192") with the 15-epoch gradual warmup and
 #                 poly decay, for each seed of SEEDS (the ladder's 4096 and 8192 s0 are in results/runs/beyond)
 #     starved     the earlier 5k-subset runs of results/starved_5k/beyond.md (scripts/experiments/exp_env.sh)
-#   RUNS  where the run directories go (default runs/results/beyond); LBSGD, JOBS: as in scripts/experiments/exp_cifar.sh
+#   RUNS  where the run directories go (default runs/results/beyond); LBSGD, JOBS, THREADS: as in exp_cifar.sh
 #   SEEDS seeds of the runs that carry a claim (default "0 1")
 # Then: lbsgd plot runs/results/cifar "$RUNS" --out results (the recipe's ladder beside the methods: fig1_methods.png)
 set -uo pipefail

@@ -28,6 +28,8 @@
 #            2048, the first rate at which no warmup suffers; results/README.md, the probe)
 #   JOBS   runs at once (default 1). On a GPU, ResNet-8 leaves most of the device idle, so several runs
 #          share it (results/README.md: 10 on an H200); each run's output then goes to $RUNS/logs/NAME.log
+#   THREADS  CPU threads of each run (default 1: one core per run, so JOBS runs, or two scripts, side by side
+#            do not wait on each other's OpenMP threads; an override threads=N wins)
 # Then: lbsgd plot "$RUNS" --out results
 set -uo pipefail
 DATA=${DATA:?set DATA to the CIFAR-10 folder holding train/ and val/}
