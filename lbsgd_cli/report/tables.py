@@ -167,8 +167,15 @@ def setting_tables(study: Study) -> list[str]:
     return out
 
 
+def warmup_label(warmup: str, epochs: float) -> str:
+    """``gradual 15 ep``; ``none`` (no warmup has no length)."""
+    return warmup if warmup == "none" else f"{warmup} {epochs:g} ep"
+
+
 def setting_label(runs: list[Run]) -> str:
     x = runs[0].row
+    if x["warmup"] == "none":
+        return f"lr {x['lr']:.3g}, no warmup"
     return f"lr {x['lr']:.3g}, {x['warmup']} warmup {x['warmup_epochs']:g} ep"
 
 
@@ -200,7 +207,7 @@ def beyond_tables(methods: Methods) -> list[str]:
             vs = f"recipe at epoch {ep}: {100 * statistics.mean(ref_vals):.2f}" if ref_vals else "-"
             probe = any((r.cfg.get("checkpoint") or {}).get("stop_after_epoch") for r in rs)
             epochs = f"{ep} of {planned} ({'probe' if probe else 'unfinished'})"
-        out.append(f"| {method} | {kn} | {lr:.3g} | {warmup} {w_ep:g} ep | {epochs} | {value} | {vs} | {last(rs)} "
+        out.append(f"| {method} | {kn} | {lr:.3g} | {warmup_label(warmup, w_ep)} | {epochs} | {value} | {vs} | {last(rs)} "
                    f"| {seeds(rs)} |")
     best = methods.best()
     if ref is None or not best:

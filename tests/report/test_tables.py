@@ -105,6 +105,8 @@ def test_a_schedule_with_its_own_baseline_gets_its_flat_region_measured_from_it(
     assert "| SGD, poly decay | 512 | 19.50 | +0.50 | -2.50 | -10.50 | 0 |" in flat
     assert "| SGD, poly decay | 2048 | 20.50 | +1.50 | -1.50 | -9.50 | 0 |" in flat  # within the recipe's 1 point, not its own
     assert "recipe (SGD, step decay, warmup 5 ep): kn 128; SGD, poly decay: kn 512." in flat
+    assert "| SGD, poly decay | 128 | 0.1 | none | 3 | 19.00 |" in text  # no warmup has no length
+    assert "| 128 | 22.00 ± 1.41 (+0.00) | 19.00 (-3.00; lr 0.1, no warmup; seeds 0) |" in text
     assert main(["plot", str(study_dir), "--out", str(tmp_path / "alone"), "--no-figures"]) == 0
     assert "Flat region per schedule" not in (tmp_path / "alone" / "tables.md").read_text()  # no method, no table
     pytest.importorskip("matplotlib")
