@@ -246,8 +246,8 @@ class Methods:
                 groups[(self.method(r), r.row["kn"], (r.row["lr"], r.row["warmup"], r.row["warmup_epochs"]))].append(r)
 
         def score(rs: list[Run]) -> float:
-            vals = [r.row["val_err"] for r in rs if not r.diverged and r.row["val_err"] is not None]
-            return statistics.mean(vals) if vals else math.inf
+            err = mean_val_err(rs)
+            return math.inf if err is None else err
 
         out: dict[str, dict[int, list[Run]]] = defaultdict(dict)
         for (method, kn, _), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], score(kv[1]))):
