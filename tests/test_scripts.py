@@ -209,3 +209,36 @@ def test_gpu_report_checks_issue_28s_goals_against_the_figures_and_fills_in_noth
     assert "decode=cpu 0.77x, decode=gpu 1.55x; goal >= 1.3x: met by decode=gpu" in text
     assert "7 passed in 80s (exit 0)" in text
     assert text.count("Not measured yet.") == 1 and "Device: not recorded" in text  # the memory table; no device.txt
+
+
+def test_residual_gammas_reads_each_blocks_branch_and_projection_scale_from_a_checkpoint(tmp_path: Path,
+                                                                                         capsys) -> None:
+    """Table 2b's mechanism (issue 36): the learned |gamma| of each residual branch, read as data from checkpoints."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from lbsgd_cli.checkpoint import FORMAT
+    from lbsgd_cli.models import build_model
+
+    spec = importlib.util.spec_from_file_location("residual_gammas",
+                                                  ROOT / "scripts" / "experiments" / "residual_gammas.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model_cfg = {"arch": "cifar_resnet", "depth": 8, "shortcut": "B", "zero_init_residual": True, "fc_init_std": 0.01,
+                 "bn_momentum": 0.1, "bn_eps": 1e-5}
+    model = build_model(OmegaConf.create(model_cfg), 10, 3, None)
+    with torch.no_grad():  # "trained": the second block's branch grew to 0.5, the first projection's BN to 2
+        model.layer2[0].bn2.weight.fill_(-0.5)
+        model.layer2[0].proj[1].weight.fill_(2.0)
+    run = tmp_path / "kn128-sB-s0"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"format": FORMAT, "model": model.state_dict(), "epoch": 45, "config": {"model": model_cfg}},
+               run / "checkpoints" / "last.pt")
+    assert mod.main([str(run)]) == 0
+    assert "| kn128-sB-s0 | 45 | True | B | 0.00 0.50 0.00 | 2.00 1.00 |" in capsys.readouterr().out
+    assert mod.main(["--init", str(run / "checkpoints" / "last.pt")]) == 0  # as the config initialises it
+    assert "| kn128-sB-s0 | 0 | True | B | 0.00 0.00 0.00 | 1.00 1.00 |" in capsys.readouterr().out  # named by its run
+    (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
+    assert mod.main([str(run), str(tmp_path / "foreign.pt")]) == 2  # one line, nothing printed before it
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "foreign.pt" in err

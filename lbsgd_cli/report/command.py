@@ -29,6 +29,8 @@ and tabulated across them (does the flat region move with the number of steps?).
 
 Where the same run (network, schedule, precision, setting and seed) was done on more than one device,
 ``tables.md`` also sets them side by side: how far a device moves a result, beside the seed spread.
+Where two or more networks or schedules ran zero-gamma on and off at one kn, Table 2b is set across them
+(its cost on each network: what explains it, e.g. option A's zero-padded shortcuts against projections).
 
 Writes ``summary.csv`` (one row per run), ``tables.md`` and, with matplotlib (``pip install
 'lbsgd[plots]'``), ``fig1_err_vs_kn.png`` ... ``fig4_train_val.png``. A diverged run is shown as
@@ -45,7 +47,7 @@ from pathlib import Path
 from .figures import comparison_figure, figures, methods_figure
 from .runs import find_runs, write_summary
 from .studies import Methods, Study, split_methods, split_studies
-from .tables import beyond_tables, comparison, device_pairs, tables
+from .tables import beyond_tables, comparison, device_pairs, tables, zero_gamma_pairs
 
 
 def main(argv: list[str]) -> int:
@@ -69,7 +71,7 @@ def main(argv: list[str]) -> int:
     variants = {f"{name}_{v}": vs for name, study in studies.items() for v, vs in study.variants.items()}
     every = {**studies, **variants}  # the variants' tables are in their study's; their figures are their own
     several = len(studies.keys() | methods.keys()) > 1
-    lines: list[str] = comparison(every) + device_pairs(runs)
+    lines: list[str] = comparison(every) + device_pairs(runs) + zero_gamma_pairs(runs)
     for name in sorted(studies.keys() | methods.keys()):
         if several:  # several networks or schedules: one set of tables and figures each
             lines += [f"## {name}", ""]

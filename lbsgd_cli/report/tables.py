@@ -1,5 +1,5 @@
 """Markdown tables of ``tables.md``: every setting, Table 1, Figure 1's ladder, Tables 2a/2b, the same runs
-on two devices, and the methods beyond the paper.
+on two devices, Table 2b across networks, and the methods beyond the paper.
 
 Errors are in percent, mean ± std over seeds of each run's median val error of the last 5 epochs (§5.1
 footnote); a diverged run is shown as diverged, never as a number, and is left out of means.
@@ -96,6 +96,41 @@ def device_pairs(runs: list[Run]) -> list[str]:
     if diffs:
         out += ["", f"{len(diffs)} pairs: mean difference {statistics.mean(diffs):+.2f} points, mean absolute "
                 f"{statistics.mean(abs(d) for d in diffs):.2f}, largest {max(diffs, key=abs):+.2f}"]
+    return out + [""]
+
+
+def zero_gamma_pairs(runs: list[Run]) -> list[str]:
+    """Markdown: Table 2b (§5.1, zero-gamma on and off) of every network and schedule side by side.
+
+    Each row is one network (depth and shortcut), schedule, precision and device at one kn and setting of the
+    paper's SGD with step decay, run with zero-gamma on and off: the val error of each, zero-gamma's cost
+    (on minus off, points) and the training error at the end (does zero-gamma cost optimisation or
+    generalisation?). Runs not finished are left out. Empty unless two or more networks or schedules have a
+    pair: one study's pairs are in its own Table 2b.
+    """
+    keys = ("arch", "planned_epochs", "precision", "device", "kn", "warmup", "warmup_epochs", "rule", "base_lr")
+    groups: dict[tuple, dict[bool, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r.row["optim"] == "sgd" and r.row["decay"] == "step" and finished(r):
+            groups[tuple(r.row[k] for k in keys)][bool(r.row["zero_gamma"])].append(r)
+    order = lambda kv: tuple(v if isinstance(v, (int, float)) else str(v) for v in kv[0])  # noqa: E731 (kn ascending)
+    pairs = {key: by for key, by in sorted(groups.items(), key=order) if len(by) == 2}
+    if len({key[:4] for key in pairs}) < 2:
+        return []
+
+    def train(rs: list[Run]) -> str:
+        vals = [r.row["train_err"] for r in rs if not r.diverged and r.row["train_err"] is not None]
+        return f"{100 * statistics.mean(vals):.2f}" if vals else "-"
+
+    out = ["## Table 2b across networks: zero-gamma on and off (val error %; cost = on - off, points)", "",
+           "| network | epochs | precision | device | kn | warmup | rule | base lr | zero-gamma on | off | cost "
+           "| training error at the end, on / off | seeds on / off |", "|---" * 13 + "|"]
+    for key, by in pairs.items():
+        arch, planned, precision, device, kn, warmup, w_ep, rule, base_lr = key
+        on, off = by[True], by[False]
+        out.append(f"| {arch} | {planned} | {precision} | {device} | {kn} | {warmup_label(warmup, w_ep)} | {rule} "
+                   f"| {base_lr:g} | {cell(on)} | {cell(off)} | {points(on, off)} | {train(on)} / {train(off)} "
+                   f"| {seeds(on)} / {seeds(off)} |")
     return out + [""]
 
 

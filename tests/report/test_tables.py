@@ -11,7 +11,7 @@ import yaml
 from lbsgd_cli.cli import main
 from lbsgd_cli.report.runs import find_runs
 from lbsgd_cli.report.studies import Study
-from lbsgd_cli.report.tables import tables
+from lbsgd_cli.report.tables import tables, zero_gamma_pairs
 
 from .conftest import make_run
 
@@ -112,3 +112,25 @@ def test_a_schedule_with_its_own_baseline_gets_its_flat_region_measured_from_it(
     pytest.importorskip("matplotlib")
     assert main(["plot", str(study_dir), str(beyond), "--out", str(out)]) == 0
     assert (out / "fig1_methods.png").exists()
+
+
+def test_table_2b_is_set_across_networks_with_zero_gammas_cost_in_val_and_training_error(study_dir: Path,
+                                                                                         tmp_path: Path) -> None:
+    """Issue 36: zero-gamma's cost with option A's padded shortcuts beside its cost with projections (shortcut B)."""
+    one = "\n".join(zero_gamma_pairs(find_runs([study_dir])))
+    assert one == ""  # one network: its own Table 2b says it all
+    for seed, on, off in ((0, (0.9, 0.20, 0.19), (0.9, 0.21, 0.18)), (1, (0.9, 0.22, 0.21), (0.9, 0.20, 0.20))):
+        make_run(study_dir, f"base-sB-s{seed}", 4, "none", seed, errs=on, shortcut="B")
+        make_run(study_dir, f"base-sB-nozg-s{seed}", 4, "none", seed, zero_gamma=False, errs=off, shortcut="B")
+    make_run(study_dir, "large-sB-nozg", 64, zero_gamma=False, errs=(0.9, 0.3), shortcut="B")  # unfinished
+    make_run(study_dir, "large-sB", 64, errs=(0.9, 0.3, 0.25), shortcut="B")
+    text = "\n".join(zero_gamma_pairs(find_runs([study_dir])))
+    assert "## Table 2b across networks" in text
+    # A: kn 2048 gradual, on 30.00 (train 25 + 1), off 50.00 (train 27 + 1)
+    assert "| cifar_resnet-8 | 3 | bf16 | unknown | 2048 | gradual 5 ep | linear | 0.1 | 30.00 | 50.00 | -20.00 " \
+           "| 26.00 / 28.00 | 0 / 0 |" in text
+    # B: kn 128, medians of the 3 epochs 0.20, 0.22 on (train 20, 22 at the end) and 0.21, 0.20 off (train 19, 21)
+    assert "| cifar_resnet-8-shortcutB | 3 | bf16 | unknown | 128 | none | linear | 0.1 | 21.00 ± 1.41 | 20.50 ± 0.71 " \
+           "| +0.50 | 21.00 / 20.00 | 0,1 / 0,1 |" in text
+    assert "shortcutB | 3 | bf16 | unknown | 2048 |" not in text  # its off run is not finished
+    assert text.index("shortcutB | 3 | bf16 | unknown | 128") > text.index("| cifar_resnet-8 | 3 |")
