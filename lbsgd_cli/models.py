@@ -117,6 +117,55 @@ def residual_last_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
     return found
 
 
+def zero_gamma_dead_channels(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Channels of a CIFAR ResNet that zero-gamma (§5.1) with option-A shortcuts leaves at exactly 0 for good:
+    stage name -> (dead channels, channels) of the stage's output, for the stages that have any.
+
+    With option A a stage's first block adds its input zero-padded to the new channels; with zero-gamma that
+    block's last BN starts at gamma = beta = 0, so a padded channel's ReLU input is exactly 0. ReLU's gradient
+    at 0 is 0: that BN's gamma and beta, and the conv feeding it, never get a gradient, and the channel stays 0
+    for the whole run. Every later block of the stage inherits it (its shortcut carries the 0, its branch starts
+    at 0 too) and so does the next stage, whose shortcut carries the dead channels on beside its own padding:
+    on ResNet-8/20, 16 of stage 2's 32 channels and 48 of stage 3's 64, so the classifier sees 16 of its 64
+    features. Projection shortcuts (option B, ResNet-50's) pass every channel: none dies. Read from the
+    network's weights (each block's last BN at gamma = beta = 0 per channel), so it holds at initialisation
+    and for any checkpoint; empty for other networks.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if not isinstance(model, CifarResNet):
+        return {}
+    dead: set[int] = set()
+    out: dict[str, tuple[int, int]] = {}
+    for name in stage_names(model):
+        for block in getattr(model, name):
+            cout = block.bn2.num_features
+            if block.proj is not None:  # option B: dead only where the projection's own BN is at 0 too
+                shortcut_dead = _at_zero(block.proj[1])
+            else:  # option A: the input's channels shifted by the front padding, and the padding itself
+                front = block.extra // 2
+                shortcut_dead = {c + front for c in dead} | set(range(front)) | set(range(cout - block.extra + front, cout))
+            dead = shortcut_dead & _at_zero(block.bn2)
+        if dead:
+            out[name] = (len(dead), cout)
+    return out
+
+
+def _at_zero(bn: nn.Module) -> set[int]:
+    """The channels of a BN whose gamma and beta are both exactly 0."""
+    return set(torch.nonzero((bn.weight == 0) & (bn.bias == 0)).flatten().tolist())
+
+
+def zero_gamma_dead_warning(model: nn.Module) -> str | None:
+    """The train header's line where :func:`zero_gamma_dead_channels` finds any (else ``None``)."""
+    dead = zero_gamma_dead_channels(model)
+    if not dead:
+        return None
+    where = ", ".join(f"{d} of {c} channels of {stage}" for stage, (d, c) in dead.items())
+    return (f"warning: zero-gamma with option-A (zero-padded) shortcuts leaves {where} at exactly 0 for the whole run "
+            "(ReLU's gradient at 0 is 0): use model.shortcut=B or model.zero_init_residual=false (results/README.md, "
+            "Table 2b)")
+
+
 def final_linear(model: nn.Module) -> nn.Linear | None:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None

@@ -9,7 +9,8 @@ from torch import nn
 
 from lbsgd_cli.errors import UserError
 from lbsgd_cli.ghost_bn import GhostBatchNorm2d
-from lbsgd_cli.models import CifarResNet, build_model, residual_last_bns
+from lbsgd_cli.models import (CifarResNet, build_model, residual_last_bns, zero_gamma_dead_channels,
+                               zero_gamma_dead_warning)
 
 
 def mcfg(arch, **kw):
@@ -123,3 +124,40 @@ def test_cifar_stem_makes_torchvision_resnet18_a_32x32_network():
     assert plain.conv1.kernel_size == (7, 7) and isinstance(plain.maxpool, nn.MaxPool2d)
     with pytest.raises(UserError, match="model.stem: cifar needs a torchvision ResNet"):
         build_model(mcfg("vgg11", stem="cifar"), 10, 3, bn_group=None)
+
+
+@pytest.mark.parametrize("depth", [8, 20])
+def test_zero_gamma_with_option_a_leaves_the_padded_channels_dead_for_good_and_projections_do_not(depth):
+    """Table 2b's cause here (issue 36): a padded channel's ReLU input starts at exactly 0, whose gradient is 0, so
+    its BN never moves; the next stage carries it on. Counted from the weights, and checked by training."""
+    torch.manual_seed(0)
+    a = build_model(mcfg("cifar_resnet", depth=depth), 10, 3, bn_group=None)
+    assert zero_gamma_dead_channels(a) == {"layer2": (16, 32), "layer3": (48, 64)}  # 16 of 64 features left
+    warning = zero_gamma_dead_warning(a)
+    assert "16 of 32 channels of layer2, 48 of 64 channels of layer3" in warning and "model.shortcut=B" in warning
+    for other in (mcfg("cifar_resnet", depth=depth, shortcut="B"), mcfg("cifar_resnet", depth=depth,
+                                                                          zero_init_residual=False)):
+        net = build_model(other, 10, 3, bn_group=None)
+        assert zero_gamma_dead_channels(net) == {} and zero_gamma_dead_warning(net) is None
+    assert zero_gamma_dead_channels(build_model(mcfg("resnet18"), 10, 3, bn_group=None)) == {}  # projections
+
+    # train: the dead channels' BNs get no gradient and every stage output keeps exactly the counted channels at 0
+    b = build_model(mcfg("cifar_resnet", depth=depth, shortcut="B"), 10, 3, bn_group=None)
+    outputs: dict[str, torch.Tensor] = {}
+    for name in ("layer2", "layer3"):
+        getattr(a, name).register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+    for net in (a, b):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    first = a.layer2[0].bn2
+    padded = torch.tensor([c < 8 or c >= 24 for c in range(32)])
+    assert torch.all(first.weight[padded] == 0) and torch.all(first.bias[padded] == 0)  # never moved
+    assert torch.all(first.weight[~padded] != 0)  # the channels with an input did
+    assert zero_gamma_dead_channels(a) == {"layer2": (16, 32), "layer3": (48, 64)}
+    dead_outputs = {name: int((out == 0).all(dim=(0, 2, 3)).sum()) for name, out in outputs.items()}
+    assert dead_outputs == {"layer2": 16, "layer3": 48}
+    assert all(torch.all(bn.weight != 0) for bn in residual_last_bns(b))  # with projections every gamma moved

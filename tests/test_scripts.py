@@ -235,9 +235,15 @@ def test_residual_gammas_reads_each_blocks_branch_and_projection_scale_from_a_ch
     torch.save({"format": FORMAT, "model": model.state_dict(), "epoch": 45, "config": {"model": model_cfg}},
                run / "checkpoints" / "last.pt")
     assert mod.main([str(run)]) == 0
-    assert "| kn128-sB-s0 | 45 | True | B | 0.00 0.50 0.00 | 2.00 1.00 |" in capsys.readouterr().out
+    assert "| kn128-sB-s0 | 45 | True | B | 0.00 0.50 0.00 | 2.00 1.00 | none |" in capsys.readouterr().out
     assert mod.main(["--init", str(run / "checkpoints" / "last.pt")]) == 0  # as the config initialises it
     assert "| kn128-sB-s0 | 0 | True | B | 0.00 0.00 0.00 | 1.00 1.00 |" in capsys.readouterr().out  # named by its run
+    option_a = {**model_cfg, "shortcut": "A"}  # the paper's zero-gamma with zero-padded shortcuts: dead channels
+    torch.save({"format": FORMAT, "model": build_model(OmegaConf.create(option_a), 10, 3, None).state_dict(),
+                "epoch": 3, "config": {"model": option_a}}, tmp_path / "option-a.pt")
+    assert mod.main([str(tmp_path / "option-a.pt")]) == 0
+    assert "| option-a.pt | 3 | True | A | 0.00 0.00 0.00 | - | 16 of 32 in layer2, 48 of 64 in layer3 |" \
+        in capsys.readouterr().out
     (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
     assert mod.main([str(run), str(tmp_path / "foreign.pt")]) == 2  # one line, nothing printed before it
     out, err = capsys.readouterr()

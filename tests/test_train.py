@@ -139,6 +139,9 @@ def test_imagefolder_run_end_to_end(tmp_path):
                    "schedule.warmup_epochs=1", "schedule.milestones=[5]", "threads=1", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr
     assert len([x for x in (run / "metrics.jsonl").read_text().splitlines() if "val/err" in x]) == 2
+    # the paper's zero-gamma with option-A shortcuts: the header says which channels it leaves dead (Table 2b)
+    assert "warning: zero-gamma with option-A (zero-padded) shortcuts leaves 16 of 32 channels of layer2, 48 of 64 " \
+           "channels of layer3 at exactly 0" in proc.stdout
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ Zero-gamma (§5.1, Table 2b: ``model.zero_init_residual``) starts the last BN of
 gamma = 0, so each block starts as its shortcut. Whether the branches grow back is what the learned gammas
 say: this prints, per run, the mean |gamma| of each block's last BN (the branch's scale, in the order of the
 blocks) and, for projection shortcuts (``model.shortcut=B``), of each projection's BN (the shortcut's
-scale, which zero-gamma leaves at 1). A RUN_DIR is read at ``checkpoints/last.pt``. ``--init`` prints the
+scale, which zero-gamma leaves at 1), and the channels zero-gamma left at exactly 0 for good
+(``lbsgd_cli.models.zero_gamma_dead_channels``: with option-A shortcuts, the zero-padded ones).
+A RUN_DIR is read at ``checkpoints/last.pt``. ``--init`` prints the
 same for each run's network freshly initialised by its own config (the values before training), as a check.
 
 Checkpoints are read as data only (``lbsgd_cli.checkpoint.load_checkpoint``: no code in them runs); the
@@ -26,7 +28,7 @@ from torch import nn
 
 from lbsgd_cli.checkpoint import load_checkpoint, load_model_state
 from lbsgd_cli.errors import UserError
-from lbsgd_cli.models import build_model, residual_last_bns
+from lbsgd_cli.models import build_model, residual_last_bns, zero_gamma_dead_channels
 
 
 def network_of(ckpt: dict, init: bool) -> nn.Module:
@@ -69,14 +71,16 @@ def main(argv: list[str]) -> int:
             print(f"residual_gammas: {exc}", file=sys.stderr)
             return 2
         mcfg = ckpt["config"]["model"]
-        branch, proj = mean_abs_gammas(network_of(ckpt, args.init))
+        model = network_of(ckpt, args.init)
+        branch, proj = mean_abs_gammas(model)
+        dead = ", ".join(f"{d} of {c} in {stage}" for stage, (d, c) in zero_gamma_dead_channels(model).items()) or "none"
         epoch = 0 if args.init else ckpt.get("epoch", "-")
         name = path.parent.parent.name if path.parent.name == "checkpoints" else path.name
         rows.append(f"| {name} | {epoch} | {mcfg['zero_init_residual']} | {mcfg.get('shortcut', 'A')} "
-                    f"| {' '.join(f'{g:.2f}' for g in branch)} | {' '.join(f'{g:.2f}' for g in proj) or '-'} |")
+                    f"| {' '.join(f'{g:.2f}' for g in branch)} | {' '.join(f'{g:.2f}' for g in proj) or '-'} | {dead} |")
     print("| run | epoch | zero-gamma | shortcut | residual branches' last BN: mean \\|gamma\\| per block "
-          "| projection BNs: mean \\|gamma\\| |")
-    print("|---|---|---|---|---|---|")
+          "| projection BNs: mean \\|gamma\\| | channels dead for good (gamma = beta = 0 behind a zero shortcut) |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     return 0
 
