@@ -155,9 +155,20 @@ def _at_zero(bn: nn.Module) -> set[int]:
     return set(torch.nonzero((bn.weight == 0) & (bn.bias == 0)).flatten().tolist())
 
 
-def zero_gamma_dead_warning(model: nn.Module) -> str | None:
-    """The train header's line where :func:`zero_gamma_dead_channels` finds any (else ``None``)."""
-    dead = zero_gamma_dead_channels(model)
+def configured_dead_channels(mcfg) -> dict[str, tuple[int, int]]:
+    """:func:`zero_gamma_dead_channels` of the network ``model.*`` configures, freshly initialised on the CPU.
+
+    For the train header: the network being trained may be sharded (FSDP2's DTensors) or on a device, and
+    only rank 0 prints; the count depends on the configuration alone (depth, shortcut, zero-gamma)."""
+    if mcfg.arch != "cifar_resnet":
+        return {}
+    model = CifarResNet(mcfg.depth, 10, 3, str(mcfg.get("shortcut", "A")))
+    init_weights(model, mcfg.zero_init_residual, mcfg.fc_init_std)
+    return zero_gamma_dead_channels(model)
+
+
+def zero_gamma_dead_warning(dead: dict[str, tuple[int, int]]) -> str | None:
+    """The train header's line for the channels :func:`zero_gamma_dead_channels` found (``None`` for none)."""
     if not dead:
         return None
     where = ", ".join(f"{d} of {c} channels of {stage}" for stage, (d, c) in dead.items())

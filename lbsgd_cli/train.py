@@ -32,7 +32,7 @@ from .divergence import DivergenceWatch
 from .engine import StepPlan, StepResult, evaluate, make_grad_scaler, pass_workers, train_step
 from .errors import Diverged, Preempted, UserError
 from .metrics import MetricsLogger, Progress, peak_memory_mb, reset_peak_memory
-from .models import build_model, zero_gamma_dead_warning
+from .models import build_model, configured_dead_channels, zero_gamma_dead_warning
 from .optim import build_optimizer, set_lr
 from .parallel import Parallel, make_parallel
 from .preemption import PreemptionFlag
@@ -389,7 +389,7 @@ def _print_header(loop: Loop, data: DataSource, peak: float, state: RunState, co
         print(FP16_CPU_WARNING, flush=True)
     if cfg.precision == "bf16" and loop.parallel.device.type == "cpu" and cpu_native_bf16() is False:
         print(bf16_cpu_warning(*bf16_cpu_slowdown()), flush=True)
-    dead = zero_gamma_dead_warning(unwrap(loop.model))  # zero-gamma with option-A shortcuts (Table 2b, issue 36)
+    dead = zero_gamma_dead_warning(configured_dead_channels(cfg.model))  # zero-gamma with option A (Table 2b)
     if dead:
         print(dead, flush=True)
     if W > 1:

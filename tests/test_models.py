@@ -9,8 +9,8 @@ from torch import nn
 
 from lbsgd_cli.errors import UserError
 from lbsgd_cli.ghost_bn import GhostBatchNorm2d
-from lbsgd_cli.models import (CifarResNet, build_model, residual_last_bns, zero_gamma_dead_channels,
-                               zero_gamma_dead_warning)
+from lbsgd_cli.models import (CifarResNet, build_model, configured_dead_channels, residual_last_bns,
+                               zero_gamma_dead_channels, zero_gamma_dead_warning)
 
 
 def mcfg(arch, **kw):
@@ -133,12 +133,15 @@ def test_zero_gamma_with_option_a_leaves_the_padded_channels_dead_for_good_and_p
     torch.manual_seed(0)
     a = build_model(mcfg("cifar_resnet", depth=depth), 10, 3, bn_group=None)
     assert zero_gamma_dead_channels(a) == {"layer2": (16, 32), "layer3": (48, 64)}  # 16 of 64 features left
-    warning = zero_gamma_dead_warning(a)
+    assert configured_dead_channels(mcfg("cifar_resnet", depth=depth)) == zero_gamma_dead_channels(a)  # the header's
+    warning = zero_gamma_dead_warning(zero_gamma_dead_channels(a))
     assert "16 of 32 channels of layer2, 48 of 64 channels of layer3" in warning and "model.shortcut=B" in warning
     for other in (mcfg("cifar_resnet", depth=depth, shortcut="B"), mcfg("cifar_resnet", depth=depth,
                                                                           zero_init_residual=False)):
         net = build_model(other, 10, 3, bn_group=None)
-        assert zero_gamma_dead_channels(net) == {} and zero_gamma_dead_warning(net) is None
+        assert zero_gamma_dead_channels(net) == {} == configured_dead_channels(other)
+        assert zero_gamma_dead_warning({}) is None
+    assert configured_dead_channels(mcfg("resnet50")) == {}
     assert zero_gamma_dead_channels(build_model(mcfg("resnet18"), 10, 3, bn_group=None)) == {}  # projections
 
     # train: the dead channels' BNs get no gradient and every stage output keeps exactly the counted channels at 0
