@@ -131,7 +131,6 @@ def zero_gamma_dead_channels(model: nn.Module) -> dict[str, tuple[int, int]]:
     network's weights (each block's last BN at gamma = beta = 0 per channel), so it holds at initialisation
     and for any checkpoint; empty for other networks.
     """
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     if not isinstance(model, CifarResNet):
         return {}
     dead: set[int] = set()

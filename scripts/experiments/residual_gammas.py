@@ -29,15 +29,13 @@ from torch import nn
 from lbsgd_cli.checkpoint import load_checkpoint, load_model_state
 from lbsgd_cli.errors import UserError
 from lbsgd_cli.models import build_model, residual_last_bns, zero_gamma_dead_channels
+from lbsgd_cli.restore import classes_and_channels
 
 
 def network_of(ckpt: dict, init: bool) -> nn.Module:
     """The checkpoint's network, built from its config (classes and input channels from its weights)."""
     state = ckpt["model"]
-    mcfg = OmegaConf.create(ckpt["config"]["model"])
-    fc = [k for k in state if k.endswith("weight") and state[k].ndim == 2][-1]
-    stem = next(k for k in state if k.endswith("weight") and state[k].ndim == 4)
-    model = build_model(mcfg, state[fc].shape[0], state[stem].shape[1], None)
+    model = build_model(OmegaConf.create(ckpt["config"]["model"]), *classes_and_channels(state), None)
     if not init:
         load_model_state(model, state, "checkpoint")
     return model
