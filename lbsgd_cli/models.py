@@ -161,9 +161,7 @@ def configured_dead_channels(mcfg) -> dict[str, tuple[int, int]]:
     only rank 0 prints; the count depends on the configuration alone (depth, shortcut, zero-gamma)."""
     if mcfg.arch != "cifar_resnet":
         return {}
-    model = CifarResNet(mcfg.depth, 10, 3, str(mcfg.get("shortcut", "A")))
-    init_weights(model, mcfg.zero_init_residual, mcfg.fc_init_std)
-    return zero_gamma_dead_channels(model)
+    return zero_gamma_dead_channels(build_model(mcfg, 10, 3, None))
 
 
 def zero_gamma_dead_warning(dead: dict[str, tuple[int, int]]) -> str | None:
